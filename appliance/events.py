@@ -1,0 +1,176 @@
+"""The Jetstream v1 event model: msgspec Structs, one reused Decoder, and validation with reasons.
+
+`decode(frame)` returns a typed event or raises `Rejected` with a stable reason code (a metric
+label). Unknown collections are valid; an unknown `kind` is not.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Literal
+
+import msgspec
+from msgspec import Raw, Struct
+
+# Stable reason codes: metric labels and dead-letter reasons. Add, never rename.
+REJECT_REASONS = (
+    "invalid_json",
+    "schema",
+    "unknown_kind",
+    "bad_did",
+    "bad_collection",
+    "bad_rkey",
+    "bad_rev",
+    "missing_record",
+    "bad_time_us",
+    "oversized",
+)
+
+# Bluesky launched in 2023; a smaller time_us is seconds or milliseconds by mistake.
+MIN_TIME_US = 1_600_000_000_000_000
+# Clocks differ a little; an event further ahead of our clock than this is rejected.
+MAX_FUTURE_SKEW_US = 10 * 60 * 1_000_000
+MAX_RKEY_BYTES = 512
+
+
+class Commit(Struct, frozen=True):
+    rev: str
+    operation: Literal["create", "update", "delete"]
+    collection: str
+    rkey: str
+    record: Raw = Raw(b"")  # kept as JSON bytes; empty when absent (deletes)
+    cid: str | None = None
+
+
+class CommitEvent(Struct, frozen=True, tag_field="kind", tag="commit"):
+    did: str
+    time_us: int
+    commit: Commit
+    cursor: int | None = None
+
+
+class Identity(Struct, frozen=True):
+    did: str
+    seq: int
+    time: str
+    handle: str | None = None
+
+
+class IdentityEvent(Struct, frozen=True, tag_field="kind", tag="identity"):
+    did: str
+    time_us: int
+    identity: Identity
+    cursor: int | None = None
+
+
+class Account(Struct, frozen=True):
+    active: bool
+    did: str
+    seq: int
+    time: str
+    status: str | None = None
+
+
+class AccountEvent(Struct, frozen=True, tag_field="kind", tag="account"):
+    did: str
+    time_us: int
+    account: Account
+    cursor: int | None = None
+
+
+Event = CommitEvent | IdentityEvent | AccountEvent
+
+_decoder = msgspec.json.Decoder(Event)
+
+_DID = re.compile(r"did:(?:plc:[a-z2-7]{24}|web:[A-Za-z0-9._:%-]{1,253})")
+_NSID = re.compile(
+    r"[a-zA-Z](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?"
+    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)+"
+    r"\.[a-zA-Z][a-zA-Z0-9]{0,62}"
+)
+_RKEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
+_TID = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
+
+
+class Rejected(Exception):
+    """A frame that is not a valid Jetstream v1 event; `reason` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def decode(frame: bytes, now: int | None = None, max_bytes: int = 1_000_000) -> Event:
+    """Decode and validate one Jetstream frame; raise Rejected with a reason if it is not valid."""
+    if len(frame) > max_bytes:
+        raise Rejected("oversized", f"{len(frame)} bytes > {max_bytes}")
+    try:
+        event = _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        if msg.startswith("Invalid value") and msg.endswith("`$.kind`"):
+            raise Rejected("unknown_kind", msg) from None
+        raise Rejected("schema", msg) from None
+    except msgspec.DecodeError as exc:
+        raise Rejected("invalid_json", str(exc)) from None
+    validate(event, now_us() if now is None else now)
+    return event
+
+
+def validate(event: Event, now: int) -> None:
+    """Semantic checks the schema cannot express; raise Rejected."""
+    if not _DID.fullmatch(event.did):
+        raise Rejected("bad_did", f"did {event.did[:80]!r} is not did:plc:/did:web:")
+    if event.time_us < MIN_TIME_US or event.time_us > now + MAX_FUTURE_SKEW_US:
+        raise Rejected("bad_time_us", f"time_us {event.time_us} is out of range")
+    if isinstance(event, CommitEvent):
+        c = event.commit
+        if c.collection not in _valid_collections:
+            _check_collection(c.collection)
+        if not _RKEY.fullmatch(c.rkey) or c.rkey in {".", ".."} or len(c.rkey) > MAX_RKEY_BYTES:
+            raise Rejected("bad_rkey", f"rkey {c.rkey[:80]!r} is invalid")
+        if not _TID.fullmatch(c.rev):
+            raise Rejected("bad_rev", f"rev {c.rev[:80]!r} is not a TID")
+        # Raw spans exactly the JSON value, so an object starts with "{" (0x7B).
+        if c.operation != "delete" and (not c.record or memoryview(c.record)[0] != 0x7B):
+            raise Rejected("missing_record", f"{c.operation} without a record object")
+    elif isinstance(event, IdentityEvent):
+        if event.identity.did != event.did:
+            raise Rejected("bad_did", "identity.did differs from did")
+    elif event.account.did != event.did:
+        raise Rejected("bad_did", "account.did differs from did")
+
+
+# Collections repeat endlessly; remember the valid ones (bounded: NSIDs are attacker-chosen).
+_valid_collections: set[str] = set()
+_MAX_REMEMBERED_COLLECTIONS = 10_000
+
+
+def _check_collection(collection: str) -> None:
+    if len(collection) > 317 or not _NSID.fullmatch(collection):
+        raise Rejected("bad_collection", f"collection {collection[:80]!r} is not an NSID")
+    if len(_valid_collections) < _MAX_REMEMBERED_COLLECTIONS:
+        _valid_collections.add(collection)
+
+
+NaturalKey = tuple[str, str, str, str]
+
+
+def natural_key(event: Event) -> NaturalKey:
+    """The key that makes a stored event unique (DESIGN invariant 2)."""
+    if isinstance(event, CommitEvent):
+        c = event.commit
+        return (event.did, c.collection, c.rkey, c.rev)
+    if isinstance(event, IdentityEvent):
+        return (event.did, "identity", str(event.identity.seq), "")
+    return (event.did, "account", str(event.account.seq), "")
+
+
+def at_uri(did: str, collection: str, rkey: str) -> str:
+    return f"at://{did}/{collection}/{rkey}"

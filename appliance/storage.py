@@ -1,0 +1,195 @@
+"""The Parquet storage layout: tables, their Arrow schemas, partition paths and atomic writes.
+
+    <data_dir>/<table>/date=YYYY-MM-DD/<name>.parquet
+
+The date is the UTC day of the Jetstream `time_us` (never the record's createdAt). A file is
+written under a temporary name no reader's glob matches (`.<name>.tmp`, not ending in .parquet),
+fsynced, renamed, and the directory fsynced: a `*.parquet` file is either absent or complete.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from appliance.events import AccountEvent, CommitEvent, Event, IdentityEvent
+
+# Tables and the collections routed to them; every other collection goes to `records`.
+COLLECTION_TABLES = {
+    "app.bsky.feed.post": "posts",
+    "app.bsky.feed.like": "likes",
+    "app.bsky.feed.repost": "reposts",
+    "app.bsky.graph.follow": "follows",
+    "app.bsky.graph.block": "blocks",
+}
+TABLES = (
+    "posts",
+    "likes",
+    "reposts",
+    "follows",
+    "blocks",
+    "deletes",
+    "identities",
+    "accounts",
+    "records",
+)
+
+
+def table_for(event: Event) -> str:
+    """The one table an event is stored in. Every commit delete goes to `deletes`."""
+    if isinstance(event, CommitEvent):
+        if event.commit.operation == "delete":
+            return "deletes"
+        return COLLECTION_TABLES.get(event.commit.collection, "records")
+    if isinstance(event, IdentityEvent):
+        return "identities"
+    assert isinstance(event, AccountEvent)
+    return "accounts"
+
+
+_TS = pa.timestamp("us", tz="UTC")
+_DICT = pa.dictionary(pa.int32(), pa.string())
+_STRS = pa.list_(pa.string())
+
+# Columns every commit table shares. `uri` is at://did/collection/rkey; (did, collection, rkey,
+# rev) is the natural key; `operation` tells a create from an update.
+_COMMIT = [
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("did", pa.string(), nullable=False),
+    pa.field("rkey", pa.string(), nullable=False),
+    pa.field("rev", pa.string(), nullable=False),
+    pa.field("cid", pa.string()),
+    pa.field("operation", _DICT, nullable=False),
+    pa.field("time_us", pa.int64(), nullable=False),
+    pa.field("created_at", _TS),
+]
+_SUBJECT = [pa.field("subject_uri", pa.string()), pa.field("subject_cid", pa.string())]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "posts": pa.schema(
+        [
+            *_COMMIT,
+            pa.field("text", pa.string()),
+            pa.field("langs", _STRS),
+            pa.field("reply_root", pa.string()),
+            pa.field("reply_parent", pa.string()),
+            pa.field("quote_uri", pa.string()),
+            # images | video | external | record | record_with_media | other; null = no embed
+            pa.field("embed_kind", _DICT),
+            pa.field("external_uri", pa.string()),
+            pa.field("mentions", _STRS),  # DIDs from mention facets
+            pa.field("links", _STRS),  # URIs from link facets
+            pa.field("tags", _STRS),  # hashtags from tag facets and record.tags, without '#'
+        ]
+    ),
+    "likes": pa.schema([*_COMMIT, *_SUBJECT]),
+    "reposts": pa.schema([*_COMMIT, *_SUBJECT]),
+    "follows": pa.schema([*_COMMIT, pa.field("subject", pa.string())]),
+    "blocks": pa.schema([*_COMMIT, pa.field("subject", pa.string())]),
+    # One row per commit delete of any collection; a post is hidden once a delete with a
+    # greater rev exists for its uri (revs are TIDs: they sort in commit order).
+    "deletes": pa.schema(
+        [
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("did", pa.string(), nullable=False),
+            pa.field("collection", _DICT, nullable=False),
+            pa.field("rkey", pa.string(), nullable=False),
+            pa.field("rev", pa.string(), nullable=False),
+            pa.field("time_us", pa.int64(), nullable=False),
+        ]
+    ),
+    "identities": pa.schema(
+        [
+            pa.field("did", pa.string(), nullable=False),
+            pa.field("seq", pa.int64(), nullable=False),
+            pa.field("time_us", pa.int64(), nullable=False),
+            pa.field("time", _TS),
+            pa.field("handle", pa.string()),
+        ]
+    ),
+    "accounts": pa.schema(
+        [
+            pa.field("did", pa.string(), nullable=False),
+            pa.field("seq", pa.int64(), nullable=False),
+            pa.field("time_us", pa.int64(), nullable=False),
+            pa.field("time", _TS),
+            pa.field("active", pa.bool_(), nullable=False),
+            pa.field("status", pa.string()),
+        ]
+    ),
+    "records": pa.schema(
+        [
+            *_COMMIT[:5],
+            pa.field("collection", _DICT, nullable=False),
+            *_COMMIT[5:],
+            pa.field("record", pa.string()),  # the record as JSON text
+        ]
+    ),
+}
+
+
+def day_of(time_us: int) -> str:
+    """The UTC date (YYYY-MM-DD) of a Jetstream time_us: the partition an event belongs to."""
+    return datetime.fromtimestamp(time_us / 1_000_000, tz=UTC).strftime("%Y-%m-%d")
+
+
+def partition_dir(data_dir: str | Path, table: str, day: str) -> Path:
+    return Path(data_dir) / table / f"date={day}"
+
+
+def table_glob(data_dir: str | Path, table: str) -> str:
+    """The glob a reader uses for every complete file of a table."""
+    return str(Path(data_dir) / table / "date=*" / "*.parquet")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(
+    table: pa.Table,
+    directory: Path,
+    name: str,
+    *,
+    zstd_level: int = 3,
+    sorting_columns: list[pq.SortingColumn] | None = None,
+    row_group_size: int = 1_000_000,
+) -> Path:
+    """Write `table` to directory/name.parquet so that it is either absent or complete.
+
+    The same `name` always lands at the same path, so a redone batch replaces its own file.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{name}.parquet"
+    tmp = directory / f".{name}.tmp"
+    dictionary_cols = [
+        f.name for f in table.schema if pa.types.is_dictionary(f.type) or f.name == "did"
+    ]
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(
+                table,
+                fh,
+                compression="zstd",
+                compression_level=zstd_level,
+                use_dictionary=dictionary_cols or True,
+                row_group_size=row_group_size,
+                sorting_columns=sorting_columns,
+                write_statistics=True,
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+    return final

@@ -1,0 +1,1 @@
+"""Load testing: synthetic firehose, Jetstream-protocol replay server, phase replays, benchmarks."""
