@@ -1,0 +1,263 @@
+"""`appliance up`: the whole stack on one machine — redis-server, ingester, batcher and API.
+
+Each part runs as its own child process with the same settings (passed as APPLIANCE_*
+variables). A child that dies is restarted with exponential backoff; Ctrl-C or SIGTERM stops
+them all, newest first, so the ingester and batcher flush before Redis goes away. With
+`--replay` the local Jetstream-protocol replay server (the `loadtest` package) stands in for
+the public Jetstream where there is no internet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from appliance.config import Settings, to_environ
+from appliance.logs import setup_logging
+from appliance.redis_server import start_redis
+
+log = logging.getLogger("appliance.up")
+
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # a child that ran this long gets its backoff reset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--replay",
+        nargs="*",
+        metavar="FILE",
+        default=None,
+        help="use the local replay server instead of the public Jetstream: synthetic events, "
+        "or the given capture files (JSONL, plain or .zst)",
+    )
+    parser.add_argument(
+        "--replay-speed",
+        default="10",
+        help="replay pacing: a factor of real time, or 'max' (default 10)",
+    )
+    parser.add_argument(
+        "--replay-events",
+        type=int,
+        default=8_100_000,
+        help="synthetic events in the replay (default one day: 8.1M)",
+    )
+    parser.add_argument("--replay-port", type=int, default=0, help="replay server port (0: free)")
+    parser.add_argument("--data-dir", dest="set_data_dir", help="root of the Parquet datasets")
+    parser.add_argument("--api-port", dest="set_api_port", type=int, help="API port")
+    parser.add_argument(
+        "--batch-interval", dest="set_batch_interval_s", type=float, help="seconds between flushes"
+    )
+
+
+@dataclass
+class Child:
+    """One supervised process and how to (re)start it."""
+
+    name: str
+    start: Callable[[], subprocess.Popen[bytes]]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+    restarts: int = field(default=0)
+
+    def launch(self) -> None:
+        self.proc = self.start()
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_line(proc: subprocess.Popen[bytes], marker: bytes, timeout_s: float) -> None:
+    """Read the child's stdout until a line containing `marker` (its readiness signal)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"replay server exited with {proc.wait()} before it was ready")
+        sys.stdout.buffer.write(line)
+        if marker in line:
+            return
+    raise TimeoutError("replay server did not become ready in time")
+
+
+def _copy_output(proc: subprocess.Popen[bytes]) -> None:
+    """Keep forwarding a child's stdout after its readiness line (a closed pipe would kill it)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+
+
+def _service(name: str, env: dict[str, str]) -> Callable[[], subprocess.Popen[bytes]]:
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "appliance", name], env=env)
+
+    return start
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    setup_logging(settings.log_level, settings.log_format)
+    if not settings.redis_password:
+        # A fresh password each run: redis.conf is rendered anew, the children get it by env.
+        settings = msgspec.structs.replace(settings, redis_password=secrets.token_hex(24))
+    for what, host, port in (
+        ("APPLIANCE_REDIS_PORT", settings.redis_host, settings.redis_port),
+        ("APPLIANCE_API_PORT (--api-port)", settings.api_host, settings.api_port),
+        ("APPLIANCE_INGEST_PORT", "127.0.0.1", settings.ingest_port),
+        ("APPLIANCE_BATCH_PORT", "127.0.0.1", settings.batch_port),
+    ):
+        if port and not _port_free(host, port):
+            print(f"appliance up: port {port} on {host} is in use; set {what}", file=sys.stderr)
+            return 2
+
+    replay_cmd: list[str] | None = None
+    if args.replay is not None:
+        replay_port = args.replay_port or _free_port()
+        replay_cmd = [sys.executable, "-m", "loadtest", "serve", "--port", str(replay_port)]
+        replay_cmd += ["--speed", args.replay_speed]
+        if args.replay:
+            for path in args.replay:
+                if not Path(path).is_file():
+                    print(f"appliance up: replay file {path} not found", file=sys.stderr)
+                    return 2
+            replay_cmd += ["--from", *args.replay]
+        else:
+            replay_cmd += ["--events", str(args.replay_events), "--seed", "1"]
+        settings = msgspec.structs.replace(
+            settings, jetstream_urls=(f"ws://127.0.0.1:{replay_port}/subscribe",)
+        )
+
+    env = {**os.environ, **to_environ(settings)}
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+
+    def start_redis_child() -> subprocess.Popen[bytes]:
+        return start_redis(settings)
+
+    def start_replay() -> subprocess.Popen[bytes]:
+        assert replay_cmd is not None
+        proc = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE)
+        _wait_for_line(proc, b"listening", 120)
+        threading.Thread(target=_copy_output, args=(proc,), daemon=True).start()
+        return proc
+
+    children = [Child("redis-server", start_redis_child)]
+    if replay_cmd is not None:
+        children.append(Child("replay-server", start_replay))
+    children += [
+        Child("ingester", _service("ingest", env)),
+        Child("batcher", _service("batch", env)),
+        Child("api", _service("serve", env)),
+    ]
+
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    source = (
+        f"replay server ({'files: ' + ', '.join(args.replay) if args.replay else 'synthetic'})"
+        if replay_cmd
+        else "public Jetstream " + ", ".join(settings.jetstream_urls)
+    )
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    print(
+        "appliance up: starting redis-server, ingester, batcher and API\n"
+        f"  source   {source}\n"
+        f"  data     {Path(settings.data_dir).resolve()}  (batches every {settings.batch_interval_s:g} s)\n"
+        f"  redis    {settings.redis_host}:{settings.redis_port}  (AOF in {Path(settings.redis_dir).resolve()})\n"
+        f"  API      {api}/v1/search?q=hello   docs {api}/docs\n"
+        f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics\n"
+        "Ctrl-C stops everything.",
+        flush=True,
+    )
+    try:
+        for child in children:
+            if stopping:
+                break
+            child.launch()
+            log.info("started", extra={"child": child.name, "pid": child.proc and child.proc.pid})
+        while not stopping:
+            _supervise(children)
+            time.sleep(0.2)
+    finally:
+        _stop_all(children)
+    print("appliance up: stopped", flush=True)
+    return 0
+
+
+def _supervise(children: list[Child]) -> None:
+    """Restart children that exited, each with its own exponential backoff."""
+    now = time.monotonic()
+    for child in children:
+        if child.proc is None:
+            continue
+        code = child.proc.poll()
+        if code is None:
+            if now - child.started_at > STABLE_AFTER_S:
+                child.backoff_s = BACKOFF_START_S
+            continue
+        if child.restart_at is None:
+            child.restart_at = now + child.backoff_s
+            log.warning(
+                "child exited; restarting",
+                extra={"child": child.name, "code": code, "in_s": child.backoff_s},
+            )
+            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+        elif now >= child.restart_at:
+            try:
+                child.launch()
+                child.restarts += 1
+                log.info("restarted", extra={"child": child.name, "restarts": child.restarts})
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                log.error("restart failed", extra={"child": child.name, "error": str(exc)})
+                child.restart_at = now + child.backoff_s
+
+
+def _stop_all(children: list[Child], timeout_s: float = 20.0) -> None:
+    """SIGTERM newest first and wait for each, so writers flush before Redis stops."""
+    for child in reversed(children):
+        proc = child.proc
+        if proc is None or proc.poll() is not None:
+            continue
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("child ignored SIGTERM; killing", extra={"child": child.name})
+            proc.kill()
+            proc.wait()
