@@ -91,6 +91,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_port: Annotated[
         int, _h("Port of the ingester's /health, /ready, /metrics", ge=0, le=65535)
     ] = 9101
+    ingest_host: Annotated[
+        str, _h("Address the ingester's /health, /ready, /metrics listen on")
+    ] = "127.0.0.1"
+    ingest_pipeline_events: Annotated[
+        int, _h("Most events written per Redis round trip (entries pipelined in one MULTI)", ge=1)
+    ] = 5000
+    ingest_gap_tolerance_s: Annotated[
+        float,
+        _h("A first event after (re)connect this much past the resume point is a gap", ge=0),
+    ] = 10.0
+    ingest_log_interval_s: Annotated[
+        float, _h("Seconds between the ingester's progress log lines", gt=0)
+    ] = 10.0
     # --- batcher ---------------------------------------------------------------------------
     batch_interval_s: Annotated[float, _h("Seconds between Parquet flushes", gt=0)] = 300.0
     batch_max_events: Annotated[int, _h("Flush early once this many events are buffered", ge=1)] = (

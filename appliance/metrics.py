@@ -81,3 +81,8 @@ ingest_connected = Gauge(
 buffer_length = Gauge(
     "appliance_buffer_entries", "Entries in the Redis Stream buffer (XLEN)", registry=INGEST
 )
+ingest_held_events = Gauge(
+    "appliance_ingest_held_events",
+    "Events received but not yet written to Redis (bounded; grows only while the circuit is open)",
+    registry=INGEST,
+)

@@ -1,0 +1,801 @@
+"""The ingester: Jetstream websocket → Redis Stream buffer, lossless across crashes and outages.
+
+One asyncio process with four small tasks around two shared pieces of state (the open
+micro-batch and the queue of sealed batches not yet written):
+
+- the reader receives frames, decodes and validates each one (`events.decode`), appends valid
+  frames to the open batch and rejected ones to its dead letters, and seals the batch every
+  `ingest_entry_events` events. Per event it does nothing else.
+- the writer takes sealed batches, up to `ingest_pipeline_events` events per round trip, and writes
+  them in one MULTI/EXEC: the dead letters, one stream entry per batch and the cursor (the
+  highest time_us written). The cursor therefore never runs ahead of the buffered data, and a
+  kill -9 at any moment loses nothing: a restart resumes from the saved cursor minus
+  `cursor_rewind_s`, and Jetstream replays from there.
+- the ticker seals a partial batch every `ingest_flush_ms` and detects a silent stall.
+- the sampler samples XLEN and logs a progress line.
+
+Failures:
+- a dropped, failed or stalled websocket → reconnect with capped exponential backoff and jitter,
+  trying the configured URLs in turn, each time with a fresh URL carrying the current cursor;
+- the first event after a (re)connect later than the resume point by more than
+  `ingest_gap_tolerance_s` is recorded as a gap (metrics and a WARNING line), never hidden;
+- any Redis write error (unreachable, OOM under noeviction, READONLY, ...) opens the circuit: the
+  websocket is closed so Jetstream does not buffer for us, the unwritten batches stay in memory
+  (bounded), the write is retried with backoff, and once Redis accepts it the held batches are
+  flushed, the circuit closes and the reader reconnects from the cursor.
+
+Duplicates: the rewind on every (re)connect re-delivers a few seconds of events. They are NOT
+removed here: Jetstream is not strictly time-ordered, so a time_us high-water mark cannot tell a
+re-delivered event from a late one, and a crash can leave a batch written but its successor not.
+The batcher removes them by natural key (DESIGN invariant 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI
+
+from appliance import buffer, events, metrics
+from appliance.config import Settings
+from appliance.httpd import serve_probes
+from appliance.logs import setup_logging
+
+log = logging.getLogger("appliance.ingest")
+
+# Jetstream's own limits on a subscription.
+MAX_WANTED_COLLECTIONS = 100
+MAX_WANTED_DIDS = 10_000
+# A batch holding this many bytes of rejected frames is sealed early (they may be large).
+DEAD_LETTER_SEAL_BYTES = 1 << 20
+# Held (sealed, unwritten) data is bounded by events and by bytes; the reader waits beyond it.
+HELD_BYTES_LIMIT = 64 << 20
+BACKOFF_BASE_S = 0.1
+SAMPLE_INTERVAL_S = 2.0
+SHUTDOWN_FLUSH_S = 10.0
+# Frames the websocket library may queue before it stops reading the socket (flow control).
+WS_MAX_QUEUE = 256
+# Collections labelled by name on the events metric (others are "other"): bounded cardinality.
+LABELLED_PREFIXES = ("app.bsky.", "chat.bsky.")
+MAX_LABELLED_COLLECTIONS = 200
+
+_NSID_OR_WILDCARD = re.compile(
+    r"[a-zA-Z](?:[a-zA-Z0-9-]{0,62})(?:\.[a-zA-Z0-9-]{1,63})*(?:\.[a-zA-Z][a-zA-Z0-9]{0,62}|\.\*)"
+)
+_DID = re.compile(r"did:[a-z]+:[A-Za-z0-9._:%-]{1,2048}")
+_KIND_KEY = {events.IdentityEvent: "identity", events.AccountEvent: "account"}
+
+
+class SubscriptionError(ValueError):
+    """The configured wantedCollections / wantedDids are not acceptable to Jetstream."""
+
+
+def validate_subscription(settings: Settings) -> None:
+    """Check wantedCollections and wantedDids before the first connect (clear error, exit 2)."""
+    if len(settings.wanted_collections) > MAX_WANTED_COLLECTIONS:
+        raise SubscriptionError(
+            f"{len(settings.wanted_collections)} wanted collections; Jetstream accepts at most "
+            f"{MAX_WANTED_COLLECTIONS}"
+        )
+    if len(settings.wanted_dids) > MAX_WANTED_DIDS:
+        raise SubscriptionError(
+            f"{len(settings.wanted_dids)} wanted DIDs; Jetstream accepts at most {MAX_WANTED_DIDS}"
+        )
+    for nsid in settings.wanted_collections:
+        if len(nsid) > 317 or not _NSID_OR_WILDCARD.fullmatch(nsid):
+            raise SubscriptionError(f"wanted collection {nsid[:80]!r} is not an NSID or prefix.*")
+    for did in settings.wanted_dids:
+        if not _DID.fullmatch(did):
+            raise SubscriptionError(f"wanted DID {did[:80]!r} is not a DID")
+
+
+def subscribe_url(base: str, settings: Settings, cursor_us: int | None) -> str:
+    """A fresh /subscribe URL with the subscription and the cursor (µs), replacing any given.
+
+    maxMessageSizeBytes is never sent: Jetstream would skip larger events silently, while we want
+    them dead-lettered as oversized.
+    """
+    parts = urlsplit(base)
+    ours = {"cursor", "wantedCollections", "wantedDids", "maxMessageSizeBytes"}
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+    query += [("wantedCollections", c) for c in settings.wanted_collections]
+    query += [("wantedDids", d) for d in settings.wanted_dids]
+    if cursor_us is not None:
+        query.append(("cursor", str(cursor_us)))
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*:")))
+
+
+def display_url(url: str) -> str:
+    """A URL safe and short enough to log: no credentials, no query string."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def backoff_delay(attempt: int, cap_s: float, base_s: float = BACKOFF_BASE_S) -> float:
+    """Capped exponential backoff with jitter: in [ceiling/2, ceiling], ceiling = base·2^(n-1)."""
+    ceiling = min(cap_s, base_s * 2 ** min(max(attempt, 1) - 1, 30))
+    return ceiling * (0.5 + random.random() / 2)
+
+
+def redis_error_cause(exc: BaseException) -> str:
+    """The `cause` label of a failed Redis write."""
+    if isinstance(exc, OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, ReadOnlyError):
+        return "readonly"
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+        return "connection"
+    return "other"
+
+
+class _Batch:
+    """One micro-batch: the frames of one stream entry, plus what was rejected meanwhile."""
+
+    __slots__ = ("counts", "dead", "dead_bytes", "frames", "max_time_us")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.max_time_us = 0
+        # events per collection (commits) or per kind (identity, account)
+        self.counts: dict[str, int] = {}
+        self.dead: list[tuple[str, bytes, str]] = []  # (reason, frame, detail)
+        self.dead_bytes = 0
+
+    def size(self) -> int:
+        return len(self.frames) + len(self.dead)
+
+
+class Ingester:
+    """The ingester service; `await run()` until `stop()` (SIGTERM / SIGINT)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = buffer.connect(
+            settings,
+            socket_timeout=10,
+            socket_connect_timeout=2,
+            # We retry ourselves, with the circuit breaker; the library must fail fast.
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._open = _Batch()
+        self._pending: collections.deque[_Batch] = collections.deque()
+        self._held_events = 0  # in sealed batches, pending or being written
+        self._held_bytes = 0
+        self._generation = 0  # bumped on every seal
+        self._cursor: int | None = None  # saved in Redis: highest time_us written
+        self._received_max = 0  # highest valid time_us received (sealed batches)
+        self._now_us = events.now_us()
+        self._held_limit = max(
+            2 * settings.ingest_pipeline_events, 4 * settings.ingest_entry_events
+        )
+
+        self._wake = asyncio.Event()  # the writer has work
+        self._space = asyncio.Event()  # the reader may go on
+        self._idle = asyncio.Event()  # nothing held
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._circuit_open = False
+        self._circuit_closed = asyncio.Event()
+        self._circuit_closed.set()
+        self._circuit_since = 0.0
+
+        self._reader: asyncio.Task[None] | None = None
+        self._drop_cause = ""
+        self._session = 0
+        self._blocked = False  # the reader waits for the writer (not a stall)
+        self._connected = False
+
+        self._counters: dict[str, Any] = {}
+        self._labelled: set[str] = set()
+        self.written_events = 0
+        self.dead_letters = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading, flush what is held, exit (signal handler)."""
+        if not self._stopping.is_set():
+            log.info("stopping: flushing held events")
+            self._stopping.set()
+            self._drop("stop")
+
+    async def run(self) -> int:
+        """Serve until stopped; 0 when everything received was written, 1 otherwise."""
+        s = self.settings
+        metrics.ingest_lag.set_function(self._lag_seconds)
+        metrics.ingest_held_events.set_function(lambda: self._held_events + self._open.size())
+        probes = await serve_probes(s.ingest_host, s.ingest_port, metrics.INGEST, self._ready)
+        port = probes.sockets[0].getsockname()[1] if probes.sockets else s.ingest_port
+        log.info(
+            "ingester starting",
+            extra={
+                "probes": f"{s.ingest_host}:{port}",
+                "urls": [display_url(u) for u in s.jetstream_urls],
+                "wanted_collections": list(s.wanted_collections),
+                "wanted_dids": len(s.wanted_dids),
+                "entry_events": s.ingest_entry_events,
+            },
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            if not await self._load_cursor():
+                return 0  # stopped before Redis ever answered; nothing was received
+            tasks = [
+                asyncio.create_task(self._write_loop(), name="writer"),
+                asyncio.create_task(self._tick_loop(), name="ticker"),
+                asyncio.create_task(self._sample_loop(), name="sampler"),
+            ]
+            connection = asyncio.create_task(self._connection_loop(), name="connection")
+            tasks.append(connection)
+            stopping = asyncio.create_task(self._stopping.wait(), name="stopping")
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if stopping not in done:
+                stopping.cancel()
+                crashed = next(iter(done))
+                log.critical(
+                    "internal task ended unexpectedly",
+                    exc_info=crashed.exception(),
+                    extra={"task": crashed.get_name()},
+                )
+                return 1
+            await connection
+            self._seal()
+            try:
+                await asyncio.wait_for(self._idle.wait(), SHUTDOWN_FLUSH_S)
+            except TimeoutError:
+                log.error(
+                    "stopped with events not written; a restart re-fetches them from the cursor",
+                    extra={"held_events": self._held_events, "cursor": self._cursor},
+                )
+                return 1
+            log.info(
+                "stopped",
+                extra={"cursor": self._cursor, "events_written": self.written_events},
+            )
+            return 0
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            probes.close()
+            await self.redis.aclose()
+
+    async def _load_cursor(self) -> bool:
+        """Read the saved cursor, retrying (circuit open) while Redis does not answer."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                self._cursor = await buffer.read_cursor(self.redis, self.settings)
+            except (RedisError, OSError) as exc:
+                attempt += 1
+                metrics.ingest_redis_errors.labels(redis_error_cause(exc)).inc()
+                self._open_circuit(redis_error_cause(exc), exc)
+                await self._sleep(backoff_delay(attempt, self.settings.reconnect_max_backoff_s))
+                continue
+            if self._circuit_open:
+                self._close_circuit()
+            if self._cursor is not None:
+                metrics.ingest_cursor.set(self._cursor)
+                self._received_max = self._cursor
+            log.info("cursor loaded", extra={"cursor": self._cursor})
+            return True
+        return False
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    # --- websocket -----------------------------------------------------------------------------
+
+    def _resume_us(self) -> int | None:
+        """Highest time_us received so far (written or held), or the saved cursor at start."""
+        best = max(self._received_max, self._open.max_time_us)
+        return best or None
+
+    async def _connection_loop(self) -> None:
+        s = self.settings
+        urls = s.jetstream_urls
+        failures = 0
+        index = 0
+        rewind_us = int(s.cursor_rewind_s * 1_000_000)
+        while not self._stopping.is_set():
+            if self._circuit_open:
+                await self._wait_any(self._circuit_closed)
+                continue
+            resume = self._resume_us()
+            request = None if resume is None else resume - rewind_us
+            base = urls[index % len(urls)]
+            try:
+                ws = await connect(
+                    subscribe_url(base, s, request),
+                    max_size=4 * s.max_event_bytes,
+                    max_queue=WS_MAX_QUEUE,
+                    compression=None,
+                    open_timeout=10,
+                    close_timeout=2,
+                    user_agent_header="bluesky-appliance-ingester",
+                )
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                failures += 1
+                index += 1
+                metrics.ingest_reconnects.labels("connect_failed").inc()
+                delay = backoff_delay(failures, s.reconnect_max_backoff_s)
+                log.warning(
+                    "connect failed",
+                    extra={
+                        "url": display_url(base),
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "retry_in_s": round(delay, 3),
+                    },
+                )
+                await self._sleep(delay)
+                continue
+            if self._circuit_open or self._stopping.is_set():
+                await ws.close()
+                continue
+            log.info(
+                "connected",
+                extra={"url": display_url(base), "cursor": request, "resume_from": resume},
+            )
+            generation = self._generation
+            cause = await self._run_session(ws, resume)
+            delivered = self._generation != generation or self._open.size() > 0
+            if cause == "stop":
+                return
+            metrics.ingest_reconnects.labels(cause).inc()
+            if cause == "circuit":
+                failures = 0
+                continue  # reconnect as soon as the circuit closes
+            if delivered and cause != "stall":
+                failures = 0
+            else:
+                failures += 1
+                index += 1  # fail over to the next URL
+            delay = backoff_delay(max(failures, 1), s.reconnect_max_backoff_s)
+            log.warning(
+                "disconnected",
+                extra={"url": display_url(base), "cause": cause, "retry_in_s": round(delay, 3)},
+            )
+            await self._sleep(delay)
+
+    async def _wait_any(self, event: asyncio.Event) -> None:
+        """Wait for `event` or for stop."""
+        waiters = [
+            asyncio.ensure_future(event.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _run_session(self, ws: ClientConnection, resume: int | None) -> str:
+        """Read one connection until it closes or is dropped; return the cause."""
+        self._drop_cause = ""
+        self._session += 1
+        self._connected = True
+        metrics.ingest_connected.set(1)
+        reader = asyncio.create_task(self._read(ws, resume), name="reader")
+        self._reader = reader
+        try:
+            await asyncio.wait([reader])
+        finally:
+            self._reader = None
+            self._connected = False
+            metrics.ingest_connected.set(0)
+            reader.cancel()
+            await ws.close()
+        if reader.cancelled():
+            return self._drop_cause or "stop"
+        exc = reader.exception()
+        if isinstance(exc, ConnectionClosedOK):
+            return "closed"
+        if isinstance(exc, ConnectionClosed):
+            log.warning("connection lost", extra={"error": str(exc)})
+            return "closed"
+        if exc is not None:
+            raise exc
+        return "closed"
+
+    def _drop(self, cause: str) -> None:
+        """Stop the current reader (stall, circuit, stop); the connection loop handles the rest."""
+        if self._reader is not None and not self._reader.done():
+            self._drop_cause = self._drop_cause or cause
+            self._reader.cancel()
+
+    async def _read(self, ws: ClientConnection, resume: int | None) -> None:
+        """The hot loop: per frame only decode+validate and an append; per batch a seal."""
+        recv = ws.recv
+        decode = events.decode
+        rejected = events.Rejected
+        commit_type = events.CommitEvent
+        kinds = _KIND_KEY
+        max_bytes = self.settings.max_event_bytes
+        per_entry = self.settings.ingest_entry_events
+        first = resume is not None
+        while True:
+            frame = await recv(False)
+            try:
+                event = decode(frame, self._now_us, max_bytes)
+            except rejected as exc:
+                if self._hold_rejected(exc, frame) and self._over_limit():
+                    await self._wait_for_space()
+                continue
+            t = event.time_us
+            if first:
+                first = False
+                self._check_gap(resume, t)
+            batch = self._open
+            batch.frames.append(frame)
+            if t > batch.max_time_us:
+                batch.max_time_us = t
+            key = event.commit.collection if type(event) is commit_type else kinds[type(event)]
+            counts = batch.counts
+            counts[key] = counts.get(key, 0) + 1
+            if len(batch.frames) >= per_entry:
+                self._seal()
+                if self._over_limit():
+                    await self._wait_for_space()
+
+    def _hold_rejected(self, exc: events.Rejected, frame: bytes) -> bool:
+        """Keep a rejected frame for the dead-letter stream; True if the batch was sealed."""
+        batch = self._open
+        batch.dead.append((exc.reason, frame, exc.detail))
+        batch.dead_bytes += len(frame)
+        if batch.size() >= self.settings.ingest_entry_events or (
+            batch.dead_bytes >= DEAD_LETTER_SEAL_BYTES
+        ):
+            self._seal()
+            return True
+        return False
+
+    def _over_limit(self) -> bool:
+        return self._held_events >= self._held_limit or self._held_bytes >= HELD_BYTES_LIMIT
+
+    def _check_gap(self, resume: int | None, first_us: int) -> None:
+        """Record a gap when the first event lies beyond the resume point by more than tolerated."""
+        if resume is None:
+            return
+        ahead_s = (first_us - resume) / 1e6
+        if ahead_s > self.settings.ingest_gap_tolerance_s:
+            metrics.ingest_gaps.inc()
+            metrics.ingest_gap_seconds.inc(ahead_s)
+            log.warning(
+                "gap: events between the cursor and the first event received are missing",
+                extra={
+                    "gap_from_time_us": resume,
+                    "gap_to_time_us": first_us,
+                    "gap_seconds": round(ahead_s, 3),
+                },
+            )
+
+    async def _wait_for_space(self) -> None:
+        self._blocked = True
+        try:
+            while self._over_limit():
+                self._space.clear()
+                await self._space.wait()
+        finally:
+            self._blocked = False
+
+    # --- batches and the writer ----------------------------------------------------------------
+
+    def _seal(self) -> None:
+        """Close the open batch and queue it for the writer."""
+        batch = self._open
+        if not batch.frames and not batch.dead:
+            return
+        self._open = _Batch()
+        self._generation += 1
+        nbytes = sum(map(len, batch.frames)) + batch.dead_bytes
+        metrics.ingest_bytes.inc(nbytes)
+        self._held_events += batch.size()
+        self._held_bytes += nbytes
+        if batch.max_time_us > self._received_max:
+            self._received_max = batch.max_time_us
+        self._pending.append(batch)
+        self._idle.clear()
+        self._wake.set()
+
+    def _take(self) -> list[_Batch]:
+        """Sealed batches for one round trip: at least one, up to ingest_pipeline_events events."""
+        take = [self._pending.popleft()]
+        n = take[0].size()
+        limit = self.settings.ingest_pipeline_events
+        while self._pending and n + self._pending[0].size() <= limit:
+            batch = self._pending.popleft()
+            n += batch.size()
+            take.append(batch)
+        return take
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._circuit_open:
+                    self._close_circuit()
+                if self._open.size() == 0:
+                    self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            take = self._take()
+            await self._write_until_done(take)
+            if self._circuit_open:
+                self._seal()  # the batch the reader had open when the circuit opened
+
+    async def _write_until_done(self, take: list[_Batch]) -> None:
+        """Write batches, retrying with backoff (circuit open) until Redis accepts them."""
+        attempt = 0
+        while True:
+            try:
+                cursor = await self._write(take)
+                break
+            except (RedisError, OSError) as exc:
+                attempt += 1
+                cause = redis_error_cause(exc)
+                metrics.ingest_redis_errors.labels(cause).inc()
+                self._open_circuit(cause, exc)
+                await asyncio.sleep(backoff_delay(attempt, self.settings.reconnect_max_backoff_s))
+        self._cursor = cursor
+        if cursor is not None:
+            metrics.ingest_cursor.set(cursor)
+        for batch in take:
+            self._account(batch)
+        self._space.set()
+
+    async def _write(self, take: Sequence[_Batch]) -> int | None:
+        """One MULTI/EXEC: dead letters, one entry per batch, the cursor. Returns the cursor."""
+        s = self.settings
+        cursor = self._cursor
+        source = self._source
+        pipe = self.redis.pipeline(transaction=True)
+        for batch in take:
+            for reason, frame, detail in batch.dead:
+                buffer.queue_dead_letter(pipe, s, reason, frame, source, detail)
+            if batch.frames:
+                if cursor is None or batch.max_time_us > cursor:
+                    cursor = batch.max_time_us
+                buffer.queue_append(pipe, s, batch.frames, cursor)
+        await pipe.execute()
+        return cursor
+
+    @property
+    def _source(self) -> str:
+        return ",".join(display_url(u) for u in self.settings.jetstream_urls)
+
+    def _account(self, batch: _Batch) -> None:
+        """Metrics for a batch now safely in Redis."""
+        self._held_events -= batch.size()
+        self._held_bytes -= sum(map(len, batch.frames)) + batch.dead_bytes
+        self.written_events += len(batch.frames)
+        counters = self._counters
+        for key, n in batch.counts.items():
+            counter = counters.get(key)
+            if counter is None:
+                counter = counters[key] = self._events_counter(key)
+            counter.inc(n)
+        for reason, frame, detail in batch.dead:
+            self.dead_letters += 1
+            metrics.ingest_dead_letters.labels(reason).inc()
+            if self.dead_letters <= 10 or self.dead_letters % 10_000 == 0:
+                log.warning(
+                    "frame dead-lettered",
+                    extra={
+                        "reason": reason,
+                        "detail": detail[:200],
+                        "bytes": len(frame),
+                        "dead_letters": self.dead_letters,
+                    },
+                )
+
+    def _events_counter(self, key: str) -> Any:
+        if key in ("identity", "account"):
+            return metrics.ingest_events.labels(key, "none")
+        label = "other"
+        if key.startswith(LABELLED_PREFIXES) and (
+            key in self._labelled or len(self._labelled) < MAX_LABELLED_COLLECTIONS
+        ):
+            self._labelled.add(key)
+            label = key
+        return metrics.ingest_events.labels("commit", label)
+
+    # --- circuit breaker -----------------------------------------------------------------------
+
+    def _open_circuit(self, cause: str, exc: BaseException) -> None:
+        if self._circuit_open:
+            return
+        self._circuit_open = True
+        self._circuit_since = time.monotonic()
+        self._circuit_closed.clear()
+        metrics.ingest_circuit_open.set(1)
+        metrics.ingest_circuit_transitions.labels("open").inc()
+        log.warning(
+            "circuit open: Redis refuses writes; websocket reading paused",
+            extra={
+                "cause": cause,
+                "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                "held_events": self._held_events + self._open.size(),
+            },
+        )
+        self._drop("circuit")
+
+    def _close_circuit(self) -> None:
+        if not self._circuit_open:
+            return
+        self._circuit_open = False
+        metrics.ingest_circuit_open.set(0)
+        metrics.ingest_circuit_transitions.labels("closed").inc()
+        log.info(
+            "circuit closed: Redis accepts writes again; resuming from the cursor",
+            extra={
+                "open_seconds": round(time.monotonic() - self._circuit_since, 3),
+                "cursor": self._cursor,
+            },
+        )
+        self._circuit_closed.set()
+
+    # --- periodic work -------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        """Seal partial batches every ingest_flush_ms; detect a silent connection (stall)."""
+        s = self.settings
+        period = s.ingest_flush_ms / 1000
+        last_sig: tuple[int, int, int] = (-1, -1, -1)
+        last_progress = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            self._now_us = events.now_us()
+            if self._open.size() and not self._circuit_open:
+                self._seal()
+            now = time.monotonic()
+            sig = (self._session, self._generation, self._open.size())
+            if not self._connected or self._blocked or sig != last_sig:
+                last_sig = sig
+                last_progress = now
+            elif now - last_progress >= s.stall_timeout_s:
+                metrics.ingest_stalls.inc()
+                log.warning(
+                    "stall: no frame within the stall timeout; reconnecting",
+                    extra={"stall_timeout_s": s.stall_timeout_s},
+                )
+                self._drop("stall")
+                last_progress = now
+
+    async def _sample_loop(self) -> None:
+        """Sample XLEN (not per event) and log a progress line every ingest_log_interval_s."""
+        s = self.settings
+        last_log = time.monotonic()
+        last_written = self.written_events
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            length: int | None = None
+            if not self._circuit_open:
+                try:
+                    length = int(await self.redis.xlen(s.stream_key))
+                    metrics.buffer_length.set(length)
+                except (RedisError, OSError):
+                    pass  # the writer notices and opens the circuit
+            now = time.monotonic()
+            if now - last_log >= s.ingest_log_interval_s:
+                rate = (self.written_events - last_written) / (now - last_log)
+                log.info(
+                    "progress",
+                    extra={
+                        "events_written": self.written_events,
+                        "events_per_s": round(rate, 1),
+                        "dead_letters": self.dead_letters,
+                        "cursor": self._cursor,
+                        "lag_s": round(self._lag_seconds(), 3),
+                        "buffer_entries": length,
+                        "held_events": self._held_events + self._open.size(),
+                        "connected": self._connected,
+                        "circuit_open": self._circuit_open,
+                    },
+                )
+                last_log, last_written = now, self.written_events
+
+    def _lag_seconds(self) -> float:
+        newest = self._resume_us()
+        return max(0.0, (events.now_us() - newest) / 1e6) if newest else 0.0
+
+    async def _ready(self) -> tuple[bool, dict[str, object]]:
+        try:
+            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 2))
+        except (RedisError, OSError, TimeoutError):
+            redis_ok = False
+        details: dict[str, object] = {
+            "redis": redis_ok,
+            "websocket": self._connected,
+            "circuit_open": self._circuit_open,
+            "cursor": self._cursor,
+        }
+        return redis_ok and self._connected, details
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+class _ExtendTuple(argparse.Action):
+    """Repeatable flag; each value may also be comma-separated; the result is a tuple."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest) or ()
+        parts = tuple(p.strip() for p in str(values).split(",") if p.strip())
+        setattr(namespace, self.dest, (*current, *parts))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        dest="set_jetstream_urls",
+        action=_ExtendTuple,
+        metavar="URL",
+        help="Jetstream /subscribe URL (repeatable; overrides APPLIANCE_JETSTREAM_URLS)",
+    )
+    parser.add_argument(
+        "--collections",
+        dest="set_wanted_collections",
+        action=_ExtendTuple,
+        metavar="NSID[,NSID]",
+        help="wantedCollections (repeatable or comma-separated; prefix.* allowed)",
+    )
+    parser.add_argument(
+        "--dids",
+        dest="set_wanted_dids",
+        action=_ExtendTuple,
+        metavar="DID[,DID]",
+        help="wantedDids (repeatable or comma-separated)",
+    )
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    """`appliance ingest`: run until SIGTERM/SIGINT; exit 0 once everything held is written."""
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        validate_subscription(settings)
+    except SubscriptionError as exc:
+        print(f"appliance ingest: {exc}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        ingester = Ingester(settings)
+        loop = runner.get_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, ingester.stop)
+        return runner.run(ingester.run())
