@@ -122,6 +122,33 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     compact_grace_s: Annotated[
         float, _h("Seconds replaced files are kept for queries still reading them", ge=0)
     ] = 120.0
+    batch_host: Annotated[str, _h("Address the batcher's /health, /ready, /metrics listen on")] = (
+        "127.0.0.1"
+    )
+    batch_consumer: Annotated[
+        str, _h("Consumer name in the group; keep it stable so a restart finds its pending entries")
+    ] = "batcher-1"
+    batch_dedupe_margin_s: Annotated[
+        float,
+        _h("Stored rows this close in time_us to a batch are checked for duplicate keys", ge=0),
+    ] = 60.0
+    batch_crash_at: Annotated[
+        str, _h("Testing only: SIGKILL the batcher at this named point (see README)")
+    ] = ""
+    compact_auto: Annotated[
+        bool, _h("The batcher compacts each day once it is closed (see compact_after_s)")
+    ] = True
+    compact_after_s: Annotated[
+        float,
+        _h("A day is closed once events this many seconds past its end (UTC) are batched", ge=0),
+    ] = 3600.0
+    compact_max_rows: Annotated[int, _h("Most rows per compacted Parquet file", ge=1000)] = (
+        5_000_000
+    )
+    compact_zstd_level: Annotated[int, _h("zstd level of compacted files", ge=1, le=22)] = 9
+    compact_memory_limit: Annotated[
+        str, _h("DuckDB memory_limit while compacting (spills to disk beyond it)")
+    ] = "1GB"
     # --- API -------------------------------------------------------------------------------
     api_host: Annotated[str, _h("Address the API listens on")] = "127.0.0.1"
     api_port: Annotated[int, _h("Port the API listens on", ge=0, le=65535)] = 8080

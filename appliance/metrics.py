@@ -6,7 +6,7 @@ series. Names follow Prometheus conventions (`appliance_<service>_...`, `_total`
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from appliance.events import REJECT_REASONS
 
@@ -85,4 +85,153 @@ ingest_held_events = Gauge(
     "appliance_ingest_held_events",
     "Events received but not yet written to Redis (bounded; grows only while the circuit is open)",
     registry=INGEST,
+)
+
+# --- batcher ------------------------------------------------------------------------------------
+BATCH_FAILURE_CAUSES = ("disk_full", "unwritable", "io", "redis", "transform", "error")
+batch_duration = Histogram(
+    "appliance_batch_duration_seconds",
+    "Seconds to write one batch (transform done; dedupe, Parquet, manifest, XACK, trim)",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+    registry=BATCH,
+)
+batch_batches = Counter(
+    "appliance_batch_batches_total", "Batches written and acknowledged", registry=BATCH
+)
+batch_events = Counter(
+    "appliance_batch_events_total",
+    "Events read from the buffer and routed, by table (before dedupe)",
+    ["table"],
+    registry=BATCH,
+)
+batch_rows = Counter(
+    "appliance_batch_rows_total", "Rows written to Parquet, by table", ["table"], registry=BATCH
+)
+batch_duplicates = Counter(
+    "appliance_batch_duplicates_total",
+    "Events dropped as duplicates by natural key, by scope (batch = inside the batch, "
+    "stored = already in a stored file)",
+    ["scope"],
+    registry=BATCH,
+)
+batch_bytes = Counter(
+    "appliance_batch_bytes_written_total",
+    "Bytes of Parquet files written by batches, by table",
+    ["table"],
+    registry=BATCH,
+)
+batch_raw_bytes = Counter(
+    "appliance_batch_raw_bytes_total", "Bytes of raw JSON frames batched", registry=BATCH
+)
+batch_compression_ratio = Gauge(
+    "appliance_batch_compression_ratio",
+    "Raw JSON bytes / Parquet bytes of the last batch",
+    registry=BATCH,
+)
+batch_pending = Gauge(
+    "appliance_batch_pending_entries",
+    "Stream entries delivered to the group but not yet acknowledged (XPENDING)",
+    registry=BATCH,
+)
+batch_oldest_unacked_age = Gauge(
+    "appliance_batch_oldest_unacked_age_seconds",
+    "Age of the oldest entry not yet acknowledged (pending, else the first unread), 0 if none",
+    registry=BATCH,
+)
+batch_failures = Counter(
+    "appliance_batch_failures_total",
+    "Failed batch attempts and failed entry transformations, by cause",
+    ["cause"],
+    registry=BATCH,
+)
+for _cause in BATCH_FAILURE_CAUSES:
+    batch_failures.labels(_cause)
+batch_dead_letters = Counter(
+    "appliance_batch_dead_letters_total",
+    "Frames or entries the batcher moved to the dead-letter stream, by reason",
+    ["reason"],
+    registry=BATCH,
+)
+batch_bad_created_at = Counter(
+    "appliance_batch_bad_created_at_total",
+    "Records whose createdAt (or identity/account time) could not be parsed (stored as null)",
+    registry=BATCH,
+)
+batch_last_success = Gauge(
+    "appliance_batch_last_success_timestamp_seconds",
+    "Unix time of the last batch written and acknowledged",
+    registry=BATCH,
+)
+compact_runs = Counter(
+    "appliance_compact_runs_total",
+    "Partitions compacted, by table",
+    ["table"],
+    registry=BATCH,
+)
+compact_duration = Histogram(
+    "appliance_compact_duration_seconds",
+    "Seconds to compact one partition",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
+    registry=BATCH,
+)
+compact_rows_dropped = Counter(
+    "appliance_compact_rows_dropped_total",
+    "Rows compaction removed: duplicates, versions superseded by an update, deleted records",
+    ["table"],
+    registry=BATCH,
+)
+compact_files_removed = Counter(
+    "appliance_compact_files_removed_total",
+    "Retired or orphaned files deleted after the grace period",
+    registry=BATCH,
+)
+
+# --- API --------------------------------------------------------------------------------------
+# The API runs several Sanic worker processes. `appliance serve` points PROMETHEUS_MULTIPROC_DIR
+# at a fresh directory before the workers start, so each worker keeps these values in its own
+# file and /metrics (any worker) sums them; without it (tests in one process) they live in API.
+API = CollectorRegistry(auto_describe=True)
+API_PREFIX = "appliance_api_"
+
+api_requests = Counter(
+    "appliance_api_requests_total",
+    "HTTP requests answered, by route pattern, method and status",
+    ["route", "method", "status"],
+    registry=API,
+)
+api_request_seconds = Histogram(
+    "appliance_api_request_duration_seconds",
+    "Time from request to response (to the last byte for streams), by route pattern and status",
+    ["route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=API,
+)
+api_query_seconds = Histogram(
+    "appliance_api_query_duration_seconds",
+    "Time spent querying DuckDB for one request, by kind (search, export, stats)",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=API,
+)
+api_cache = Counter(
+    "appliance_api_cache_lookups_total",
+    "Search result cache lookups, by result (hit, miss)",
+    ["result"],
+    registry=API,
+)
+api_query_timeouts = Counter(
+    "appliance_api_query_timeouts_total",
+    "Queries interrupted after query_timeout_s (answered 504)",
+    registry=API,
+)
+api_hidden_rows = Counter(
+    "appliance_api_hidden_rows_total",
+    "Candidate rows a query skipped because a newer version or a delete hides them",
+    registry=API,
+)
+api_export_rows = Counter(
+    "appliance_api_export_rows_total",
+    "Rows streamed by /v1/export, by format",
+    ["format"],
+    registry=API,
 )

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from appliance.events import AccountEvent, CommitEvent, Event, IdentityEvent
@@ -261,3 +262,112 @@ def update_manifest(data_dir: str | Path) -> Iterator[Manifest]:
             os.fsync(fh.fileno())
         os.replace(tmp, root / MANIFEST)
         fsync_dir(root)
+
+
+# --- natural keys and streaming atomic writes (batcher, compactor) -----------------------------
+
+# The columns that make a stored row unique (DESIGN invariant 2), per table. For commits the uri
+# carries (did, collection, rkey), so (uri, rev) is the natural key (did, collection, rkey, rev).
+KEY_COLUMNS: dict[str, tuple[str, str]] = {
+    **{t: ("uri", "rev") for t in TABLES if t not in ("identities", "accounts")},
+    "identities": ("did", "seq"),
+    "accounts": ("did", "seq"),
+}
+KEY_SEPARATOR = "\x1f"  # cannot occur in a DID, URI or TID
+
+
+def key_array(table: str, data: pa.Table) -> pa.ChunkedArray:
+    """One string per row joining its natural-key columns (for set membership in Arrow)."""
+    first, second = KEY_COLUMNS[table]
+    return pc.binary_join_element_wise(
+        data[first].cast(pa.string()), data[second].cast(pa.string()), KEY_SEPARATOR
+    )
+
+
+def writer_options(schema: pa.Schema, zstd_level: int) -> dict[str, Any]:
+    """The Parquet writer options every data file uses (the same as `write_atomic`)."""
+    dictionary_cols = [f.name for f in schema if pa.types.is_dictionary(f.type) or f.name == "did"]
+    return {
+        "compression": "zstd",
+        "compression_level": zstd_level,
+        "use_dictionary": dictionary_cols or True,
+        "write_statistics": True,
+    }
+
+
+class AtomicParquetWriter:
+    """Stream record batches into directory/name.parquet, atomically on `close()`.
+
+    Like `write_atomic`, for data that does not fit in memory at once (compaction) or that is
+    written in row-group slices (the batcher): the rows go to `.<name>.tmp`, which no reader's
+    glob matches; `close()` fsyncs, renames and fsyncs the directory. `abort()` (or an exception
+    inside `with`) removes the temporary file, so nothing partial is ever visible.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        schema: pa.Schema,
+        *,
+        zstd_level: int = 3,
+        sorting_columns: list[pq.SortingColumn] | None = None,
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.final = directory / f"{name}.parquet"
+        self.tmp = directory / f".{name}.tmp"
+        self.rows = 0
+        self._fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        try:
+            self._writer = pq.ParquetWriter(
+                self._fh,
+                schema,
+                sorting_columns=sorting_columns,
+                **writer_options(schema, zstd_level),
+            )
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data: pa.Table | pa.RecordBatch, row_group_size: int | None = None) -> None:
+        """Append rows (each call writes at least one row group)."""
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        self._writer.write_table(data, row_group_size=row_group_size)
+        self.rows += data.num_rows
+
+    def flush(self) -> None:
+        """Push buffered bytes to the temporary file (for crash tests: a torn temp file)."""
+        self._fh.flush()
+
+    def close(self) -> Path:
+        """Finish the file and make it visible under its final name; return that path."""
+        try:
+            self._writer.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(self.directory)
+        return self.final
+
+    def abort(self) -> None:
+        """Drop the temporary file; the final name is left as it was."""
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        with contextlib.suppress(Exception):
+            self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicParquetWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

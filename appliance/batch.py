@@ -1,0 +1,755 @@
+"""The batcher: the Redis Stream buffer → date-partitioned Parquet, exactly once.
+
+A batch is a set of stream entries read through the consumer group. Its events are decoded,
+routed to tables, deduplicated by natural key (inside the batch, and against stored rows whose
+time_us is within `batch_dedupe_margin_s` of the batch's), and written per (table, day) as
+`<data_dir>/<table>/date=YYYY-MM-DD/<first-id>_<last-id>.parquet`: the name comes from the batch's
+stream range, so a batch redone after a crash overwrites its own files. Order of effects, each
+one durable before the next (DESIGN invariant 3):
+
+    temp file → fsync → rename → dir fsync → manifest (files + last_batch) → XACK → XTRIM MINID
+
+Restart recovery: the batcher first reads ALL of its own pending entries (XREADGROUP id 0) and
+flushes them as one batch, which is the same set of entries (so the same file names) as the
+batch that was interrupted; then it claims entries idle with dead consumers (XAUTOCLAIM); then it
+reads new ones. Entries whose transformation fails stay pending and are retried next cycle; after
+`batch_max_attempts` deliveries they go to the dead-letter stream and are acknowledged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from appliance import buffer, events, metrics, storage
+from appliance.config import Settings
+from appliance.httpd import serve_probes
+from appliance.logs import setup_logging
+from appliance.tables import TableBuilder
+
+log = logging.getLogger("appliance.batch")
+
+DAY_US = 86_400_000_000
+ROW_GROUP_ROWS = 131_072  # batch files: row groups small enough to skip by time_us statistics
+READ_COUNT = 200  # stream entries per XREADGROUP (an entry holds up to ~100 events)
+MAX_BACKOFF_S = 60.0
+
+# Named points where `batch_crash_at` makes the process SIGKILL itself (crash tests only).
+CRASH_POINTS = (
+    "before_write",  # the batch is transformed; no file written yet
+    "mid_write",  # one file renamed, the next one half written under its temporary name
+    "after_rename",  # every file renamed and fsynced; manifest not updated
+    "after_manifest",  # files in the manifest; entries not acknowledged
+    "compact_mid",  # compaction: one output file renamed, manifest not swapped
+    "compact_after_swap",  # compaction: manifest swapped, old files not yet deleted
+)
+
+
+def crash_point(settings: Settings, name: str) -> None:
+    """SIGKILL this process if the tests asked for a crash at `name` (no cleanup runs)."""
+    if settings.batch_crash_at == name:
+        log.warning("crashing on purpose", extra={"crash_point": name})
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- stream ids --------------------------------------------------------------------------------
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest stream id greater than `entry_id`."""
+    ms, seq = parse_id(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --- one batch ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Rejected:
+    """A frame that failed decoding in the batcher (the ingester should have caught it)."""
+
+    entry_id: str
+    reason: str
+    frame: bytes
+    detail: str
+
+
+@dataclass
+class Batch:
+    """Stream entries read for one flush, transformed as they arrive.
+
+    Each entry is transformed in isolation: if anything raises, the rows it added are rolled
+    back and the entry is recorded in `failed` (left pending, retried, dead-lettered after
+    `batch_max_attempts`). `ok` holds the ids of entries that transformed, in stream order.
+    """
+
+    source: str  # "pending", "claimed" or "new"
+    builder: TableBuilder = field(default_factory=TableBuilder)
+    ok: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # entry id -> error
+    failed_fields: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    rejected: list[Rejected] = field(default_factory=list)
+    events_by_table: dict[str, int] = field(default_factory=dict)
+    frames: int = 0
+    raw_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _tables: dict[str, pa.Table] | None = None
+
+    @property
+    def entries(self) -> int:
+        return len(self.ok) + len(self.failed)
+
+    def add_entries(self, entries: Iterable[tuple[str, dict[bytes, bytes] | None]]) -> None:
+        """Transform stream entries (id, fields); never raises for a bad entry."""
+        now = events.now_us()
+        for entry_id, fields in entries:
+            self._add_entry(entry_id, fields, now)
+
+    def _add_entry(self, entry_id: str, fields: dict[bytes, bytes] | None, now: int) -> None:
+        builder = self.builder
+        mark = builder.mark()
+        counts = dict(self.events_by_table)
+        rejected = len(self.rejected)
+        frames_before, raw_before = self.frames, self.raw_bytes
+        try:
+            if fields is None:
+                raise ValueError("entry was deleted from the stream before it was acknowledged")
+            for frame in buffer.unpack(fields):
+                self.frames += 1
+                self.raw_bytes += len(frame)
+                try:
+                    event = events.decode(frame, now=now)
+                except events.Rejected as exc:
+                    self.rejected.append(Rejected(entry_id, exc.reason, frame, exc.detail))
+                    continue
+                table = storage.table_for(event)
+                self.events_by_table[table] = self.events_by_table.get(table, 0) + 1
+                builder.add(event)
+            builder.commit_entry()
+        except Exception as exc:  # isolate any failure to this entry
+            builder.rollback(mark)
+            self.events_by_table = counts
+            del self.rejected[rejected:]
+            self.frames, self.raw_bytes = frames_before, raw_before
+            self.failed[entry_id] = f"{type(exc).__name__}: {exc}"
+            self.failed_fields[entry_id] = fields or {}
+            metrics.batch_failures.labels("transform").inc()
+            log.warning(
+                "stream entry failed to transform",
+                extra={"entry": entry_id, "error": self.failed[entry_id]},
+            )
+            return
+        self.ok.append(entry_id)
+
+    @property
+    def first_id(self) -> str:
+        return min(self.ok, key=parse_id)
+
+    @property
+    def last_id(self) -> str:
+        return max(self.ok, key=parse_id)
+
+    @property
+    def name(self) -> str:
+        """File name stem of this batch: its stream range (of entries that transformed)."""
+        return f"{self.first_id}_{self.last_id}"
+
+    def tables(self) -> dict[str, pa.Table]:
+        """The batch's Arrow tables (built once; a retried write reuses them)."""
+        if self._tables is None:
+            self._tables = self.builder.tables()
+            metrics.batch_bad_created_at.inc(self.builder.bad_created_at)
+        return self._tables
+
+
+# --- deduplication against stored rows ---------------------------------------------------------
+
+
+class StoredKeys:
+    """Natural keys of live files near a time window, read from their key columns.
+
+    Row-group time_us statistics are cached per file (keyed by path, size and mtime), so a
+    batch reads only the row groups that overlap its window.
+    """
+
+    def __init__(self) -> None:
+        self._ranges: dict[str, tuple[int, int, list[tuple[int, int, int]]]] = {}
+
+    def _row_groups(self, path: Path) -> list[tuple[int, int, int]]:
+        st = path.stat()
+        cached = self._ranges.get(str(path))
+        if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+            return cached[2]
+        md = pq.ParquetFile(path).metadata
+        col = md.schema.to_arrow_schema().get_field_index("time_us")
+        out = []
+        for i in range(md.num_row_groups):
+            stats = md.row_group(i).column(col).statistics
+            if stats is not None and stats.has_min_max:
+                out.append((i, int(stats.min), int(stats.max)))
+            else:
+                out.append((i, -(2**63), 2**63 - 1))
+        self._ranges[str(path)] = (st.st_size, st.st_mtime_ns, out)
+        return out
+
+    def keys(
+        self,
+        data_dir: Path,
+        manifest: storage.Manifest,
+        table: str,
+        lo: int,
+        hi: int,
+        exclude: str,
+    ) -> pa.Array | None:
+        """Keys of stored rows of `table` with lo <= time_us <= hi, skipping files named `exclude`."""
+        days = {storage.day_of(lo), storage.day_of(hi)}
+        days.update(storage.day_of(t) for t in range(lo, hi, DAY_US))
+        pieces = []
+        columns = [*storage.KEY_COLUMNS[table], "time_us"]
+        for rel in manifest.table_files(table, sorted(days)):
+            path = data_dir / rel
+            if path.stem == exclude:
+                continue  # our own earlier attempt at this batch: about to be overwritten
+            groups = [i for i, a, b in self._row_groups(path) if a <= hi and b >= lo]
+            if not groups:
+                continue
+            part = pq.ParquetFile(path).read_row_groups(groups, columns=columns)
+            t = part["time_us"]
+            part = part.filter(pc.and_(pc.greater_equal(t, lo), pc.less_equal(t, hi)))
+            if part.num_rows:
+                pieces.append(storage.key_array(table, part))
+        if not pieces:
+            return None
+        return pa.chunked_array([c for p in pieces for c in p.chunks]).combine_chunks()
+
+    def forget(self, path: Path) -> None:
+        self._ranges.pop(str(path), None)
+
+
+def drop_stored_duplicates(
+    table: str,
+    data: pa.Table,
+    stored: StoredKeys,
+    data_dir: Path,
+    manifest: storage.Manifest,
+    margin_us: int,
+    exclude: str,
+) -> pa.Table:
+    """`data` without the rows whose natural key a live file already holds."""
+    times = data["time_us"]
+    lo = pc.min(times).as_py() - margin_us
+    hi = pc.max(times).as_py() + margin_us
+    keys = stored.keys(data_dir, manifest, table, lo, hi, exclude)
+    if keys is None:
+        return data
+    seen = pc.is_in(storage.key_array(table, data), value_set=keys)
+    dropped = pc.sum(seen).as_py() or 0
+    if not dropped:
+        return data
+    metrics.batch_duplicates.labels("stored").inc(dropped)
+    return data.filter(pc.invert(seen))
+
+
+def split_days(data: pa.Table) -> dict[str, pa.Table]:
+    """The rows of `data` per UTC day of time_us."""
+    day_numbers = pc.divide(data["time_us"], DAY_US)
+    lo, hi = pc.min(day_numbers).as_py(), pc.max(day_numbers).as_py()
+    if lo == hi:
+        return {storage.day_of(lo * DAY_US): data}
+    return {
+        storage.day_of(d * DAY_US): data.filter(pc.equal(day_numbers, d))
+        for d in pc.unique(day_numbers).to_pylist()
+    }
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Written:
+    """What a batch wrote: relative paths with row counts and bytes, per table."""
+
+    files: dict[str, list[str]] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+def write_batch(settings: Settings, batch: Batch, stored: StoredKeys) -> Written:
+    """Write the batch's files and add them to the manifest (steps up to, not including, XACK).
+
+    On any error the files this attempt renamed are removed again (none is in the manifest
+    yet), so a failed batch leaves nothing behind; the caller retries or abandons it.
+    """
+    data_dir = Path(settings.data_dir)
+    tables = batch.tables()
+    crash_point(settings, "before_write")
+    manifest = storage.read_manifest(data_dir)
+    margin_us = int(settings.batch_dedupe_margin_s * 1_000_000)
+    written = Written()
+    renamed: list[Path] = []
+    try:
+        for table, data in tables.items():
+            data = drop_stored_duplicates(
+                table, data, stored, data_dir, manifest, margin_us, batch.name
+            )
+            if not data.num_rows:
+                continue
+            for day, part in split_days(data).items():
+                directory = storage.partition_dir(data_dir, table, day)
+                stored.forget(directory / f"{batch.name}.parquet")
+                with storage.AtomicParquetWriter(
+                    directory,
+                    batch.name,
+                    storage.SCHEMAS[table],
+                    zstd_level=settings.parquet_zstd_level,
+                ) as writer:
+                    for offset in range(0, part.num_rows, ROW_GROUP_ROWS):
+                        writer.write(part.slice(offset, ROW_GROUP_ROWS))
+                        if renamed and offset == 0:
+                            writer.flush()
+                            crash_point(settings, "mid_write")
+                path = writer.final
+                renamed.append(path)
+                rel = path.relative_to(data_dir).as_posix()
+                written.files.setdefault(table, []).append(rel)
+                written.rows[table] = written.rows.get(table, 0) + part.num_rows
+                written.bytes[table] = written.bytes.get(table, 0) + path.stat().st_size
+        written.paths = renamed
+        crash_point(settings, "after_rename")
+        if written.files or batch.ok:
+            with storage.update_manifest(data_dir) as m:
+                for table, paths in written.files.items():
+                    m.files.setdefault(table, []).extend(paths)
+                m.last_batch = {
+                    "time": time.time(),
+                    "events": batch.frames,
+                    "rows": written.rows,
+                    "bytes": written.total_bytes,
+                    "raw_bytes": batch.raw_bytes,
+                    "stream": [batch.first_id, batch.last_id],
+                    "entries": len(batch.ok),
+                    "max_time_us": max(
+                        (pc.max(t["time_us"]).as_py() for t in tables.values()), default=None
+                    ),
+                }
+    except BaseException:
+        # Remove what this attempt renamed, except files a previous attempt of the same batch
+        # already made live (the manifest references them; they hold the same rows).
+        live = {p for paths in storage.read_manifest(data_dir).files.values() for p in paths}
+        for path in renamed:
+            if path.relative_to(data_dir).as_posix() not in live:
+                path.unlink(missing_ok=True)
+        raise
+    crash_point(settings, "after_manifest")
+    return written
+
+
+def failure_cause(exc: BaseException) -> str:
+    """A metric label for why a batch attempt failed."""
+    if isinstance(exc, RedisError):
+        return "redis"
+    code = getattr(exc, "errno", None)
+    text = str(exc)  # pyarrow's I/O errors carry the errno only in their message
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "quota" in text:
+        return "disk_full"
+    if (
+        code in (errno.EACCES, errno.EPERM, errno.EROFS)
+        or "Permission denied" in text
+        or "Read-only file system" in text
+    ):
+        return "unwritable"
+    return "io" if isinstance(exc, OSError | pa.ArrowException) else "error"
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+
+class Batcher:
+    """Reads the buffer through the consumer group and writes batches; see the module doc."""
+
+    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+        self.settings = settings
+        self.client = client
+        self.key = settings.stream_key
+        self.group = settings.consumer_group
+        self.consumer = settings.batch_consumer
+        self.stored = StoredKeys()
+        self.stop = asyncio.Event()
+        self.failing: str | None = None  # cause of the current run of failed attempts
+        self.last_success: float | None = None
+        self.watermark_us: int | None = storage.read_manifest(settings.data_dir).last_batch.get(
+            "max_time_us"
+        )
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) from the start, unless it exists."""
+        try:
+            await self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _transform(self, batch: Batch, raw: Sequence[Any]) -> None:
+        entries = [(_text(entry_id), fields) for entry_id, fields in raw]
+        await asyncio.to_thread(batch.add_entries, entries)
+
+    async def read_own_pending(self) -> Batch:
+        """Every entry delivered to this consumer and not acknowledged, as one batch."""
+        batch = Batch("pending")
+        last = "0"
+        while True:
+            reply: Any = await self.client.xreadgroup(
+                self.group, self.consumer, {self.key: last}, count=READ_COUNT * 5
+            )
+            raw = reply[0][1] if reply else []
+            if not raw:
+                return batch
+            await self._transform(batch, raw)
+            last = _text(raw[-1][0])
+
+    async def claim_idle(self) -> Batch:
+        """Entries pending longer than batch_claim_idle_s with other (dead) consumers."""
+        batch = Batch("claimed")
+        start = "0-0"
+        idle_ms = int(self.settings.batch_claim_idle_s * 1000)
+        while True:
+            reply: Any = await self.client.xautoclaim(
+                self.key, self.group, self.consumer, idle_ms, start_id=start, count=READ_COUNT
+            )
+            start = _text(reply[0])
+            claimed = reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                log.error(
+                    "pending entries were deleted from the stream before acknowledgement",
+                    extra={"ids": [_text(i) for i in deleted][:20]},
+                )
+            # XAUTOCLAIM also hands back our own entries; those were handled as "pending".
+            await self._transform(batch, [e for e in claimed if e[1] is not None])
+            if start == "0-0":
+                return batch
+
+    async def collect_new(self) -> Batch:
+        """New entries until batch_interval_s passes, batch_max_events arrive, or stop is set."""
+        batch = Batch("new")
+        deadline = time.monotonic() + self.settings.batch_interval_s
+        while not self.stop.is_set() and batch.frames < self.settings.batch_max_events:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                reply: Any = await self.client.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    {self.key: ">"},
+                    count=READ_COUNT,
+                    block=max(1, int(min(remaining, 1.0) * 1000)),
+                )
+            except RedisError as exc:
+                await self._failed(exc, 1.0)
+                continue
+            if reply:
+                await self._transform(batch, reply[0][1])
+        return batch
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def flush(self, batch: Batch) -> bool:
+        """Write, acknowledge and trim one batch; retry with backoff until done or stopped.
+
+        Returns False if the batch was abandoned (stop requested while failing): nothing was
+        acknowledged, so its entries are redone after a restart.
+        """
+        if not batch.entries:
+            return True
+        started = time.monotonic()
+        backoff = 1.0
+        written = None
+        if batch.ok:
+            while True:
+                try:
+                    written = await asyncio.to_thread(
+                        write_batch, self.settings, batch, self.stored
+                    )
+                    break
+                except Exception as exc:
+                    if self.stop.is_set():
+                        log.error("stopping: batch abandoned unacknowledged")
+                        return False
+                    await self._failed(exc, backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+        backoff = 1.0
+        while True:
+            try:
+                await self._finish(batch)
+                break
+            except RedisError as exc:
+                if self.stop.is_set():
+                    log.error("stopping: batch written but not acknowledged (redone on restart)")
+                    return False
+                await self._failed(exc, backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+        self._record(batch, written, time.monotonic() - started)
+        return True
+
+    async def _failed(self, exc: BaseException, backoff: float) -> None:
+        cause = failure_cause(exc)
+        metrics.batch_failures.labels(cause).inc()
+        self.failing = cause
+        log.error(
+            "batch attempt failed",
+            extra={"cause": cause, "error": f"{type(exc).__name__}: {exc}", "retry_s": backoff},
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), backoff)
+
+    async def _finish(self, batch: Batch) -> None:
+        """Dead-letter what must be, acknowledge, trim (after the files are durable)."""
+        poison = await self._poison(batch)
+        async with self.client.pipeline(transaction=True) as pipe:
+            for r in batch.rejected:
+                buffer.queue_dead_letter(pipe, self.settings, r.reason, r.frame, "batch", r.detail)
+            for entry_id in poison:
+                fields = batch.failed_fields.get(entry_id, {})
+                buffer.queue_dead_letter(
+                    pipe,
+                    self.settings,
+                    "batch_poison",
+                    fields.get(buffer.FIELD_DATA, b""),
+                    "batch",
+                    f"entry {entry_id}: {batch.failed[entry_id]}",
+                )
+            ack = batch.ok + poison
+            for i in range(0, len(ack), 10_000):
+                pipe.xack(self.key, self.group, *ack[i : i + 10_000])
+            await pipe.execute()
+        for r in batch.rejected:
+            metrics.batch_dead_letters.labels(r.reason).inc()
+        if poison:
+            metrics.batch_dead_letters.labels("batch_poison").inc(len(poison))
+            log.error("poison entries moved to the dead-letter stream", extra={"ids": poison})
+        await self.trim()
+
+    async def _poison(self, batch: Batch) -> list[str]:
+        """Failed entries delivered batch_max_attempts times or more."""
+        out = []
+        for entry_id in batch.failed:
+            info = await self.client.xpending_range(
+                self.key, self.group, min=entry_id, max=entry_id, count=1
+            )
+            if info and int(info[0]["times_delivered"]) >= self.settings.batch_max_attempts:
+                out.append(entry_id)
+        return out
+
+    async def trim(self) -> None:
+        """XTRIM MINID below the oldest pending entry, or below the first unread one."""
+        summary = await self.client.xpending(self.key, self.group)
+        if summary["pending"]:
+            floor = _text(summary["min"])
+        else:
+            groups = await self.client.xinfo_groups(self.key)
+            ours = next(g for g in groups if _text(g["name"]) == self.group)
+            floor = next_id(_text(ours["last-delivered-id"]))
+        await self.client.xtrim(self.key, minid=floor, approximate=False)
+
+    def _record(self, batch: Batch, written: Written | None, seconds: float) -> None:
+        self.failing = None
+        self.last_success = time.time()
+        metrics.batch_batches.inc()
+        metrics.batch_duration.observe(seconds)
+        metrics.batch_last_success.set(self.last_success)
+        metrics.batch_raw_bytes.inc(batch.raw_bytes)
+        metrics.batch_duplicates.labels("batch").inc(batch.builder.duplicates)
+        for table, n in batch.events_by_table.items():
+            metrics.batch_events.labels(table).inc(n)
+        fields: dict[str, Any] = {
+            "source": batch.source,
+            "entries": len(batch.ok),
+            "failed_entries": len(batch.failed),
+            "events": batch.frames,
+            "rejected": len(batch.rejected),
+            "duplicates_in_batch": batch.builder.duplicates,
+            "seconds": round(seconds, 3),
+            "collect_seconds": round(time.monotonic() - batch.started - seconds, 3),
+        }
+        if written is not None:
+            for table, n in written.rows.items():
+                metrics.batch_rows.labels(table).inc(n)
+                metrics.batch_bytes.labels(table).inc(written.bytes[table])
+            if written.total_bytes:
+                metrics.batch_compression_ratio.set(batch.raw_bytes / written.total_bytes)
+            fields.update(
+                stream=[batch.first_id, batch.last_id] if batch.ok else None,
+                rows=written.rows,
+                bytes=written.total_bytes,
+                raw_bytes=batch.raw_bytes,
+            )
+            if written.rows:
+                tables = batch.tables()
+                top = max(pc.max(t["time_us"]).as_py() for t in tables.values())
+                self.watermark_us = max(self.watermark_us or top, top)
+        log.info("batch written", extra=fields)
+
+    async def update_gauges(self) -> None:
+        """Pending entries and the age of the oldest unacknowledged entry."""
+        summary: Any = await self.client.xpending(self.key, self.group)
+        metrics.batch_pending.set(summary["pending"])
+        oldest: str | None = _text(summary["min"]) if summary["pending"] else None
+        if oldest is None:
+            groups = await self.client.xinfo_groups(self.key)
+            ours = next(g for g in groups if _text(g["name"]) == self.group)
+            unread: Any = await self.client.xrange(
+                self.key, min=next_id(_text(ours["last-delivered-id"])), count=1
+            )
+            oldest = _text(unread[0][0]) if unread else None
+        age = 0.0 if oldest is None else max(0.0, time.time() - parse_id(oldest)[0] / 1000)
+        metrics.batch_oldest_unacked_age.set(age)
+
+    # -- compaction ----------------------------------------------------------------------
+
+    async def compact_closed_days(self) -> None:
+        """Compact the partitions of days closed (in event time) that still hold batch files."""
+        if not self.settings.compact_auto or self.watermark_us is None:
+            return
+        from appliance import compact  # imported lazily: duckdb is only needed here
+
+        cutoff = self.watermark_us - int(self.settings.compact_after_s * 1_000_000)
+        try:
+            await asyncio.to_thread(compact.compact_closed, self.settings, cutoff)
+        except Exception as exc:
+            # A failed compaction leaves the old files live; the next cycle tries again.
+            metrics.batch_failures.labels(failure_cause(exc)).inc()
+            log.exception("compaction failed", extra={"cause": failure_cause(exc)})
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def ready(self) -> tuple[bool, dict[str, object]]:
+        try:
+            await self.client.ping()
+        except RedisError as exc:
+            return False, {"redis": f"unavailable: {type(exc).__name__}"}
+        details: dict[str, object] = {"redis": "ok", "failing": self.failing}
+        if self.last_success:
+            details["last_batch_age_s"] = round(time.time() - self.last_success, 1)
+        return self.failing is None, details
+
+    async def run(self) -> None:
+        """Recover, then batch until stopped (the current batch is finished first)."""
+        while not self.stop.is_set():
+            try:
+                await self.ensure_group()
+                break
+            except RedisError as exc:
+                await self._failed(exc, 1.0)
+        # Each cycle: own pending entries first (after a crash they are exactly the interrupted
+        # batch; later, entries whose transformation failed get another attempt), then entries
+        # stuck with dead consumers, then new ones.
+        while not self.stop.is_set():
+            for read in (self.read_own_pending, self.claim_idle, self.collect_new):
+                try:
+                    batch = await read()
+                except RedisError as exc:
+                    await self._failed(exc, 1.0)
+                    break
+                if not await self.flush(batch) or self.stop.is_set():
+                    return
+            with contextlib.suppress(RedisError):
+                await self.update_gauges()
+            await self.compact_closed_days()
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--interval",
+        dest="set_batch_interval_s",
+        type=float,
+        help="seconds between flushes (APPLIANCE_BATCH_INTERVAL_S)",
+    )
+    parser.add_argument(
+        "--max-events",
+        dest="set_batch_max_events",
+        type=int,
+        help="flush early at this many events (APPLIANCE_BATCH_MAX_EVENTS)",
+    )
+    parser.add_argument(
+        "--data-dir", dest="set_data_dir", help="root of the Parquet datasets (APPLIANCE_DATA_DIR)"
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the batcher with its probe endpoint until SIGTERM/SIGINT."""
+    client = buffer.connect(settings)
+    batcher = Batcher(settings, client)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, batcher.stop.set)
+    server = await serve_probes(
+        settings.batch_host, settings.batch_port, metrics.BATCH, batcher.ready
+    )
+    log.info(
+        "batcher started",
+        extra={
+            "stream": settings.stream_key,
+            "group": settings.consumer_group,
+            "consumer": settings.batch_consumer,
+            "data_dir": settings.data_dir,
+            "port": settings.batch_port,
+        },
+    )
+    try:
+        await batcher.run()
+    finally:
+        server.close()
+        await client.aclose()
+    log.info("batcher stopped")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    setup_logging(settings.log_level, settings.log_format)
+    if settings.batch_crash_at and settings.batch_crash_at not in CRASH_POINTS:
+        log.error(
+            "APPLIANCE_BATCH_CRASH_AT must be one of: " + ", ".join(CRASH_POINTS),
+            extra={"value": settings.batch_crash_at},
+        )
+        return 2
+    asyncio.run(serve(settings))
+    return 0
