@@ -46,8 +46,7 @@ BLOCK = 1024
 # and link paths are built so that none of them contains these strings (checked at build time).
 COMMON_WORD = "lighthouse"  # in about COMMON_WORD_FRACTION of posts (20% as "Lighthouse")
 COMMON_WORD_FRACTION = 0.03
-RARE_WORD = "xylophonist"  # in about RARE_WORD_FRACTION of posts (1 in 100k)
-RARE_WORD_FRACTION = 0.00001
+RARE_WORD = "xylophonist"  # in one post in FirehoseConfig.rare_word_every (100k by default)
 ABSENT_WORD = "zqxjvwk"  # in no post
 
 # The default mix: fraction of events per kind. Deletes refer to earlier creates (or to records
@@ -103,6 +102,9 @@ _DELETABLE_LIST = tuple(_DELETABLE.values())
 # Bad-frame flags.
 OK, MALFORMED, OVERSIZED = 0, 1, 2
 
+# How far back (in events) a reply looks for its parent: recent first, then hours, days.
+_REPLY_SPANS = (2_000, 5_000, 20_000, 100_000, 400_000, 2_000_000)
+
 # Delete lag classes: the delete at i targets i - _DEL_M * lag[i % _DEL_M].
 _DEL_M = 256
 
@@ -129,6 +131,8 @@ class FirehoseConfig(msgspec.Struct, frozen=True, kw_only=True):
     oversized_bytes: int = 1_100_000
     # Size of the DID population; 0 = events_per_day // 8 (at least 1000).
     population: int = 0
+    # One post in this many carries RARE_WORD (chosen by hash, independent of the content).
+    rare_word_every: int = 100_000
 
     def __post_init__(self) -> None:
         if self.events < 0:
@@ -147,6 +151,8 @@ class FirehoseConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("oversized_bytes must be >= 1024")
         if self.population < 0:
             raise ValueError("population must be >= 0")
+        if self.rare_word_every < 1:
+            raise ValueError("rare_word_every must be >= 1")
 
     @property
     def dids(self) -> int:
@@ -385,7 +391,7 @@ class _Bank:
             words = words_text.split()
             out: list[tuple[str, int, int]] = []
             for _ in range(600):
-                n = rng.randint(3, 14)
+                n = rng.randint(1, 4) if rng.random() < 0.3 else rng.randint(3, 14)
                 chosen = rng.choices(words, k=n)
                 if lang == "ja":
                     text = "".join(chosen) + rng.choice(("。", "！", "…", "w", "", "💦"))
@@ -475,7 +481,7 @@ class _Generator:
     def did_n_of(self, h: int) -> int:
         # Heavy tail: a small share of accounts makes a large share of events.
         u = ((h >> 16) & 0xFFFFFFFF) / 4294967296.0
-        return int(self.population * u**2.5)
+        return int(self.population * u**3)
 
     def flag_of(self, h: int) -> int:
         if self.bad_cut == 0:
@@ -560,7 +566,7 @@ class _Generator:
         """Root of post j's thread: j itself unless j is an in-stream reply (bounded depth)."""
         h = self.h(j)
         if depth < 8 and self.kind_at(j) == K_POST and (h >> 58) < 22:
-            parent = self.find_post(j, h ^ 0xAE, (3_000, 100_000, 2_000_000))
+            parent = self.find_post(j, h ^ 0xAE, _REPLY_SPANS)
             if parent is not None:
                 return self.root_of(parent, depth + 1)
             return self.old_ref(h ^ 0xAE, time_at(self.cfg, j))
@@ -783,10 +789,17 @@ class _Generator:
         if extras < COMMON_WORD_FRACTION:
             word = COMMON_WORD if rng.random() < 0.8 else COMMON_WORD.capitalize()
             add(word, len(word), len(word))
-        if (h >> 8) % 100_000 == 7:  # RARE_WORD_FRACTION of posts, independent of the rng
+        if _mix(h ^ 0x4A4E) % self.cfg.rare_word_every == 0:
             add(RARE_WORD, len(RARE_WORD), len(RARE_WORD))
         while ngraph < target:
+            # Prefer a sentence that fits the target length; a few tries, then the shortest.
             text, tb, tg = sentences[int(rng.random() * len(sentences))]
+            for _ in range(3):
+                if ngraph + tg <= target:
+                    break
+                other = sentences[int(rng.random() * len(sentences))]
+                if other[2] < tg:
+                    text, tb, tg = other
             if not add(text, tb, tg):
                 break
             if rng.random() < 0.12:
@@ -837,7 +850,7 @@ class _Generator:
         elif r < 0.97:
             record["langs"] = [lang, "en" if lang != "en" else "es"]
         if (h >> 58) < 22:  # ~34% of posts are replies
-            parent = self.find_post(i, h ^ 0xAE, (3_000, 100_000, 2_000_000))
+            parent = self.find_post(i, h ^ 0xAE, _REPLY_SPANS)
             if parent is not None:
                 puri, pcid = self.post_ref(parent)
                 ruri, rcid = self.root_of(parent)

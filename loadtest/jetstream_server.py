@@ -141,15 +141,34 @@ def read_items(paths: Sequence[str | Path]) -> Iterator[Item]:
                 position += 1
 
 
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; a directory stands for its *.jsonl and *.jsonl.zst files in name order
+    (a capture's names sort in capture order; dot-files, i.e. unfinished ones, are left out)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(
+                f
+                for f in p.iterdir()
+                if f.name.endswith((".jsonl", ".jsonl.zst")) and not f.name.startswith(".")
+            )
+            if not found:
+                raise FileNotFoundError(f"no .jsonl or .jsonl.zst files in {p}")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such file: {p}")
+    return out
+
+
 class FileSource:
-    """Recorded JSON-lines files (plain or .zst), replayed in order; a cursor skips every line
-    whose time_us is below it (recordings are nearly, not strictly, time-ordered)."""
+    """Recorded JSON-lines files (plain or .zst) or capture directories, replayed in order; a
+    cursor skips every line whose time_us is below it (recordings are nearly, not strictly,
+    time-ordered)."""
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
-        missing = [str(p) for p in paths if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"no such file: {', '.join(missing)}")
-        self.paths = list(paths)
+        self.paths = expand_paths(paths)
 
     def items(self, cursor: int | None) -> Iterator[Item]:
         items = read_items(self.paths)
@@ -517,7 +536,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="files",
         nargs="+",
         metavar="FILE",
-        help="serve recorded JSON-lines files (plain or .zst) instead of the generator",
+        help="serve recorded JSON-lines files (plain or .zst; a directory = its files in name "
+        "order) instead of the generator",
     )
     firehose.add_generator_arguments(parser, events_required=False)
     parser.add_argument(
