@@ -1,0 +1,276 @@
+"""The ingester: unit checks of its pure parts, and process-level tests against a real redis-server.
+
+Tests with the replay server live in tests/test_ingest_replay.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+
+from appliance import ingest
+from appliance.cli import build_parser
+from appliance.config import Settings, to_environ
+from tests.conftest import RedisProcess, free_port, make_settings, stop_process
+
+# --- helpers shared with the replay tests ----------------------------------------------------------
+
+
+def start_ingester(settings: Settings, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`python -m appliance ingest` as a real child process (so it can be killed -9)."""
+    env = {**os.environ, **to_environ(settings)}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "appliance", "ingest", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The ingester's /metrics as {(sample name, sorted labels): value}."""
+    status, body = http_get(settings.ingest_port, "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def metric(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    """Sum of a metric's samples whose labels include `labels`."""
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+def try_scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    try:
+        return scrape(settings)
+    except (OSError, AssertionError):
+        return None
+
+
+def client(settings: Settings) -> redis.Redis:
+    return redis.Redis(
+        host=settings.redis_host, port=settings.redis_port, password=settings.redis_password
+    )
+
+
+# --- unit: URLs, backoff, validation, flags -------------------------------------------------------
+
+
+def test_subscribe_url_carries_subscription_and_fresh_cursor() -> None:
+    settings = make_settings(
+        Path("/nonexistent"),
+        wanted_collections=("app.bsky.feed.post", "app.bsky.graph.*"),
+        wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx",),
+    )
+    base = "wss://js.example/subscribe?compress=false&cursor=1&wantedDids=did:plc:old"
+    url = ingest.subscribe_url(base, settings, 1_782_864_000_000_000)
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    assert (parts.scheme, parts.netloc, parts.path) == ("wss", "js.example", "/subscribe")
+    assert query["wantedCollections"] == ["app.bsky.feed.post", "app.bsky.graph.*"]
+    assert query["wantedDids"] == ["did:plc:abcdefghijklmnopqrstuvwx"]
+    assert query["cursor"] == ["1782864000000000"]  # replaced, not appended
+    assert query["compress"] == ["false"]  # other parameters kept
+    assert "maxMessageSizeBytes" not in query
+    assert "cursor" not in parse_qs(urlsplit(ingest.subscribe_url(base, settings, None)).query)
+
+
+def test_display_url_drops_credentials_and_query() -> None:
+    shown = ingest.display_url("wss://user:secret@js.example:8443/subscribe?cursor=5&x=y")
+    assert shown == "wss://js.example:8443/subscribe"
+
+
+def test_backoff_is_exponential_jittered_and_capped() -> None:
+    for attempt in range(1, 40):
+        ceiling = min(1.0, ingest.BACKOFF_BASE_S * 2 ** (attempt - 1))
+        delays = [ingest.backoff_delay(attempt, cap_s=1.0) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+    assert len({ingest.backoff_delay(3, cap_s=1.0) for _ in range(20)}) > 1  # jittered
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"wanted_collections": ("not an nsid",)}, "not an NSID"),
+        ({"wanted_collections": tuple(f"app.bsky.c{i}" for i in range(101))}, "at most 100"),
+        ({"wanted_dids": ("alice",)}, "not a DID"),
+    ],
+)
+def test_subscription_is_validated(overrides: dict[str, object], message: str) -> None:
+    settings = make_settings(Path("/nonexistent"), **overrides)
+    with pytest.raises(ingest.SubscriptionError, match=message):
+        ingest.validate_subscription(settings)
+
+
+def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
+    settings = make_settings(
+        Path("/nonexistent"),
+        wanted_collections=("app.bsky.feed.post", "app.bsky.graph.*", "chat.bsky.*"),
+        wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx", "did:web:example.com"),
+    )
+    ingest.validate_subscription(settings)
+
+
+def test_redis_errors_are_classified() -> None:
+    assert ingest.redis_error_cause(OutOfMemoryError("OOM command not allowed")) == "oom"
+    assert ingest.redis_error_cause(ReadOnlyError("READONLY replica")) == "readonly"
+    assert ingest.redis_error_cause(RedisConnectionError("refused")) == "connection"
+    assert ingest.redis_error_cause(ResponseError("WRONGTYPE")) == "other"
+
+
+def test_flags_override_urls_collections_and_dids() -> None:
+    args = build_parser("ingest").parse_args(
+        [
+            "ingest",
+            "--url",
+            "ws://a/subscribe",
+            "--url",
+            "ws://b/subscribe",
+            "--collections",
+            "app.bsky.feed.post,app.bsky.feed.like",
+            "--dids",
+            "did:plc:abcdefghijklmnopqrstuvwx",
+        ]
+    )
+    assert isinstance(args, argparse.Namespace)
+    assert args.set_jetstream_urls == ("ws://a/subscribe", "ws://b/subscribe")
+    assert args.set_wanted_collections == ("app.bsky.feed.post", "app.bsky.feed.like")
+    assert args.set_wanted_dids == ("did:plc:abcdefghijklmnopqrstuvwx",)
+
+
+def test_bad_subscription_exits_2_with_a_clear_error(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    env = {**os.environ, **to_environ(settings)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "ingest", "--collections", "no spaces allowed"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert b"not an NSID" in proc.stderr
+
+
+# --- process: Redis and Jetstream unavailable ------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_settings(tmp_path: Path) -> Settings:
+    """Settings whose Jetstream URL has nothing listening (connects fail)."""
+    return make_settings(
+        tmp_path,
+        jetstream_urls=(
+            f"ws://127.0.0.1:{free_port()}/subscribe",
+            f"ws://127.0.0.1:{free_port()}/subscribe",
+        ),
+        reconnect_max_backoff_s=0.5,
+        log_format="json",
+    )
+
+
+@pytest.fixture
+def ingester_factory(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+        proc = start_ingester(settings, tmp_path / "ingest.log", *args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        stop_process(proc, signal.SIGKILL)
+
+
+def test_redis_down_at_start_opens_circuit_then_closes(
+    unreachable_settings: Settings,
+    ingester_factory: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    settings = unreachable_settings
+    proc = ingester_factory(settings)
+    wait_for(lambda: try_scrape(settings), 30, "the ingester's /metrics")
+    wait_for(
+        lambda: metric(scrape(settings), "appliance_ingest_circuit_open") == 1,
+        10,
+        "the circuit to open while Redis is down",
+    )
+    assert http_get(settings.ingest_port, "/health")[0] == 200
+    status, body = http_get(settings.ingest_port, "/ready")
+    assert status == 503 and b'"redis":false' in body
+    assert metric(scrape(settings), "appliance_ingest_redis_errors_total", cause="connection") >= 1
+
+    server = RedisProcess(settings)
+    try:
+        wait_for(
+            lambda: metric(scrape(settings), "appliance_ingest_circuit_open") == 0,
+            15,
+            "the circuit to close once Redis answers",
+        )
+        samples = scrape(settings)
+        assert metric(samples, "appliance_ingest_circuit_transitions_total", state="closed") == 1
+        # Nothing listens at the Jetstream URLs: reconnects with backoff, failing over, not ready.
+        wait_for(
+            lambda: (
+                metric(
+                    scrape(settings), "appliance_ingest_reconnects_total", cause="connect_failed"
+                )
+                >= 3
+            ),
+            15,
+            "repeated connect attempts",
+        )
+        status, body = http_get(settings.ingest_port, "/ready")
+        assert status == 503 and b'"redis":true' in body and b'"websocket":false' in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        server.stop()
+    log = (tmp_path / "ingest.log").read_text()
+    assert "circuit open" in log and "circuit closed" in log
+    assert settings.redis_password not in log
+    # both URLs were tried (failover)
+    for url in settings.jetstream_urls:
+        assert ingest.display_url(url) in log
