@@ -116,8 +116,11 @@ def decode(frame: bytes, now: int | None = None, max_bytes: int = 1_000_000) -> 
         msg = str(exc)
         if msg.startswith("Invalid value") and msg.endswith("`$.kind`"):
             raise Rejected("unknown_kind", msg) from None
+        if msg.endswith("`$.time_us`"):  # not an integer, or out of int64 range
+            raise Rejected("bad_time_us", msg) from None
         raise Rejected("schema", msg) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 in a string.
         raise Rejected("invalid_json", str(exc)) from None
     validate(event, now_us() if now is None else now)
     return event
