@@ -408,6 +408,7 @@ class Batcher:
         self.group = settings.consumer_group
         self.consumer = settings.batch_consumer
         self.stored = StoredKeys()
+        self.entry_events = settings.ingest_entry_events
         self.stop = asyncio.Event()
         self.failing: str | None = None  # cause of the current run of failed attempts
         self.last_success: float | None = None
@@ -473,12 +474,16 @@ class Batcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            # Read no more entries than the events still wanted (entries hold many events).
+            per_entry = batch.frames / batch.entries if batch.entries else self.entry_events
+            wanted = self.settings.batch_max_events - batch.frames
+            count = max(1, min(READ_COUNT, -(-wanted // max(1, int(per_entry)))))
             try:
                 reply: Any = await self.client.xreadgroup(
                     self.group,
                     self.consumer,
                     {self.key: ">"},
-                    count=READ_COUNT,
+                    count=count,
                     block=max(1, int(min(remaining, 1.0) * 1000)),
                 )
             except RedisError as exc:

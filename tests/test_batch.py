@@ -1,0 +1,431 @@
+"""The batcher against a real redis-server and real Parquet: exactly once, rewinds, deletes,
+poison entries, trimming, disk full.
+
+Helpers here (push, stored_digests, assert_stored_equals, drain) are shared with the crash and
+compaction tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from appliance import batch as batch_mod
+from appliance import buffer, metrics, storage
+from appliance.config import Settings
+from loadtest.firehose import FirehoseConfig, GroundTruth, KeyDigest, generate
+from tests.conftest import RedisProcess, make_settings
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def sync_client(settings: Settings) -> redis.Redis:
+    return redis.Redis(
+        host=settings.redis_host, port=settings.redis_port, password=settings.redis_password
+    )
+
+
+def push(settings: Settings, frames: Sequence[bytes], per_entry: int = 100) -> list[str]:
+    """XADD the frames as stream entries of `per_entry` frames; return the entry ids."""
+    client = sync_client(settings)
+    pipe = client.pipeline(transaction=False)
+    for i in range(0, len(frames), per_entry):
+        pipe.xadd(settings.stream_key, buffer.pack(frames[i : i + per_entry]))  # type: ignore[arg-type]
+    ids = [i.decode() for i in pipe.execute()]
+    client.close()
+    return ids
+
+
+def truth_of(frames: Sequence[bytes]) -> GroundTruth:
+    truth = GroundTruth()
+    for frame in frames:
+        truth.add(frame)
+    return truth
+
+
+def live_files(data_dir: str | Path, table: str | None = None) -> list[Path]:
+    m = storage.read_manifest(data_dir)
+    tables = [table] if table else list(m.files)
+    return [Path(data_dir) / p for t in tables for p in m.files.get(t, [])]
+
+
+def natural_keys(table: str, rows: dict[str, list[Any]]) -> list[tuple[str, ...]]:
+    """Natural keys (as events.natural_key builds them) of stored rows."""
+    if table in ("identities", "accounts"):
+        kind = "identity" if table == "identities" else "account"
+        return [(d, kind, str(s), "") for d, s in zip(rows["did"], rows["seq"], strict=True)]
+    out = []
+    for uri, rev in zip(rows["uri"], rows["rev"], strict=True):
+        _, _, did, collection, rkey = uri.split("/", 4)
+        out.append((did, collection, rkey, rev))
+    return out
+
+
+def stored_digests(data_dir: str | Path) -> dict[str, dict[str, KeyDigest]]:
+    """Per table and day: count and digest of the natural keys in the live files.
+
+    Also checks that every row sits in the partition of its time_us and no key is stored twice.
+    """
+    out: dict[str, dict[str, KeyDigest]] = {}
+    for table in storage.TABLES:
+        seen: set[tuple[str, ...]] = set()
+        for path in live_files(data_dir, table):
+            day = path.parent.name.removeprefix("date=")
+            columns = [*storage.KEY_COLUMNS[table], "time_us"]
+            if table not in ("identities", "accounts"):
+                columns = ["uri", "rev", "time_us"]
+            rows = pq.read_table(path, columns=columns).to_pydict()
+            assert {storage.day_of(t) for t in rows["time_us"]} <= {day}, path
+            digest = out.setdefault(table, {}).setdefault(day, KeyDigest())
+            for key in natural_keys(table, rows):
+                assert key not in seen, f"{table} {key} stored twice"
+                seen.add(key)
+                digest.add(key)
+    return {t: d for t, d in out.items() if d}
+
+
+def assert_stored_equals(data_dir: str | Path, truth: GroundTruth) -> None:
+    expected = {t: dict(days) for t, days in truth.tables.items() if days}
+    assert stored_digests(data_dir) == expected
+
+
+def assert_all_parquet_files_open(data_dir: str | Path) -> None:
+    for path in Path(data_dir).rglob("*.parquet"):
+        pq.ParquetFile(path).metadata  # noqa: B018 - raises on a torn file
+
+
+def group_state(settings: Settings) -> tuple[int, int]:
+    """(pending entries, entries not yet delivered) of the batcher's group."""
+    client = sync_client(settings)
+    try:
+        pending = client.xpending(settings.stream_key, settings.consumer_group)["pending"]
+    except redis.ResponseError as exc:  # the batcher has not created its group yet
+        assert "NOGROUP" in str(exc)
+        client.close()
+        return -1, -1
+    try:
+        groups = client.xinfo_groups(settings.stream_key)
+        group = next(g for g in groups if g["name"].decode() == settings.consumer_group)
+        first_unread = batch_mod.next_id(group["last-delivered-id"].decode())
+        unread = len(client.xrange(settings.stream_key, min=first_unread))
+    finally:
+        client.close()
+    return int(pending), unread
+
+
+async def _drain(settings: Settings, timeout: float) -> batch_mod.Batcher:
+    client = buffer.connect(settings)
+    batcher = batch_mod.Batcher(settings, client)
+    task = asyncio.create_task(batcher.run())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            await asyncio.sleep(0.1)
+            if task.done():
+                await task
+            if await asyncio.to_thread(group_state, settings) == (0, 0) and batcher.last_success:
+                break
+            if loop.time() > deadline:
+                raise TimeoutError("the batcher did not drain the stream in time")
+    finally:
+        batcher.stop.set()
+        await asyncio.wait_for(task, 60)
+        await client.aclose()
+    return batcher
+
+
+def drain(settings: Settings, timeout: float = 60) -> batch_mod.Batcher:
+    """Run a batcher in this process until every entry is acknowledged, then stop it."""
+    return asyncio.run(_drain(settings, timeout))
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.BATCH.get_sample_value(name, labels) or 0.0
+
+
+VISIBLE_POSTS = """
+    SELECT p.uri FROM read_parquet($posts) p
+    WHERE p.rev = (SELECT max(p2.rev) FROM read_parquet($posts) p2 WHERE p2.uri = p.uri)
+      AND NOT EXISTS (SELECT 1 FROM read_parquet($deletes) d WHERE d.uri = p.uri AND d.rev > p.rev)
+"""
+
+
+def visible_posts(data_dir: str | Path) -> set[str]:
+    """Post uris visible under the rule the query engine applies (DESIGN invariant 4)."""
+    posts = [str(p) for p in live_files(data_dir, "posts")]
+    deletes = [str(p) for p in live_files(data_dir, "deletes")]
+    if not deletes:
+        return {
+            r[0]
+            for r in duckdb.sql("SELECT uri FROM read_parquet($p)", params={"p": posts}).fetchall()
+        }
+    rows = duckdb.sql(VISIBLE_POSTS, params={"posts": posts, "deletes": deletes}).fetchall()
+    return {r[0] for r in rows}
+
+
+@pytest.fixture
+def fast(tmp_path: Path) -> Settings:
+    """Settings for a quick batcher: short interval, compaction off."""
+    return make_settings(tmp_path, batch_interval_s=0.3, compact_auto=False)
+
+
+@pytest.fixture
+def redis_fast(fast: Settings) -> Iterator[RedisProcess]:
+    server = RedisProcess(fast)
+    yield server
+    server.stop()
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_generated_events_land_exactly_once_in_their_day_partitions(
+    tmp_path: Path, redis_fast: RedisProcess
+) -> None:
+    # 30k events over 1.5 days: two day partitions per table, several batches.
+    settings = make_settings(
+        tmp_path,
+        redis_port=redis_fast.settings.redis_port,
+        redis_password=redis_fast.settings.redis_password,
+        batch_interval_s=0.3,
+        batch_max_events=8000,
+        compact_auto=False,
+    )
+    frames = list(generate(FirehoseConfig(seed=11, events=30_000, events_per_day=20_000)))
+    truth = truth_of(frames)
+    push(settings, frames)
+    rows_before = sample("appliance_batch_rows_total", table="posts")
+    drain(settings)
+
+    assert_stored_equals(settings.data_dir, truth)
+    assert {len(days) for days in truth.tables.values()} == {2}
+    m = storage.read_manifest(settings.data_dir)
+    assert m.version >= 4  # one update per batch
+    assert m.last_batch["rows"] and m.last_batch["stream"][0] <= m.last_batch["stream"][1]
+    # Every live file is named by its batch's stream range and opens; nothing else is on disk.
+    on_disk = sorted(Path(settings.data_dir).rglob("*.parquet"))
+    assert on_disk == sorted(live_files(settings.data_dir))
+    assert all(len(p.stem.split("_")) == 2 for p in on_disk)
+    # Acknowledged entries are trimmed away.
+    client = sync_client(settings)
+    assert client.xlen(settings.stream_key) == 0
+    client.close()
+    assert sample("appliance_batch_rows_total", table="posts") - rows_before == truth.count("posts")
+
+
+def test_a_rewind_in_a_later_batch_adds_no_duplicate_rows(
+    fast: Settings, redis_fast: RedisProcess
+) -> None:
+    frames = list(generate(FirehoseConfig(seed=12, events=6_000)))
+    push(fast, frames[:4_000])
+    drain(fast)
+    before = sample("appliance_batch_duplicates_total", scope="stored")
+    # The ingester restarts with its cursor rewound: the last 1000 events come again.
+    push(fast, frames[3_000:])
+    drain(fast)
+    assert_stored_equals(fast.data_dir, truth_of(frames))
+    dropped = sample("appliance_batch_duplicates_total", scope="stored") - before
+    assert dropped == truth_of(frames[3_000:4_000]).count()
+
+
+def test_a_deleted_post_is_hidden_once_its_delete_is_batched(
+    fast: Settings, redis_fast: RedisProcess
+) -> None:
+    from tests.test_batch_tables import commit
+
+    posts = [
+        commit({"text": f"p{i}", "createdAt": "2026-07-04T14:00:00Z"}, rkey=f"3aaaaaaaaa{i:03d}")
+        for i in range(3)
+    ]
+    push(fast, posts, per_entry=1)
+    drain(fast)
+    uris = visible_posts(fast.data_dir)
+    assert len(uris) == 3
+    deleted = sorted(uris)[0]
+    rkey = deleted.rsplit("/", 1)[1]
+    push(fast, [commit(None, rkey=rkey, rev="3mptbypcq3aaf", operation="delete")])
+    drain(fast)
+    assert visible_posts(fast.data_dir) == uris - {deleted}
+
+
+def test_a_poison_entry_goes_to_the_dead_letter_stream_and_blocks_nothing(
+    tmp_path: Path, redis_proc: RedisProcess, settings: Settings
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        redis_port=settings.redis_port,
+        redis_password=settings.redis_password,
+        batch_interval_s=0.2,
+        batch_max_attempts=2,
+        compact_auto=False,
+    )
+    frames = list(generate(FirehoseConfig(seed=13, events=300)))
+    push(settings, frames[:100])
+    client = sync_client(settings)
+    # An entry that says 5 frames but holds 2: buffer.unpack raises on it, every time.
+    poison_id = client.xadd(settings.stream_key, {b"n": b"5", b"d": frames[0] + b"\n" + frames[1]})
+    client.close()
+    push(settings, frames[100:])
+    before = sample("appliance_batch_dead_letters_total", reason="batch_poison")
+    drain(settings)
+
+    assert_stored_equals(settings.data_dir, truth_of(frames))
+    client = sync_client(settings)
+    letters = client.xrange(settings.dead_letter_key)
+    client.close()
+    assert len(letters) == 1
+    fields = letters[0][1]
+    assert fields[b"reason"] == b"batch_poison" and fields[b"source"] == b"batch"
+    assert poison_id in fields[b"detail"]
+    assert sample("appliance_batch_dead_letters_total", reason="batch_poison") - before == 1
+    assert group_state(settings) == (0, 0)
+
+
+def test_a_frame_that_fails_validation_is_dead_lettered_and_its_entry_kept(
+    fast: Settings, redis_fast: RedisProcess
+) -> None:
+    frames = list(generate(FirehoseConfig(seed=14, events=200)))
+    push(fast, [*frames[:50], b'{"did":"nope","kind":"commit"}', *frames[50:]])
+    drain(fast)
+    assert_stored_equals(fast.data_dir, truth_of(frames))
+    client = sync_client(fast)
+    letters = client.xrange(fast.dead_letter_key)
+    client.close()
+    assert [f[b"source"] for _, f in letters] == [b"batch"]
+
+
+def test_trimming_keeps_every_entry_not_yet_acknowledged(
+    fast: Settings, redis_fast: RedisProcess
+) -> None:
+    frames = list(generate(FirehoseConfig(seed=15, events=1_000)))
+    ids = push(fast, frames, per_entry=10)
+
+    async def one_batch() -> None:
+        client = buffer.connect(fast)
+        batcher = batch_mod.Batcher(fast, client)
+        await batcher.ensure_group()
+        # Read 30 entries; leave 20 of them failed-looking (pending), 70 unread.
+        reply = await client.xreadgroup(
+            fast.consumer_group, fast.batch_consumer, {fast.stream_key: ">"}, count=30
+        )
+        entries = reply[0][1]
+        b = batch_mod.Batch("new")
+        b.add_entries([(i.decode(), f) for i, f in entries[:10]])
+        await batcher.flush(b)
+        await client.aclose()
+
+    asyncio.run(one_batch())
+    client = sync_client(fast)
+    remaining = [i.decode() for i, _ in client.xrange(fast.stream_key)]
+    client.close()
+    assert remaining == ids[10:]  # acknowledged entries gone; pending and unread kept
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (real ENOSPC), unmounted after the test; skipped without mount rights."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
+    tmp_path: Path, tiny_disk: Path, redis_proc: RedisProcess, settings: Settings
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        redis_port=settings.redis_port,
+        redis_password=settings.redis_password,
+        data_dir=str(tiny_disk / "data"),
+        batch_interval_s=0.2,
+        compact_auto=False,
+    )
+    filler = tiny_disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as fh:
+        while True:
+            fh.write(b"\0" * 4096)
+    # Leave room for the first files of the batch, so it fails part way through writing.
+    os.truncate(filler, filler.stat().st_size - 96 * 1024)
+    frames = list(generate(FirehoseConfig(seed=16, events=3_000)))
+    push(settings, frames)
+    before = sample("appliance_batch_failures_total", cause="disk_full")
+
+    async def scenario() -> None:
+        client = buffer.connect(settings)
+        batcher = batch_mod.Batcher(settings, client)
+        task = asyncio.create_task(batcher.run())
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if sample("appliance_batch_failures_total", cause="disk_full") > before:
+                    break
+            assert sample("appliance_batch_failures_total", cause="disk_full") > before
+            ready, details = await batcher.ready()
+            assert not ready and details["failing"] == "disk_full"
+            # Nothing acknowledged, nothing visible, no temporary file left behind.
+            assert (await asyncio.to_thread(group_state, settings))[0] == 30
+            assert not list(Path(settings.data_dir).rglob("*.parquet"))
+            assert not list(Path(settings.data_dir).rglob("*.tmp"))
+            assert not storage.read_manifest(settings.data_dir).files
+            filler.unlink()  # space is back: the retry succeeds
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if batcher.last_success:
+                    break
+        finally:
+            batcher.stop.set()
+            await task
+            await client.aclose()
+
+    asyncio.run(scenario())
+    assert group_state(settings) == (0, 0)
+    assert_stored_equals(settings.data_dir, truth_of(frames))
+
+
+def test_a_redone_batch_overwrites_its_own_files(fast: Settings, redis_fast: RedisProcess) -> None:
+    """A batch written (files + manifest) but never acknowledged is redone into the same files."""
+    frames = list(generate(FirehoseConfig(seed=17, events=2_000)))
+    push(fast, frames)
+
+    async def write_without_ack() -> str:
+        client = buffer.connect(fast)
+        batcher = batch_mod.Batcher(fast, client)
+        await batcher.ensure_group()
+        b = await batcher.collect_new()
+        await asyncio.to_thread(batch_mod.write_batch, fast, b, batcher.stored)
+        await client.aclose()
+        return b.name
+
+    name = asyncio.run(write_without_ack())
+    files_before = sorted(live_files(fast.data_dir))
+    assert files_before and all(p.stem == name for p in files_before)
+    drain(fast)  # the restart: own pending entries first, the same batch again
+    assert sorted(live_files(fast.data_dir)) == files_before
+    assert_stored_equals(fast.data_dir, truth_of(frames))
+
+
+def test_main_rejects_an_unknown_crash_point(fast: Settings) -> None:
+    import argparse
+
+    bad = make_settings(Path(fast.data_dir).parent, batch_crash_at="sometimes")
+    assert batch_mod.main(bad, argparse.Namespace()) == 2
