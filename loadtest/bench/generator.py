@@ -1,0 +1,115 @@
+"""Synthetic firehose speed: generator events/s, replay server events/s to a client that only
+receives (generating as it serves, and with --preload), and appliance.events.decode events/s.
+Each figure is the median of several runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+from appliance import events as ev
+from loadtest import firehose as fh
+from loadtest.bench import median
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=int, default=200_000, help="events per run")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def _rate(events: int, seconds: float) -> float:
+    return events / max(seconds, 1e-9)
+
+
+def bench_generator(cfg: fh.FirehoseConfig, runs: int) -> float:
+    rates = []
+    for _ in range(runs):
+        fh._generator.cache_clear()  # include the per-config set-up, as a fresh process would
+        started = time.perf_counter()
+        count = 0
+        for _frame in fh.generate(cfg):
+            count += 1
+        rates.append(_rate(count, time.perf_counter() - started))
+    return median(rates)
+
+
+def bench_decode(frames: list[bytes], runs: int) -> float:
+    rates = []
+    now = ev.now_us()
+    decode = ev.decode
+    for _ in range(runs):
+        gc.disable()
+        try:
+            started = time.perf_counter()
+            for frame in frames:
+                decode(frame, now=now)
+            rates.append(_rate(len(frames), time.perf_counter() - started))
+        finally:
+            gc.enable()
+    return median(rates)
+
+
+def _start_server(cfg: fh.FirehoseConfig, preload: bool) -> tuple[subprocess.Popen[bytes], str]:
+    cmd = [
+        sys.executable, "-m", "loadtest", "serve", "--port", "0",
+        "--events", str(cfg.events), "--seed", str(cfg.seed),
+    ]  # fmt: skip
+    if preload:
+        cmd.append("--preload")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 600)
+    line = proc.stdout.readline() if ready else b""
+    if not line.startswith(b"listening "):
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise RuntimeError(f"loadtest serve did not start: {line!r}")
+    return proc, line.split()[1].decode()
+
+
+async def _receive_all(url: str, events: int) -> float:
+    async with connect(url, max_size=None, compression=None) as ws:
+        await ws.recv(decode=False)
+        started = time.perf_counter()
+        for _ in range(events - 1):
+            await ws.recv(decode=False)
+        return _rate(events - 1, time.perf_counter() - started)
+
+
+def bench_server(cfg: fh.FirehoseConfig, runs: int, preload: bool) -> float:
+    proc, url = _start_server(cfg, preload)
+    try:
+        return median([asyncio.run(_receive_all(url, cfg.events)) for _ in range(runs)])
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = fh.FirehoseConfig(seed=args.seed, events=args.events)
+    frames = list(fh.generate(cfg))
+    mean_bytes = sum(map(len, frames)) / len(frames)
+    print(f"{cfg.events} events per run, {args.runs} runs, mean frame {mean_bytes:.0f} B")
+    figures: dict[str, Any] = {"events": cfg.events, "runs": args.runs}
+    figures["generator_events_per_s"] = round(bench_generator(cfg, args.runs))
+    print(f"generator:               {figures['generator_events_per_s']:>10,} events/s")
+    figures["decode_events_per_s"] = round(bench_decode(frames, args.runs))
+    print(f"events.decode:           {figures['decode_events_per_s']:>10,} events/s")
+    del frames
+    figures["server_events_per_s"] = round(bench_server(cfg, args.runs, preload=False))
+    print(f"server (generating):     {figures['server_events_per_s']:>10,} events/s")
+    figures["server_preload_events_per_s"] = round(bench_server(cfg, args.runs, preload=True))
+    print(f"server (--preload):      {figures['server_preload_events_per_s']:>10,} events/s")
+    figures["mean_frame_bytes"] = round(mean_bytes)
+    return figures
