@@ -40,7 +40,9 @@ from appliance.storage import day_of, table_for
 DAY_US = 86_400_000_000
 DEFAULT_START_US = 1_782_864_000_000_000  # 2026-07-01T00:00:00Z
 DEFAULT_EVENTS_PER_DAY = 8_100_000
-BLOCK = 1024
+_BLOCK_BITS = 10
+BLOCK = 1 << _BLOCK_BITS  # events per content block (one random generator each)
+_KIND_CACHE_BLOCKS = 8192  # remembered blocks of kinds: 8M events back, 8 MB
 
 # Words a search benchmark can rely on. They never occur by accident: the vocabulary, handles
 # and link paths are built so that none of them contains these strings (checked at build time).
@@ -203,14 +205,22 @@ _TID10 = [_B32_SORT[k >> 5] + _B32_SORT[k & 31] for k in range(1024)]
 _BYTE_TO_B32 = bytes(_B32[b & 31].encode()[0] for b in range(256))
 
 
+_TID_PREFIXES: dict[int, str] = {}  # the first 7 chars change once a second or so
+
+
 def tid(time_us: int, clock_id: int) -> str:
     """An atproto TID: 53-bit µs timestamp + 10-bit clock id, base32-sortable, 13 chars."""
     v = (time_us << 10) | (clock_id & 0x3FF)
     t = _TID10
-    return (
-        f"{_B32_SORT[v >> 60]}{t[(v >> 50) & 1023]}{t[(v >> 40) & 1023]}{t[(v >> 30) & 1023]}"
-        f"{t[(v >> 20) & 1023]}{t[(v >> 10) & 1023]}{t[v & 1023]}"
-    )
+    prefix = _TID_PREFIXES.get(v >> 30)
+    if prefix is None:
+        if len(_TID_PREFIXES) > 100_000:
+            _TID_PREFIXES.clear()
+        prefix = (
+            f"{_B32_SORT[v >> 60]}{t[(v >> 50) & 1023]}{t[(v >> 40) & 1023]}{t[(v >> 30) & 1023]}"
+        )
+        _TID_PREFIXES[v >> 30] = prefix
+    return f"{prefix}{t[(v >> 20) & 1023]}{t[(v >> 10) & 1023]}{t[v & 1023]}"
 
 
 # Multiplying a 64-bit hash by this odd 512-bit constant spreads it over 64 bytes that look
@@ -226,13 +236,24 @@ def _spread(h: int, n: int) -> bytes:
     return ((h | (1 << 64)) * _SPREAD).to_bytes(80, "little")[8 : 8 + n]
 
 
+@functools.cache
+def _cid_halves() -> tuple[list[str], list[str]]:
+    """Two pools of 65,536 random half-digests (26 base32 chars each): a CID body is one of
+    each, picked by 32 bits of a hash. The first char of a digest carries 2 bits of the length
+    byte (zero), the last 2 bits of padding (zero)."""
+    heads, tails = [], []
+    for n in range(65536):
+        raw = _spread(_mix(n ^ 0xC1D0), 52)
+        heads.append(_B32[raw[0] & 7] + raw[1:26].translate(_BYTE_TO_B32).decode())
+        tails.append(raw[26:51].translate(_BYTE_TO_B32).decode() + _B32[raw[51] & 28])
+    return heads, tails
+
+
 def _cid_from(h: int, prefix: str = "bafyrei") -> str:
     """A CIDv1 string for hash h: dag-cbor sha-256 ("bafyrei...", 59 chars) or raw
-    ("bafkrei..."). The 32-byte digest spans chars 7..58: the first holds 2 bits of the length
-    byte (zero), the last 2 bits of padding (zero)."""
-    raw = _spread(h, 52)
-    body = raw[1:51].translate(_BYTE_TO_B32).decode()
-    return f"{prefix}{_B32[raw[0] & 7]}{body}{_B32[raw[51] & 28]}"
+    ("bafkrei...")."""
+    heads, tails = _cid_halves()
+    return f"{prefix}{heads[h & 0xFFFF]}{tails[(h >> 16) & 0xFFFF]}"
 
 
 def _blob_cid(bits: int) -> str:
@@ -469,6 +490,8 @@ class _Generator:
         self.del_lags = [int(2 ** (lag_rng.random() * 17)) for _ in range(_DEL_M)]
         self.seq0 = 31_000_000_000 + (self.key & 0xFFFFFF)
         self._did_cache: dict[int, str] = {}
+        # Kind codes of whole blocks, so "is event j a post?" is a lookup, not a hash.
+        self._block_kinds: dict[int, bytes] = {}
 
     # hashing ------------------------------------------------------------------------------------
 
@@ -496,7 +519,7 @@ class _Generator:
     def did(self, n: int) -> str:
         did = self._did_cache.get(n)
         if did is None:
-            if len(self._did_cache) > 200_000:
+            if len(self._did_cache) > 400_000:
                 self._did_cache.clear()
             raw = _spread(_mix((n * _GAMMA + self.key) & _M64), 24)
             did = "did:plc:" + raw.translate(_BYTE_TO_B32).decode()
@@ -515,22 +538,42 @@ class _Generator:
     def clock(self, n: int) -> int:
         return (n * 0x2545F491) & 0x3FF
 
+    def block_hashes(self, block: int) -> list[int]:
+        """The hash of every event of a block (and remember the block's kinds)."""
+        key = self.key
+        first = block * BLOCK + 1
+        hashes = [_mix((key + (first + k) * _GAMMA) & _M64) for k in range(BLOCK)]
+        if block not in self._block_kinds:
+            table = self.kinds
+            kinds = bytearray(table[h & 0xFFFF] for h in hashes)
+            if self.bad_cut:
+                for k, h in enumerate(hashes):
+                    if self.flag_of(h) == OVERSIZED:
+                        kinds[k] = K_POST
+            if len(self._block_kinds) >= _KIND_CACHE_BLOCKS:
+                del self._block_kinds[next(iter(self._block_kinds))]  # the oldest
+            self._block_kinds[block] = bytes(kinds)
+        return hashes
+
     def kind_at(self, j: int) -> int:
         """Kind of event j as generated (oversized frames are always posts)."""
-        h = self.h(j)
-        return K_POST if self.flag_of(h) == OVERSIZED else self.kind_of(h)
+        kinds = self._block_kinds.get(j >> _BLOCK_BITS)
+        if kinds is None:
+            self.block_hashes(j >> _BLOCK_BITS)
+            kinds = self._block_kinds[j >> _BLOCK_BITS]
+        return kinds[j & (BLOCK - 1)]
 
     def core(self, j: int) -> _Core:
         """What other events need to know about event j: kind, author, rkey (creates)."""
         h = self.h(j)
         t = time_at(self.cfg, j)
-        kind = K_POST if self.flag_of(h) == OVERSIZED else self.kind_of(h)
+        kind = self.kind_at(j)
         # rkey TIDs come from the client clock, up to ~2 s before the relay saw the commit.
         rkey = tid(t - 200_000 - ((h >> 48) & 0x1FFFFF), (h >> 40) & 0x3FF)
         return _Core(kind, self.did_n_of(h), rkey, h)
 
     def cid_of(self, h: int) -> str:
-        return _cid_from(h)
+        return _cid_from(h >> 20 ^ h << 7)
 
     def deleted_at(self, j: int) -> int | None:
         """The index of the delete that targets event j, if the stream (unbounded) has one."""
@@ -539,11 +582,12 @@ class _Generator:
 
     def find_post(self, i: int, h: int, spans: tuple[int, ...]) -> int | None:
         """An earlier post index (one of a few hashed candidates), or None."""
+        bits = 0
         for k, span in enumerate(spans):
-            j = i - 1 - (_mix(h + k) % span)
-            if j < 0:
-                continue
-            if self.kind_at(j) == K_POST:
+            if k % 3 == 0:
+                bits = _mix(h + k)
+            j = i - 1 - ((bits >> (21 * (k % 3))) & 0x1FFFFF) % span
+            if j >= 0 and self.kind_at(j) == K_POST:
                 return j
         return None
 
@@ -583,20 +627,21 @@ class _Generator:
         i = block * BLOCK
         while i < end:
             rng = random.Random(_mix(self.key ^ (block * _GAMMA & _M64)))
+            hashes = self.block_hashes(block)
+            kinds = self._block_kinds[block]
             block_end = min(end, (block + 1) * BLOCK)
             while i < block_end:
-                item = self.event(i, rng)
+                k = i & (BLOCK - 1)
+                item = self.event(i, rng, hashes[k], kinds[k])
                 if i >= start:
                     yield item
                 i += 1
             block += 1
 
-    def event(self, i: int, rng: random.Random) -> Item:
+    def event(self, i: int, rng: random.Random, h: int, kind: int) -> Item:
         cfg = self.cfg
         t = cfg.start_us + i * DAY_US // cfg.events_per_day
-        h = self.h(i)
-        flag = self.flag_of(h)
-        kind = K_POST if flag == OVERSIZED else self.kinds[h & 0xFFFF]
+        flag = self.flag_of(h) if self.bad_cut else OK
         did_n = self.did_n_of(h)
         created = t - 200_000 - ((h >> 48) & 0x1FFFFF)
         rkey = tid(created, (h >> 40) & 0x3FF)
@@ -1071,7 +1116,7 @@ def _corrupt(frame: bytes, h: int) -> bytes:
 # --- public API --------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _generator(cfg: FirehoseConfig) -> _Generator:
     return _Generator(cfg)
 
