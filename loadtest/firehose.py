@@ -1122,7 +1122,11 @@ def _generator(cfg: FirehoseConfig) -> _Generator:
 
 
 def generate_items(cfg: FirehoseConfig, start_index: int = 0) -> Iterator[Item]:
-    """Events `start_index`.. of the stream as Items (frame plus what a server filters on)."""
+    """Events `start_index`.. of the stream as Items (frame plus what a server filters on).
+
+    A malformed frame keeps the did and collection of the event it was damaged from, so it
+    passes the same filters that event would.
+    """
     return _generator(cfg).items(max(0, start_index))
 
 
