@@ -412,6 +412,7 @@ class Batcher:
         self.stop = asyncio.Event()
         self.failing: str | None = None  # cause of the current run of failed attempts
         self.last_success: float | None = None
+        self.cycles = 0  # completed read-flush-compact cycles
         self.watermark_us: int | None = storage.read_manifest(settings.data_dir).last_batch.get(
             "max_time_us"
         )
@@ -697,6 +698,7 @@ class Batcher:
             with contextlib.suppress(RedisError):
                 await self.update_gauges()
             await self.compact_closed_days()
+            self.cycles += 1
 
 
 # --- command line ---------------------------------------------------------------------------------

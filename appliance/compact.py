@@ -112,16 +112,18 @@ def needs_compaction(paths: list[str]) -> bool:
 def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[str, Any]]:
     """SQL (and its parameters) selecting the compacted rows of a partition's files."""
     params: dict[str, Any] = {"files": files}
+    columns = ", ".join(storage.SCHEMAS[table].names)
+    source = f"(SELECT {columns} FROM read_parquet($files, hive_partitioning = false))"
     if table not in COMMIT_TABLES:
         first, second = storage.KEY_COLUMNS[table]
         sql = (
-            "SELECT * FROM read_parquet($files) "
+            f"SELECT * FROM {source} "
             f"QUALIFY row_number() OVER (PARTITION BY {first}, {second} ORDER BY time_us) = 1 "
             f"ORDER BY time_us, {first}, {second}"
         )
         return sql, params
     latest = (
-        "SELECT * FROM read_parquet($files) "
+        f"SELECT * FROM {source} "
         "QUALIFY row_number() OVER (PARTITION BY uri ORDER BY rev DESC, time_us) = 1"
     )
     if not deletes:
@@ -134,7 +136,8 @@ def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[
         params["collection"] = TABLE_COLLECTION[table]
         only = "collection = $collection"
     sql = (
-        f"WITH dels AS (SELECT uri, rev FROM read_parquet($deletes) WHERE {only}), "
+        "WITH dels AS (SELECT uri, rev FROM read_parquet($deletes, hive_partitioning = false) "
+        f"WHERE {only}), "
         f"latest AS ({latest}) "
         "SELECT * FROM latest s "
         "WHERE NOT EXISTS (SELECT 1 FROM dels d WHERE d.uri = s.uri AND d.rev > s.rev) "

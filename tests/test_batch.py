@@ -134,7 +134,7 @@ async def _drain(settings: Settings, timeout: float) -> batch_mod.Batcher:
             await asyncio.sleep(0.1)
             if task.done():
                 await task
-            if await asyncio.to_thread(group_state, settings) == (0, 0) and batcher.last_success:
+            if batcher.cycles and await asyncio.to_thread(group_state, settings) == (0, 0):
                 break
             if loop.time() > deadline:
                 raise TimeoutError("the batcher did not drain the stream in time")
