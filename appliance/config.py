@@ -16,7 +16,7 @@ from msgspec import Meta
 PREFIX = "APPLIANCE_"
 
 # Fields whose values never appear in output or logs.
-SECRETS = frozenset({"redis_password"})
+SECRETS = frozenset({"redis_password", "api_cursor_secret"})
 
 PUBLIC_JETSTREAMS = (
     "wss://jetstream1.us-east.bsky.network/subscribe",
@@ -168,6 +168,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         tuple[str, ...], _h("Origins allowed by CORS, comma-separated; empty = none")
     ] = ()
     cache_entries: Annotated[int, _h("Entries in the search result cache", ge=0)] = 256
+    api_cursor_secret: Annotated[
+        str, _h("Key that signs search cursors (secret); empty = a new random key per start")
+    ] = ""
     # --- logging ---------------------------------------------------------------------------
     log_level: Annotated[str, _h("Log level: DEBUG, INFO, WARNING, ERROR")] = "INFO"
     log_format: Annotated[str, _h("Log format: json, text, or auto (text on a terminal)")] = "auto"

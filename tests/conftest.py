@@ -190,3 +190,139 @@ def jetstream_server(tmp_path: Path) -> Iterator[Callable[..., ServerHandle]]:
     yield start
     for handle in handles:
         handle.stop()
+
+
+# --- hand-made Parquet datasets (query engine and API tests) --------------------------------
+
+T0_US = 1_780_272_000_000_000  # 2026-06-01T00:00:00Z
+_TID_CHARS = "234567abcdefghijklmnopqrstuvwxyz"
+
+
+def _utc(micros: int) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(micros / 1e6, tz=UTC)
+
+
+def tid(micros: int, clock: int = 0) -> str:
+    """An atproto TID for a timestamp: 13 base32-sortable chars, string order = time order."""
+    value = (micros << 10) | (clock & 1023)
+    return "".join(_TID_CHARS[(value >> (5 * i)) & 31] for i in range(12, -1, -1))
+
+
+class ParquetData:
+    """Rows we choose, written as live Parquet files the way the batcher does it.
+
+    `post()`, `delete()` and `identity()` queue rows; `flush()` writes each table's rows of a day
+    to one new file with `storage.write_atomic` and registers the files in one manifest update.
+    Every test therefore knows exactly which rows exist and what a query must return.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+        self.flushes = 0
+        self._clock = 0
+
+    def post(
+        self,
+        text: str | None,
+        *,
+        t: int,
+        did: str = "did:plc:alice",
+        rkey: str | None = None,
+        rev: str | None = None,
+        operation: str = "create",
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Queue a posts row (a create unless `operation="update"`); returns the row."""
+        self._clock += 1
+        rkey = rkey or tid(t, self._clock)
+        row: dict[str, Any] = {
+            "uri": f"at://{did}/app.bsky.feed.post/{rkey}",
+            "did": did,
+            "rkey": rkey,
+            "rev": rev or tid(t, self._clock),
+            "cid": f"bafyrei{self._clock:052d}",
+            "operation": operation,
+            "time_us": t,
+            "created_at": _utc(t),
+            "text": text,
+            "langs": None,
+            "reply_root": None,
+            "reply_parent": None,
+            "quote_uri": None,
+            "embed_kind": None,
+            "external_uri": None,
+            "mentions": None,
+            "links": None,
+            "tags": None,
+        }
+        unknown = set(fields) - set(row)
+        assert not unknown, f"not a posts column: {unknown}"
+        row.update(fields)
+        self.pending.setdefault("posts", []).append(row)
+        return row
+
+    def delete(
+        self, uri: str, *, t: int, rev: str | None = None, collection: str = "app.bsky.feed.post"
+    ) -> dict[str, Any]:
+        """Queue a deletes row for `uri` (rev defaults to a TID of t: later than older revs)."""
+        self._clock += 1
+        did, _, rkey = uri.removeprefix("at://").partition("/")
+        row = {
+            "uri": uri,
+            "did": did,
+            "collection": collection,
+            "rkey": rkey.rpartition("/")[2],
+            "rev": rev or tid(t, self._clock),
+            "time_us": t,
+        }
+        self.pending.setdefault("deletes", []).append(row)
+        return row
+
+    def identity(self, did: str, handle: str | None, *, t: int) -> None:
+        self._clock += 1
+        self.pending.setdefault("identities", []).append(
+            {
+                "did": did,
+                "seq": self._clock,
+                "time_us": t,
+                "time": _utc(t),
+                "handle": handle,
+            }
+        )
+
+    def flush(self) -> list[str]:
+        """Write the queued rows (one file per table and day) and publish them in the manifest."""
+        import pyarrow as pa
+
+        from appliance import storage
+
+        self.flushes += 1
+        written: dict[str, list[str]] = {}
+        for table, rows in self.pending.items():
+            by_day: dict[str, list[dict[str, Any]]] = {}
+            for row in rows:
+                by_day.setdefault(storage.day_of(row["time_us"]), []).append(row)
+            for day, day_rows in by_day.items():
+                day_rows.sort(key=lambda r: r["time_us"])
+                arrow = pa.Table.from_pylist(day_rows, schema=storage.SCHEMAS[table])
+                path = storage.write_atomic(
+                    arrow,
+                    storage.partition_dir(self.data_dir, table, day),
+                    f"test-{self.flushes:04d}",
+                )
+                written.setdefault(table, []).append(str(path.relative_to(self.data_dir)))
+        self.pending = {}
+        with storage.update_manifest(self.data_dir) as manifest:
+            for table, paths in written.items():
+                manifest.files.setdefault(table, []).extend(paths)
+            manifest.last_batch = {"time": time.time(), "events": sum(map(len, written.values()))}
+        return [p for paths in written.values() for p in paths]
+
+
+@pytest.fixture
+def parquet_data(settings: Settings) -> ParquetData:
+    """An empty data root to fill with `post()`/`delete()`/`identity()` + `flush()`."""
+    return ParquetData(Path(settings.data_dir))

@@ -1,0 +1,276 @@
+"""The query engine on hand-made Parquet files: plans, visibility, cursors, cache, lock-down."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from appliance.config import Settings
+from appliance.query import (
+    Filters,
+    InvalidQuery,
+    QueryEngine,
+    QueryTimeout,
+    Segment,
+    _windows,
+    parse_q,
+)
+from tests.conftest import T0_US, ParquetData, make_settings, tid
+
+SEC = 1_000_000
+DAY = 86_400 * SEC
+
+
+def uris(engine: QueryEngine, filters: Filters, limit: int = 100) -> list[str]:
+    return [p.uri for p in engine.search(filters, limit=limit).posts]
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[QueryEngine]:
+    eng = QueryEngine(settings)
+    yield eng
+    eng.close()
+
+
+# --- q ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("q", "include", "exclude"),
+    [
+        ("", (), ()),
+        ("cat dog", ("cat", "dog"), ()),
+        ('"good morning" sun', ("good morning", "sun"), ()),
+        ("cat -dog", ("cat",), ("dog",)),
+        ('-"bad news" ok', ("ok",), ("bad news",)),
+        ('"unterminated phrase', ("unterminated phrase",), ()),
+        ("a - b", ("a", "-", "b"), ()),
+        ("100% a_b c\\d", ("100%", "a_b", "c\\d"), ()),
+        ("cat cat", ("cat",), ()),
+        ('""  ', (), ()),
+    ],
+)
+def test_parse_q(q: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    assert parse_q(q) == (include, exclude)
+
+
+def test_parse_q_refuses_too_many_terms() -> None:
+    with pytest.raises(InvalidQuery) as info:
+        parse_q(" ".join(f"w{i}" for i in range(17)))
+    assert info.value.param == "q"
+
+
+# --- time windows ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("latest", [True, False])
+def test_windows_cover_every_time_once_in_walk_order(latest: bool) -> None:
+    rng = random.Random(5)
+    segments = []
+    for i in range(60):
+        lo = rng.randrange(0, 10_000)
+        segments.append(
+            Segment(f"f{i % 7}", lo, lo + rng.randrange(0, 500), rng.randrange(1, 90_000))
+        )
+    windows = list(_windows(segments, latest, None, None))
+    edges = [(lo, hi) for lo, hi, _ in windows]
+    assert all(lo < hi for lo, hi in edges)
+    ordered = edges if not latest else edges[::-1]
+    assert ordered[0][0] == min(s.min_t for s in segments)
+    assert ordered[-1][1] == max(s.max_t for s in segments) + 1
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ordered))  # contiguous
+    for lo, hi, files in windows:  # every file with rows in the window is read
+        wanted = {s.path for s in segments if s.max_t >= lo and s.min_t < hi}
+        assert set(files) == wanted
+
+
+def test_first_window_is_small_and_windows_grow() -> None:
+    segments = [Segment("f", i * 100, i * 100 + 99, 65_536) for i in range(40)]
+    windows = list(_windows(segments, True, None, None))
+    assert windows[0][0] == 3900  # the newest row group alone
+    sizes = [(hi - lo) // 100 for lo, hi, _ in windows]
+    assert sizes[:3] == [1, 4, 16]
+
+
+# --- search semantics on the engine ----------------------------------------------------------
+
+
+def test_newest_first_across_days_and_files(engine: QueryEngine, parquet_data: ParquetData) -> None:
+    rows = [parquet_data.post(f"post {i}", t=T0_US + i * DAY // 3) for i in range(12)]
+    parquet_data.flush()
+    more = [parquet_data.post(f"post {i}", t=T0_US + i * DAY // 3 + SEC) for i in range(12, 14)]
+    parquet_data.flush()
+    everything = rows + more
+    newest_first = [r["uri"] for r in sorted(everything, key=lambda r: -r["time_us"])]
+    assert uris(engine, Filters()) == newest_first
+    assert uris(engine, Filters(sort="oldest")) == newest_first[::-1]
+
+
+def test_updates_show_only_the_newest_version(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    first = parquet_data.post("original words", t=T0_US, rkey="3kpost")
+    parquet_data.flush()
+    parquet_data.post("edited words", t=T0_US + 2 * DAY, rkey="3kpost", operation="update")
+    parquet_data.flush()
+    found = engine.search(Filters(include=("words",)), limit=10).posts
+    assert [(p.uri, p.text) for p in found] == [(first["uri"], "edited words")]
+    assert engine.search(Filters(include=("original",)), limit=10).posts == []
+
+
+def test_a_delete_in_a_later_file_hides_the_post_and_a_recreate_shows(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    post = parquet_data.post("soon gone", t=T0_US, rkey="3kgone")
+    keep = parquet_data.post("stays", t=T0_US + SEC)
+    parquet_data.flush()
+    assert uris(engine, Filters()) == [keep["uri"], post["uri"]]
+    parquet_data.delete(post["uri"], t=T0_US + DAY)  # a later day, a later file
+    parquet_data.flush()
+    assert uris(engine, Filters()) == [keep["uri"]]
+    again = parquet_data.post("back again", t=T0_US + 2 * DAY, rkey="3kgone")
+    parquet_data.flush()
+    found = engine.search(Filters(), limit=10).posts
+    assert [(p.uri, p.text) for p in found] == [
+        (again["uri"], "back again"),
+        (keep["uri"], "stays"),
+    ]
+
+
+def test_a_delete_with_an_older_rev_hides_nothing(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    post = parquet_data.post("still here", t=T0_US + DAY)
+    parquet_data.delete(post["uri"], t=T0_US + 2 * DAY, rev=tid(T0_US))  # rev before the post
+    parquet_data.delete(post["uri"].replace("post", "like"), t=T0_US + 2 * DAY)  # other collection
+    parquet_data.flush()
+    assert uris(engine, Filters()) == [post["uri"]]
+
+
+def test_hidden_rows_are_replaced_by_further_candidates(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    posts = [parquet_data.post(f"n {i}", t=T0_US + i * SEC) for i in range(40)]
+    parquet_data.flush()
+    for post in posts[10:]:  # the 30 newest are deleted
+        parquet_data.delete(post["uri"], t=T0_US + DAY)
+    parquet_data.flush()
+    result = engine.search(Filters(), limit=5)
+    assert [p.uri for p in result.posts] == [p["uri"] for p in posts[9:4:-1]]
+    assert result.has_more
+
+
+def test_handles_resolve_to_the_current_holder(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    a = parquet_data.post("by a", t=T0_US, did="did:plc:aaa")
+    b = parquet_data.post("by b", t=T0_US + SEC, did="did:plc:bbb")
+    parquet_data.identity("did:plc:aaa", "shared.example.com", t=T0_US)
+    parquet_data.identity("did:plc:aaa", "a-new.example.com", t=T0_US + 10 * SEC)
+    parquet_data.identity("did:plc:bbb", "Shared.example.com", t=T0_US + 20 * SEC)
+    parquet_data.flush()
+    assert uris(engine, Filters(author="shared.example.com")) == [b["uri"]]
+    assert uris(engine, Filters(author="a-new.example.com")) == [a["uri"]]
+    assert uris(engine, Filters(author="nobody.example.com")) == []
+    handles = {p.did: p.handle for p in engine.search(Filters(), limit=10).posts}
+    assert handles == {"did:plc:aaa": "a-new.example.com", "did:plc:bbb": "Shared.example.com"}
+
+
+# --- cursors ---------------------------------------------------------------------------------
+
+
+def test_a_cursor_is_pinned_to_its_query_and_refuses_tampering(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    for i in range(5):
+        parquet_data.post(f"cat {i}", t=T0_US + i * SEC)
+    parquet_data.flush()
+    cats = Filters(include=("cat",))
+    token = engine.search(cats, limit=2).cursor
+    assert token is not None
+    assert len(engine.search(cats, limit=2, cursor=token).posts) == 2
+    with pytest.raises(InvalidQuery, match="different query"):
+        engine.search(Filters(include=("dog",)), limit=2, cursor=token)
+    flipped = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
+    for bad in (flipped, token[:-2], "x", "!!!!", token + "AAAA"):
+        with pytest.raises(InvalidQuery) as info:
+            engine.search(cats, limit=2, cursor=bad)
+        assert info.value.param == "cursor"
+    other_key = QueryEngine(engine.settings, cursor_secret=b"another key")
+    with pytest.raises(InvalidQuery):
+        other_key.search(cats, limit=2, cursor=token)
+    other_key.close()
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+
+def test_the_cache_never_serves_rows_a_newer_batch_changed(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    old = parquet_data.post("hello world", t=T0_US)
+    parquet_data.flush()
+    hello = Filters(include=("hello",))
+    assert uris(engine, hello) == [old["uri"]]
+    assert uris(engine, hello) == [old["uri"]]  # from the cache
+    new = parquet_data.post("hello again", t=T0_US + SEC)
+    parquet_data.flush()
+    assert uris(engine, hello) == [new["uri"], old["uri"]]
+    parquet_data.delete(new["uri"], t=T0_US + 2 * SEC)
+    parquet_data.flush()
+    assert uris(engine, hello) == [old["uri"]]
+
+
+# --- lock-down and timeout -------------------------------------------------------------------
+
+
+def test_duckdb_cannot_read_outside_the_data_root(engine: QueryEngine, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.csv"
+    outside.write_text("a\n1\n")
+    with pytest.raises(duckdb.PermissionException):
+        engine.run(
+            lambda cur: cur.execute("SELECT * FROM read_csv($p)", {"p": str(outside)}).fetchall()
+        )
+    with pytest.raises(duckdb.Error):
+        engine.run(lambda cur: cur.execute("SET enable_external_access = true").fetchall())
+
+
+def test_a_query_past_the_timeout_is_interrupted(tmp_path: Path) -> None:
+    engine = QueryEngine(make_settings(tmp_path, query_timeout_s=0.3))
+    # minutes of work without the interrupt
+    endless = "SELECT count(*) FROM range(1000000000000) a WHERE a.range % 7 = 3"
+    with pytest.raises(QueryTimeout):
+        engine.run(lambda cur: cur.execute(endless).fetchall())
+    assert engine.run(lambda cur: cur.execute("SELECT 42").fetchone()) == (42,)
+    engine.close()
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+def test_stats_count_rows_per_day_table_and_collection(
+    engine: QueryEngine, parquet_data: ParquetData
+) -> None:
+    a = parquet_data.post("one", t=T0_US)
+    parquet_data.post("two", t=T0_US + DAY)
+    parquet_data.delete(a["uri"], t=T0_US + DAY + SEC)
+    parquet_data.delete(
+        "at://did:plc:x/app.bsky.feed.like/3k", t=T0_US + DAY, collection="app.bsky.feed.like"
+    )
+    parquet_data.identity("did:plc:alice", "alice.example.com", t=T0_US + DAY + 5 * SEC)
+    parquet_data.flush()
+    stats = engine.stats()
+    assert stats["events"] == 5 and stats["posts"] == 2
+    assert [(d["date"], d["events"], d["posts"]) for d in stats["days"]] == [
+        ("2026-06-01", 1, 1),
+        ("2026-06-02", 4, 1),
+    ]
+    assert stats["collections"] == {"app.bsky.feed.post": 2}
+    assert stats["deletes_by_collection"] == {"app.bsky.feed.like": 1, "app.bsky.feed.post": 1}
+    assert stats["newest_event_at"].isoformat() == "2026-06-02T00:00:05+00:00"
+    assert stats["last_batch_at"] is not None and stats["ingest_lag_s"] > 0
