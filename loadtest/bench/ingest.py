@@ -21,6 +21,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,18 +63,23 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start_replay(port: int, events: int, seed: int) -> tuple[subprocess.Popen[bytes], str]:
+def _start_replay(
+    port: int, events: int, seed: int, log_path: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`loadtest serve --preload --speed max`; returns once it prints its URL."""
     cmd = [sys.executable, "-m", "loadtest", "serve", "--port", str(port)]
     cmd += ["--events", str(events), "--seed", str(seed), "--speed", "max", "--preload"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
     assert proc.stdout is not None
     while True:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"replay server exited with {proc.wait()} before listening")
-        if b"listening" in line:
-            url = line.decode().split("listening", 1)[1].strip()
-            return proc, url
+            raise RuntimeError(f"replay server exited with {proc.wait()}; see {log_path}")
+        if line.startswith(b"listening ws://"):
+            # keep draining its stdout so the pipe never fills and blocks it
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, line.split()[1].decode()
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
@@ -184,21 +190,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
     )
-    redis_proc = start_redis(base)
-    print(f"preloading {args.events:,} events into the replay server ...", flush=True)
-    replay, url = _start_replay(_free_port(), args.events, args.seed)
-    print(f"replay server {url}", flush=True)
-    settings_for = {
-        n: msgspec.structs.replace(base, jetstream_urls=(url,), ingest_entry_events=n)
-        for n in sizes
-    }
     bare: list[float] = []
+    server_cpu: list[float] = []
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
+    redis_proc = start_redis(base)
+    replay: subprocess.Popen[bytes] | None = None
     try:
+        print(f"preloading {args.events:,} events into the replay server ...", flush=True)
+        replay, url = _start_replay(_free_port(), args.events, args.seed, tmp / "replay.log")
+        print(f"replay server {url}", flush=True)
+        settings_for = {
+            n: msgspec.structs.replace(base, jetstream_urls=(url,), ingest_entry_events=n)
+            for n in sizes
+        }
         for repeat in range(args.repeats):
+            cpu_before = _cpu_seconds(replay.pid)
             rate = _run_bare(url, args.events, args.timeout)
+            server_cpu.append((_cpu_seconds(replay.pid) - cpu_before) / args.events * 1e6)
             bare.append(rate)
-            print(f"[{repeat + 1}/{args.repeats}] bare receive: {rate:,.0f} events/s", flush=True)
+            print(
+                f"[{repeat + 1}/{args.repeats}] bare receive: {rate:,.0f} events/s "
+                f"(replay server {server_cpu[-1]:.1f} µs CPU/event sent)",
+                flush=True,
+            )
             for n in sizes:
                 result = _run_ingester(settings_for[n], cfg, tmp / f"ingest-{n}.log", args.timeout)
                 runs[n].append(result)
@@ -210,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
     finally:
-        _stop(replay)
+        if replay is not None:
+            _stop(replay)
         _stop(redis_proc)
     head = sizes[0]
     bare_rate = median(bare)
@@ -220,6 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "entry_events": head,
         "bare_receive_events_per_s": round(bare_rate),
         "load_average_before": round(load[0], 2),
+        "replay_server_cpu_us_per_event": round(median(server_cpu), 2),
     }
     for n in sizes:
         rate = median([r["events_per_s"] for r in runs[n]])
