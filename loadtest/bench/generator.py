@@ -1,6 +1,10 @@
 """Synthetic firehose speed: generator events/s, replay server events/s to a client that only
 receives (generating as it serves, and with --preload), and appliance.events.decode events/s.
-Each figure is the median of several runs."""
+Each figure is the median of several runs.
+
+On a shared machine wall-clock rates move with the load, so each figure also comes per CPU
+second of the process doing the work (`*_per_cpu_s`): events / (user + system time).
+"""
 
 from __future__ import annotations
 
@@ -32,32 +36,41 @@ def _rate(events: int, seconds: float) -> float:
     return events / max(seconds, 1e-9)
 
 
-def bench_generator(cfg: fh.FirehoseConfig, runs: int) -> float:
-    rates = []
+def bench_generator(cfg: fh.FirehoseConfig, runs: int) -> tuple[float, float]:
+    rates, cpu_rates = [], []
     for _ in range(runs):
         fh._generator.cache_clear()  # include the per-config set-up, as a fresh process would
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         count = 0
         for _frame in fh.generate(cfg):
             count += 1
         rates.append(_rate(count, time.perf_counter() - started))
-    return median(rates)
+        cpu_rates.append(_rate(count, time.process_time() - cpu))
+    return median(rates), median(cpu_rates)
 
 
-def bench_decode(frames: list[bytes], runs: int) -> float:
-    rates = []
+def bench_decode(frames: list[bytes], runs: int) -> tuple[float, float]:
+    rates, cpu_rates = [], []
     now = ev.now_us()
     decode = ev.decode
     for _ in range(runs):
         gc.disable()
         try:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for frame in frames:
                 decode(frame, now=now)
             rates.append(_rate(len(frames), time.perf_counter() - started))
+            cpu_rates.append(_rate(len(frames), time.process_time() - cpu))
         finally:
             gc.enable()
-    return median(rates)
+    return median(rates), median(cpu_rates)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as fh_:
+        fields = fh_.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start_server(cfg: fh.FirehoseConfig, preload: bool) -> tuple[subprocess.Popen[bytes], str]:
@@ -87,13 +100,19 @@ async def _receive_all(url: str, events: int) -> float:
         return _rate(events - 1, time.perf_counter() - started)
 
 
-def bench_server(cfg: fh.FirehoseConfig, runs: int, preload: bool) -> float:
+def bench_server(cfg: fh.FirehoseConfig, runs: int, preload: bool) -> tuple[float, float]:
+    """Events/s the client received, and events per CPU second of the server process."""
     proc, url = _start_server(cfg, preload)
+    rates, cpu_rates = [], []
     try:
-        return median([asyncio.run(_receive_all(url, cfg.events)) for _ in range(runs)])
+        for _ in range(runs):
+            cpu = _cpu_seconds(proc.pid)
+            rates.append(asyncio.run(_receive_all(url, cfg.events)))
+            cpu_rates.append(_rate(cfg.events, _cpu_seconds(proc.pid) - cpu))
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(30)
+    return median(rates), median(cpu_rates)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,15 +120,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frames = list(fh.generate(cfg))
     mean_bytes = sum(map(len, frames)) / len(frames)
     print(f"{cfg.events} events per run, {args.runs} runs, mean frame {mean_bytes:.0f} B")
+    print(f"{'':26}{'events/s':>12}{'per CPU s':>12}")
     figures: dict[str, Any] = {"events": cfg.events, "runs": args.runs}
-    figures["generator_events_per_s"] = round(bench_generator(cfg, args.runs))
-    print(f"generator:               {figures['generator_events_per_s']:>10,} events/s")
-    figures["decode_events_per_s"] = round(bench_decode(frames, args.runs))
-    print(f"events.decode:           {figures['decode_events_per_s']:>10,} events/s")
+
+    def report(name: str, label: str, rates: tuple[float, float]) -> None:
+        figures[f"{name}_events_per_s"] = round(rates[0])
+        figures[f"{name}_events_per_cpu_s"] = round(rates[1])
+        print(f"{label:26}{rates[0]:>12,.0f}{rates[1]:>12,.0f}")
+
+    report("generator", "generator", bench_generator(cfg, args.runs))
+    report("decode", "events.decode", bench_decode(frames, args.runs))
     del frames
-    figures["server_events_per_s"] = round(bench_server(cfg, args.runs, preload=False))
-    print(f"server (generating):     {figures['server_events_per_s']:>10,} events/s")
-    figures["server_preload_events_per_s"] = round(bench_server(cfg, args.runs, preload=True))
-    print(f"server (--preload):      {figures['server_preload_events_per_s']:>10,} events/s")
+    report("server", "server (generating)", bench_server(cfg, args.runs, preload=False))
+    report("server_preload", "server (--preload)", bench_server(cfg, args.runs, preload=True))
     figures["mean_frame_bytes"] = round(mean_bytes)
     return figures
