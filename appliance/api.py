@@ -362,7 +362,7 @@ async def ready(request: Request) -> HTTPResponse:
 
 async def metrics_endpoint(request: Request) -> HTTPResponse:
     """Prometheus metrics of the API, summed over all worker processes."""
-    return HTTPResponse(api_metrics(), content_type=CONTENT_TYPE_LATEST)
+    return HTTPResponse(api_metrics(request.app.ctx.metrics_dir), content_type=CONTENT_TYPE_LATEST)
 
 
 class _ApiOnly:
@@ -375,9 +375,8 @@ class _ApiOnly:
         return (m for m in self._inner.collect() if m.name.startswith(metrics.API_PREFIX))
 
 
-def api_metrics() -> bytes:
+def api_metrics(directory: str | None) -> bytes:
     """The exposition text: summed over workers' files in multiprocess mode, else in-process."""
-    directory = os.environ.get(MULTIPROC_ENV)
     if not directory:
         return generate_latest(metrics.API)
     registry = CollectorRegistry(auto_describe=False)
@@ -492,6 +491,7 @@ def _record(request: Request, status: int) -> None:
             "status": status,
             "ms": round(seconds * 1000, 2),
             "remote": request.client_ip,
+            "worker": os.getpid(),
         },
     )
 
@@ -499,13 +499,20 @@ def _record(request: Request, status: int) -> None:
 # --- the app -----------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings, cursor_secret: str | None = None) -> Sanic:
-    """The API app. Called once in each worker process (through an AppLoader)."""
+def create_app(
+    settings: Settings, cursor_secret: str | None = None, metrics_dir: str | None = None
+) -> Sanic:
+    """The API app. Called once in each worker process (through an AppLoader).
+
+    `metrics_dir` is the PROMETHEUS_MULTIPROC_DIR `appliance serve` set up for its workers;
+    without it (one process, e.g. tests) metrics live in this process.
+    """
     setup_logging(settings.log_level, settings.log_format)
     app = Sanic(APP_NAME, env_prefix=None, configure_logging=False)
     app.config.KEEP_ALIVE_TIMEOUT = 15
     app.config.REQUEST_MAX_SIZE = 64 * 1024  # GET only: no bodies to speak of
     app.ctx.settings = settings
+    app.ctx.metrics_dir = metrics_dir
     app.ctx.openapi = msgspec.json.encode(openapi_document())
     secret = (cursor_secret or settings.api_cursor_secret or "").encode() or None
 
@@ -672,7 +679,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="appliance-api-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
     secret = settings.api_cursor_secret or os.urandom(32).hex()
-    loader = AppLoader(factory=partial(create_app, settings, secret))
+    loader = AppLoader(factory=partial(create_app, settings, secret, metrics_dir))
     app = loader.load()
     app.prepare(
         host=settings.api_host,
@@ -686,6 +693,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         extra={
             "url": f"http://{settings.api_host}:{settings.api_port}",
             "workers": settings.api_workers,
+            "metrics_dir": metrics_dir,
         },
     )
     try:
