@@ -107,6 +107,9 @@ OK, MALFORMED, OVERSIZED = 0, 1, 2
 # How far back (in events) a reply looks for its parent: recent first, then hours, days.
 _REPLY_SPANS = (2_000, 5_000, 20_000, 100_000, 400_000, 2_000_000)
 
+# Where a like or repost looks for its subject.
+_SUBJECT_SPANS = (20_000, 400_000, 4_000_000)
+
 # Delete lag classes: the delete at i targets i - _DEL_M * lag[i % _DEL_M].
 _DEL_M = 256
 
@@ -489,7 +492,9 @@ class _Generator:
         # Heavy-tailed lags from 1 to 2**17 classes: seconds to days after the create.
         self.del_lags = [int(2 ** (lag_rng.random() * 17)) for _ in range(_DEL_M)]
         self.seq0 = 31_000_000_000 + (self.key & 0xFFFFFF)
-        self._did_cache: dict[int, str] = {}
+        heads, tails = _cid_halves()
+        self.did_heads = [h[1:13] for h in heads]
+        self.did_tails = [t[:12] for t in tails]
         # Kind codes of whole blocks, so "is event j a post?" is a lookup, not a hash.
         self._block_kinds: dict[int, bytes] = {}
 
@@ -517,14 +522,10 @@ class _Generator:
         return OK
 
     def did(self, n: int) -> str:
-        did = self._did_cache.get(n)
-        if did is None:
-            if len(self._did_cache) > 400_000:
-                self._did_cache.clear()
-            raw = _spread(_mix((n * _GAMMA + self.key) & _M64), 24)
-            did = "did:plc:" + raw.translate(_BYTE_TO_B32).decode()
-            self._did_cache[n] = did
-        return did
+        """The DID of account n: two 12-char halves from precomputed pools, picked by a hash
+        of (seed, n) (2**32 combinations; building each string would cost far more)."""
+        x = _mix((n * _GAMMA + self.key) & _M64)
+        return f"did:plc:{self.did_heads[x & 0xFFFF]}{self.did_tails[(x >> 16) & 0xFFFF]}"
 
     def handle(self, n: int) -> str:
         h = _mix(n ^ self.key ^ 0x4A4D)
@@ -592,8 +593,11 @@ class _Generator:
         return None
 
     def post_ref(self, j: int) -> tuple[str, str]:
-        c = self.core(j)
-        return f"at://{self.did(c.did_n)}/app.bsky.feed.post/{c.rkey}", self.cid_of(c.h)
+        """(uri, cid) of post j (what core(j) gives, without the rest)."""
+        h = _mix((self.key + (j + 1) * _GAMMA) & _M64)
+        t = self.cfg.start_us + j * DAY_US // self.cfg.events_per_day
+        rkey = tid(t - 200_000 - ((h >> 48) & 0x1FFFFF), (h >> 40) & 0x3FF)
+        return f"at://{self.did(self.did_n_of(h))}/app.bsky.feed.post/{rkey}", self.cid_of(h)
 
     def old_ref(self, h: int, t: int, collection: str = "app.bsky.feed.post") -> tuple[str, str]:
         """A record from before the stream (weeks to a year old)."""
@@ -603,7 +607,7 @@ class _Generator:
         return f"at://{did}/{collection}/{tid(t - age, h2 & 0x3FF)}", self.cid_of(h2)
 
     def subject_ref(self, i: int, h: int, t: int) -> tuple[str, str]:
-        j = self.find_post(i, h, (20_000, 400_000, 4_000_000))
+        j = self.find_post(i, h, _SUBJECT_SPANS)
         return self.post_ref(j) if j is not None else self.old_ref(h, t)
 
     def root_of(self, j: int, depth: int = 0) -> tuple[str, str]:
@@ -638,10 +642,48 @@ class _Generator:
                 i += 1
             block += 1
 
+    def simple_event(self, i: int, t: int, h: int, kind: int) -> Item:
+        """Likes, reposts, follows and blocks (three events in four): the same event as the
+        general path would build, with the helpers inlined."""
+        did_n = int(self.population * (((h >> 16) & 0xFFFFFFFF) / 4294967296.0) ** 3)
+        x = _mix((did_n * _GAMMA + self.key) & _M64)
+        did = f"did:plc:{self.did_heads[x & 0xFFFF]}{self.did_tails[(x >> 16) & 0xFFFF]}"
+        created = t - 200_000 - ((h >> 48) & 0x1FFFFF)
+        rkey = tid(created, (h >> 40) & 0x3FF)
+        rev = tid(t - 100_000, (did_n * 0x2545F491) & 0x3FF)
+        cid = _cid_from(h >> 20 ^ h << 7)
+        created_at = iso_ms(created)
+        if kind in (K_LIKE, K_REPOST):
+            collection = "app.bsky.feed.like" if kind == K_LIKE else "app.bsky.feed.repost"
+            j = self.find_post(i, h, _SUBJECT_SPANS)
+            uri, scid = self.post_ref(j) if j is not None else self.old_ref(h, t)
+            via = ""
+            if (h >> 59) < 6:  # liked or reposted via someone's repost
+                via_uri, via_cid = self.old_ref(h ^ 0x71A, t, "app.bsky.feed.repost")
+                via = f',"via":{{"cid":"{via_cid}","uri":"{via_uri}"}}'
+            record = (
+                f'{{"$type":"{collection}","createdAt":"{created_at}",'
+                f'"subject":{{"cid":"{scid}","uri":"{uri}"}}{via}}}'
+            )
+        else:
+            collection = "app.bsky.graph.follow" if kind == K_FOLLOW else "app.bsky.graph.block"
+            subject = self.did(self.did_n_of(_mix(h ^ 0xF0)))
+            record = f'{{"$type":"{collection}","createdAt":"{created_at}","subject":"{subject}"}}'
+        frame = (
+            f'{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"{rev}",'
+            f'"operation":"create","collection":"{collection}","rkey":"{rkey}",'
+            f'"record":{record},"cid":"{cid}"}}}}'
+        ).encode()
+        return Item(i, t, did, collection, frame, OK)
+
     def event(self, i: int, rng: random.Random, h: int, kind: int) -> Item:
         cfg = self.cfg
         t = cfg.start_us + i * DAY_US // cfg.events_per_day
         flag = self.flag_of(h) if self.bad_cut else OK
+        if kind <= K_REPOST and kind != K_POST and flag == OK:
+            return self.simple_event(i, t, h, kind)
+        if kind == K_BLOCK and flag == OK:
+            return self.simple_event(i, t, h, kind)
         did_n = self.did_n_of(h)
         created = t - 200_000 - ((h >> 48) & 0x1FFFFF)
         rkey = tid(created, (h >> 40) & 0x3FF)
