@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -364,3 +366,23 @@ def test_missing_files_and_bad_cli_arguments_are_reported(tmp_path: Path) -> Non
         FileSource([tmp_path / "nope.jsonl"])
     with pytest.raises(ValueError):
         ReplayServer(GeneratorSource(fh.FirehoseConfig()), speed=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], b"--events"),
+        (["--events", "10", "--from", "x.jsonl"], b"not both"),
+        (["--from", "/nonexistent/x.jsonl"], b"no such file"),
+        (["--events", "10", "--speed", "fast"], b"--speed"),
+        (["--events", "10", "--drop-at", "1,x"], b"--drop-at"),
+    ],
+)
+def test_cli_serve_reports_bad_arguments(args: list[str], message: bytes) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "serve", "--port", "0", *args],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr

@@ -1,5 +1,6 @@
 """Synthetic firehose speed: generator events/s, replay server events/s to a client that only
-receives (generating as it serves, and with --preload), and appliance.events.decode events/s.
+receives (generating as it serves, with --preload, and from a .zst capture of the same events),
+and appliance.events.decode events/s.
 Each figure is the median of several runs.
 
 On a shared machine wall-clock rates move with the load, so each figure also comes per CPU
@@ -16,6 +17,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -73,11 +75,14 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start_server(cfg: fh.FirehoseConfig, preload: bool) -> tuple[subprocess.Popen[bytes], str]:
-    cmd = [
-        sys.executable, "-m", "loadtest", "serve", "--port", "0",
-        "--events", str(cfg.events), "--seed", str(cfg.seed),
-    ]  # fmt: skip
+def _start_server(
+    cfg: fh.FirehoseConfig, preload: bool, capture: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    cmd = [sys.executable, "-m", "loadtest", "serve", "--port", "0"]
+    if capture:
+        cmd += ["--from", capture]
+    else:
+        cmd += ["--events", str(cfg.events), "--seed", str(cfg.seed)]
     if preload:
         cmd.append("--preload")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -100,9 +105,11 @@ async def _receive_all(url: str, events: int) -> float:
         return _rate(events - 1, time.perf_counter() - started)
 
 
-def bench_server(cfg: fh.FirehoseConfig, runs: int, preload: bool) -> tuple[float, float]:
+def bench_server(
+    cfg: fh.FirehoseConfig, runs: int, preload: bool, capture: str | None = None
+) -> tuple[float, float]:
     """Events/s the client received, and events per CPU second of the server process."""
-    proc, url = _start_server(cfg, preload)
+    proc, url = _start_server(cfg, preload, capture)
     rates, cpu_rates = [], []
     try:
         for _ in range(runs):
@@ -130,8 +137,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     report("generator", "generator", bench_generator(cfg, args.runs))
     report("decode", "events.decode", bench_decode(frames, args.runs))
-    del frames
-    report("server", "server (generating)", bench_server(cfg, args.runs, preload=False))
-    report("server_preload", "server (--preload)", bench_server(cfg, args.runs, preload=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        capture = os.path.join(tmp, "capture.jsonl.zst")
+        with fh.open_output(capture) as out:
+            out.write(b"".join(frame + b"\n" for frame in frames))
+        del frames
+        report("server", "server (generating)", bench_server(cfg, args.runs, preload=False))
+        report("server_preload", "server (--preload)", bench_server(cfg, args.runs, preload=True))
+        report("server_file", "server (--from .zst)", bench_server(cfg, args.runs, False, capture))
     figures["mean_frame_bytes"] = round(mean_bytes)
     return figures
