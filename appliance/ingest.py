@@ -335,15 +335,7 @@ class Ingester:
             request = None if resume is None else resume - rewind_us
             base = urls[index % len(urls)]
             try:
-                ws = await connect(
-                    subscribe_url(base, s, request),
-                    max_size=4 * s.max_event_bytes,
-                    max_queue=WS_MAX_QUEUE,
-                    compression=None,
-                    open_timeout=10,
-                    close_timeout=2,
-                    user_agent_header="bluesky-appliance-ingester",
-                )
+                ws = await self._connect(subscribe_url(base, s, request))
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                 failures += 1
                 index += 1
@@ -359,6 +351,8 @@ class Ingester:
                 )
                 await self._sleep(delay)
                 continue
+            if ws is None:
+                return  # stopped while connecting
             if self._circuit_open or self._stopping.is_set():
                 await ws.close()
                 continue
@@ -387,17 +381,40 @@ class Ingester:
             )
             await self._sleep(delay)
 
-    async def _wait_any(self, event: asyncio.Event) -> None:
-        """Wait for `event` or for stop."""
-        waiters = [
-            asyncio.ensure_future(event.wait()),
-            asyncio.ensure_future(self._stopping.wait()),
-        ]
+    async def _connect(self, url: str) -> ClientConnection | None:
+        """Open a websocket (a fresh URL each attempt); None if stopped meanwhile."""
+
+        async def opening() -> ClientConnection:
+            return await connect(
+                url,
+                # Larger than max_event_bytes, so an oversized frame is dead-lettered instead
+                # of closing the connection with 1009.
+                max_size=4 * self.settings.max_event_bytes,
+                max_queue=WS_MAX_QUEUE,
+                compression=None,
+                open_timeout=10,
+                close_timeout=2,
+                user_agent_header="bluesky-appliance-ingester",
+            )
+
+        task = asyncio.create_task(opening())
+        await self._wait_any(task)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+        return task.result()
+
+    async def _wait_any(self, event: asyncio.Event | asyncio.Task[Any]) -> None:
+        """Wait for an event to be set (or a task to finish), or for stop."""
+        first = event if isinstance(event, asyncio.Task) else asyncio.ensure_future(event.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([first, stopping], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for w in waiters:
-                w.cancel()
+            stopping.cancel()
+            if first is not event:
+                first.cancel()
 
     async def _run_session(self, ws: ClientConnection, resume: int | None) -> str:
         """Read one connection until it closes or is dropped; return the cause."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -274,3 +275,26 @@ def test_redis_down_at_start_opens_circuit_then_closes(
     # both URLs were tried (failover)
     for url in settings.jetstream_urls:
         assert ingest.display_url(url) in log
+
+
+def test_sigterm_while_the_handshake_hangs_exits_promptly(
+    tmp_path: Path, ingester_factory: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    # A listener that accepts TCP connections but never answers the websocket handshake.
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(8)
+        url = f"ws://127.0.0.1:{blackhole.getsockname()[1]}/subscribe"
+        settings = make_settings(tmp_path, jetstream_urls=(url,), log_format="json")
+        server = RedisProcess(settings)
+        try:
+            proc = ingester_factory(settings)
+            wait_for(lambda: try_scrape(settings), 30, "the ingester's /metrics")
+            time.sleep(0.5)  # now inside the handshake (open timeout 10 s)
+            assert http_get(settings.ingest_port, "/ready")[0] == 503
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            assert time.monotonic() - started < 3
+        finally:
+            server.stop()
