@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import itertools
 import math
 import random
 import sys
@@ -1258,6 +1259,25 @@ class GroundTruth(msgspec.Struct):
             if self.deleted_post_uris is not None:
                 self.deleted_post_uris.add(uri)
 
+    def merge(self, other: GroundTruth) -> None:
+        """Add another part of the same stream (e.g. from a parallel worker)."""
+        self.frames += other.frames
+        for table, days in other.tables.items():
+            mine = self.tables.setdefault(table, {})
+            for day, digest in days.items():
+                into = mine.setdefault(day, KeyDigest())
+                into.count += digest.count
+                into.digest = (into.digest + digest.digest) & _M64
+        for reason, n in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + n
+        self.deleted_posts.count += other.deleted_posts.count
+        self.deleted_posts.digest = (self.deleted_posts.digest + other.deleted_posts.digest) & _M64
+        if self.deleted_post_uris is not None:
+            if other.deleted_post_uris is None:
+                self.deleted_post_uris = None
+            else:
+                self.deleted_post_uris |= other.deleted_post_uris
+
     def count(self, table: str | None = None) -> int:
         """Valid events stored (in one table, or all)."""
         tables = [table] if table else list(self.tables)
@@ -1378,36 +1398,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="-", help="output file ('-' = stdout; a .zst suffix compresses)"
     )
     parser.add_argument("--truth", help="also write the ground truth as JSON to this file")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="worker processes (events are independent: chunks "
+        "are generated in parallel and written in order)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chunk", type=int, default=100_000, help="events per work unit (default 100000)"
+    )
+
+
+def render_chunk(
+    cfg: FirehoseConfig, start: int, stop: int, compress: bool, truth: bool, now: int
+) -> tuple[bytes, GroundTruth | None]:
+    """Events [start, stop) as JSON lines (a complete zstd frame if `compress`), and their
+    ground truth if asked. Concatenated chunks are the same file as one sequential run."""
+    part = GroundTruth(deleted_post_uris=None) if truth else None
+    frames = []
+    for frame in itertools.islice(generate(cfg, start), stop - start):
+        frames.append(frame)
+        if part is not None:
+            part.add(frame, now=now)
+    frames.append(b"")
+    data = b"\n".join(frames)
+    if compress:
+        import zstandard
+
+        data = zstandard.ZstdCompressor(level=3).compress(data)
+    return data, part
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.jobs < 1 or args.chunk < 1:
+        raise SystemExit("loadtest generate: --jobs and --chunk must be >= 1")
     truth = GroundTruth(deleted_post_uris=None) if args.truth else None
     now = ev.now_us()
     started = time.perf_counter()
-    with open_output(args.out) as out:
-        chunk: list[bytes] = []
-        for frame in generate(cfg):
-            chunk.append(frame)
-            if truth is not None:
-                truth.add(frame, now=now)
-            if len(chunk) >= 1000:
-                chunk.append(b"")
-                out.write(b"\n".join(chunk))
-                chunk.clear()
-        if chunk:
-            chunk.append(b"")
-            out.write(b"\n".join(chunk))
+    compress = args.out.endswith(".zst")
+    ranges = [(a, min(a + args.chunk, cfg.events)) for a in range(0, cfg.events, args.chunk)]
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout.buffer if args.out == "-" else stack.enter_context(open(args.out, "wb"))
+        if args.jobs == 1:
+            parts: Iterable[tuple[bytes, GroundTruth | None]] = (
+                render_chunk(cfg, a, b, compress, truth is not None, now) for a, b in ranges
+            )
+        else:
+            import multiprocessing
+
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(args.jobs))
+            parts = pool.imap(
+                _render_chunk_star,
+                [(cfg, a, b, compress, truth is not None, now) for a, b in ranges],
+            )
+        for data, part in parts:
+            out.write(data)
+            if truth is not None and part is not None:
+                truth.merge(part)
+        out.flush()
     elapsed = time.perf_counter() - started
     if truth is not None:
         with open(args.truth, "wb") as fh:
             fh.write(msgspec.json.format(msgspec.json.encode(truth)))
     print(
         f"generated {cfg.events} events in {elapsed:.2f} s "
-        f"({cfg.events / max(elapsed, 1e-9):,.0f}/s) -> {args.out}",
+        f"({cfg.events / max(elapsed, 1e-9):,.0f}/s, {args.jobs} jobs) -> {args.out}",
         file=sys.stderr,
     )
     return 0
+
+
+def _render_chunk_star(
+    args: tuple[FirehoseConfig, int, int, bool, bool, int],
+) -> tuple[bytes, GroundTruth | None]:
+    return render_chunk(*args)
 
 
 @contextlib.contextmanager

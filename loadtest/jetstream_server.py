@@ -114,7 +114,10 @@ def open_lines(path: str | Path) -> IO[bytes]:
     if str(path).endswith(".zst"):
         import zstandard
 
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, closefd=True)
+        # read_across_frames: `loadtest generate --jobs` writes one zstd frame per chunk.
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            fh, closefd=True, read_across_frames=True
+        )
         return io.BufferedReader(reader, buffer_size=1 << 20)
     return fh
 

@@ -17,6 +17,7 @@ import zstandard
 from appliance import events as ev
 from appliance.storage import table_for
 from loadtest import firehose as fh
+from loadtest.jetstream_server import read_items
 
 N = 30_000
 CFG = fh.FirehoseConfig(seed=11, events=N)
@@ -363,6 +364,21 @@ def test_cli_generate_writes_plain_zstd_and_truth(tmp_path: Path) -> None:
     assert data.split(b"\n")[:-1] == expected
     decoded = msgspec.json.decode(truth.read_bytes(), type=fh.GroundTruth)
     assert decoded.frames == 500 and decoded.count() == 500
+    # in parallel: chunks (one zstd frame each) in order, the same bytes and the same truth
+    parallel, parallel_truth = tmp_path / "p.jsonl.zst", tmp_path / "p.json"
+    subprocess.run(
+        [
+            sys.executable, "-m", "loadtest", "generate", "--events", "500", "--seed", "9",
+            "--out", str(parallel), "--truth", str(parallel_truth), "--jobs", "2", "--chunk", "150",
+        ],
+        check=True,
+    )  # fmt: skip
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        parallel.open("rb"), read_across_frames=True
+    )
+    assert reader.read().split(b"\n")[:-1] == expected
+    assert parallel_truth.read_bytes() == truth.read_bytes()
+    assert [i.frame for i in read_items([parallel])] == expected  # the server reads all frames
     bad = subprocess.run(
         [sys.executable, "-m", "loadtest", "generate", "--events", "5", "--malformed", "2"],
         capture_output=True,
