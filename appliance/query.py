@@ -17,12 +17,15 @@ posts row of its uri has a greater rev and no delete row of its uri has a greate
 keeps a small in-memory index of the rows that can hide a version -- post deletes and post
 updates (a create only follows a delete, which already hides the older version) -- as sorted
 arrays of (hash(uri), greatest rev), loaded once per live file. Candidate rows of a page are
-checked against it in microseconds; the walk fetches more candidates when some are hidden.
+checked against it in microseconds; the walk fetches more candidates when some are hidden. A
+second index holds the latest handle of each DID (from identities), for the handles shown in
+results and for author=/mention= given as a handle.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import collections
 import hashlib
 import hmac
@@ -33,7 +36,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import duckdb
 import msgspec
@@ -47,7 +50,7 @@ from appliance.config import Settings
 
 T = TypeVar("T")
 
-FIRST_WINDOW_ROWS = 65_536  # rows the first time window of a walk aims to cover
+FIRST_WINDOW_ROWS = 16_384  # rows the first time window of a walk aims to cover
 WINDOW_GROWTH = 4
 MAX_TERMS = 16
 DAY_US = 86_400 * 1_000_000
@@ -250,9 +253,10 @@ class Snapshot:
 # Candidate rows are tuples in this column order; the visibility index keys on hash(uri).
 _COLUMNS = (
     "uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, reply_parent, "
-    "reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, hash(uri) AS h"
+    "reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, hash(uri) AS h, "
+    "hash(did) AS dh"
 )
-URI, DID, REV, TIME_US, URI_HASH = 0, 1, 2, 3, 15
+URI, DID, REV, TIME_US, URI_HASH, DID_HASH = 0, 1, 2, 3, 15, 16
 _HOST = "lower(regexp_extract({u}, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#:]+)', 1))"
 
 
@@ -310,7 +314,7 @@ def filter_sql(
 
 def _row_to_post(row: Sequence[Any]) -> Post:
     (uri, did, _rev, time_us, created_us, text, langs, parent, root, quote, embed, external,
-     links, mentions, tags, _hash) = row  # fmt: skip
+     links, mentions, tags, _hash, _did_hash) = row  # fmt: skip
     return Post(
         uri=uri,
         did=did,
@@ -422,7 +426,8 @@ class QueryEngine:
         self._row_groups: dict[tuple[str, int, int], list[Segment]] = {}
         self._cache = _LRU(settings.cache_entries)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
-        self._hidden = _HiddenIndex()
+        self._hidden = _PerFileIndex(("deletes", "posts"), _load_hiding, _merge_hiding)
+        self._handles = _PerFileIndex(("identities",), _load_handles, _merge_handles)
         self.warmed = threading.Event()
 
     def close(self) -> None:
@@ -496,11 +501,12 @@ class QueryEngine:
             cur.close()
 
     def warm(self) -> None:
-        """Load what the first query would (file statistics, the visibility index)."""
+        """Load what the first query would: file statistics, the visibility and handle indexes."""
         snap = self.snapshot()
         cur = self._cursor()
         try:
             self._hidden.current(cur, snap)
+            self._handles.current(cur, snap)
             self._segments_in(snap, None, None, None, None)
         finally:
             cur.close()
@@ -546,7 +552,7 @@ class QueryEngine:
             more = len(rows) > end - delivered + skip
             page_rows = rows[skip : skip + end - delivered]
             posts = [_row_to_post(r) for r in page_rows]
-            self._attach_handles(cur, snap, posts)
+            self._attach_handles(cur, snap, posts, page_rows)
             capped = more and cap is not None and end >= cap
             has_more = more and not capped
             token = None
@@ -588,7 +594,7 @@ class QueryEngine:
                 if batch is None:
                     return
                 posts = [_row_to_post(r) for r in batch]
-                self._attach_handles(cur, snap, posts)
+                self._attach_handles(cur, snap, posts, batch)
                 yield posts
         finally:
             cur.close()
@@ -685,46 +691,21 @@ class QueryEngine:
         """A DID for an author/mention value: a DID as is, a handle through identities."""
         if who.startswith("did:"):
             return who
-        files = snap.files("identities")
-        if not files:
-            return None
-        # The handle's current holder: among DIDs that ever had it, one whose latest handle it is.
-        row = cur.execute(
-            """
-            WITH holders AS (
-                SELECT DISTINCT did FROM read_parquet($files)
-                WHERE lower(handle) = $handle
-            )
-            SELECT did, max(time_us) AS t FROM (
-                SELECT did, arg_max(lower(handle), time_us) AS latest, max(time_us) AS time_us
-                FROM read_parquet($files)
-                WHERE did IN (SELECT did FROM holders) AND handle IS NOT NULL
-                GROUP BY did
-            ) WHERE latest = $handle
-            GROUP BY did ORDER BY t DESC LIMIT 1
-            """,
-            {"files": files, "handle": who},
-        ).fetchone()
-        return None if row is None else str(row[0])
+        return self._handles.current(cur, snap).holder_of(who)
 
     def _attach_handles(
-        self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, posts: list[Post]
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        snap: Snapshot,
+        posts: list[Post],
+        rows: list[tuple[Any, ...]],
     ) -> None:
-        files = snap.files("identities")
-        if not files or not posts:
+        if not posts:
             return
-        dids = sorted({p.did for p in posts})
-        rows = cur.execute(
-            """
-            SELECT did, arg_max(handle, time_us) FROM read_parquet($files)
-            WHERE did IN (SELECT unnest($dids)) AND handle IS NOT NULL
-            GROUP BY did
-            """,
-            {"files": files, "dids": dids},
-        ).fetchall()
-        handles = dict(rows)
-        for post in posts:
-            post.handle = handles.get(post.did)
+        index = self._handles.current(cur, snap)
+        hashes = np.array([r[DID_HASH] for r in rows], dtype=np.uint64)
+        for post, handle in zip(posts, index.handles_of(hashes), strict=True):
+            post.handle = handle
 
     def _walk(
         self,
@@ -874,57 +855,135 @@ class _Revs:
         return out
 
 
-# The rows of each table that can hide a post version.
+class _Handles:
+    """The latest handle of each DID seen in identities, keyed by hash(did)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        if table.num_rows:
+            table = table.sort_by([("h", "ascending"), ("time_us", "ascending")])
+            keys = table.column("h").to_numpy()
+            last = np.ones(len(keys), dtype=bool)
+            last[:-1] = keys[1:] != keys[:-1]  # the latest event of each DID sorts last
+            table = table.filter(pa.array(last))
+        self.keys = table.column("h").to_numpy().astype(np.uint64)
+        self.times = table.column("time_us").to_numpy()
+        self.dids = table.column("did")
+        self.handles = table.column("handle")
+        self.lowered = pc.utf8_lower(self.handles)
+
+    def handles_of(self, hashes: np.ndarray) -> list[str | None]:
+        if len(self.keys) == 0:
+            return [None] * len(hashes)
+        pos = np.searchsorted(self.keys, hashes)
+        pos[pos == len(self.keys)] = 0
+        found = self.keys[pos] == hashes
+        return [
+            self.handles[int(i)].as_py() if ok else None for i, ok in zip(pos, found, strict=True)
+        ]
+
+    def holder_of(self, handle: str) -> str | None:
+        """The DID whose latest handle this is (the most recent claim if several)."""
+        rows = np.flatnonzero(pc.equal(self.lowered, handle).to_numpy(zero_copy_only=False))
+        if len(rows) == 0:
+            return None
+        return str(self.dids[int(rows[np.argmax(self.times[rows])])].as_py())
+
+
+# What each index reads from each file: post deletes and post updates can hide a version.
 _HIDING_SQL = {
-    "deletes": "SELECT hash(uri), rev FROM read_parquet($files) WHERE collection = $v",
-    "posts": "SELECT hash(uri), rev FROM read_parquet($files) WHERE operation = $v",
+    "deletes": "SELECT hash(uri) AS h, rev FROM read_parquet($files) WHERE collection = $v",
+    "posts": "SELECT hash(uri) AS h, rev FROM read_parquet($files) WHERE operation = $v",
 }
 _HIDING_VALUE = {"deletes": POST_COLLECTION, "posts": "update"}
+_HANDLES_SQL = (
+    "SELECT hash(did) AS h, did, time_us, handle FROM read_parquet($files) WHERE handle IS NOT NULL"
+)
 
 
-class _HiddenIndex:
-    """The hiding rows of every live deletes and posts file, loaded once per file.
+class _PerFileIndex(Generic[T]):
+    """An in-memory index over the live files of some tables, read once per file.
 
-    64-bit hashes of uris stand in for the uris: a collision (odds about 1e-12 per page at a
-    million deletes) could hide a visible post, never show a deleted one.
+    Files never change once live (a redone batch rewrites identical rows), so each file is read
+    the first time a snapshot lists it; the merged index is rebuilt when the file set changes.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        tables: tuple[str, ...],
+        load: Callable[[duckdb.DuckDBPyConnection, str, str], pa.Table],
+        merge: Callable[[list[pa.Table]], T],
+    ) -> None:
+        self._tables = tables
+        self._load = load
+        self._merge = merge
         self._lock = threading.Lock()
-        self._per_file: dict[str, _Revs] = {}
+        self._per_file: dict[str, pa.Table] = {}
         self._version = -1
-        self._merged = _Revs.merge([])
+        self._merged = merge([])
 
-    def current(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot) -> _Revs:
-        """The index for this snapshot, loading files it has not seen yet."""
+    def current(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot) -> T:
+        """The index for this snapshot, reading the files it has not seen yet."""
         if self._version == snap.version:
             return self._merged
         with self._lock:
             if self._version == snap.version:
                 return self._merged
-            wanted = {(t, p) for t in _HIDING_SQL for p in snap.files(t)}
-            per_file = {p: r for p, r in self._per_file.items() if p in {w[1] for w in wanted}}
-            for table, path in sorted(wanted):
-                if path not in per_file:
-                    per_file[path] = self._load(cur, table, path)
+            wanted = [(t, p) for t in self._tables for p in snap.files(t)]
+            per_file = {}
+            for table, path in wanted:
+                loaded = self._per_file.get(path)
+                if loaded is None:
+                    loaded = self._read(cur, table, path)
+                per_file[path] = loaded
             self._per_file = per_file
-            self._merged = _Revs.merge(list(per_file.values()))
+            self._merged = self._merge([t for t in per_file.values() if t.num_rows])
             self._version = snap.version
             return self._merged
 
-    def _load(self, cur: duckdb.DuckDBPyConnection, table_name: str, path: str) -> _Revs:
+    def _read(self, cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
         try:
-            params = {"files": [path], "v": _HIDING_VALUE[table_name]}
-            table: pa.Table = cur.sql(_HIDING_SQL[table_name], params=params).to_arrow_table()
+            return self._load(cur, table, path)
         except duckdb.IOException:
             if os.path.exists(path):
                 raise
-            return _Revs.merge([])  # retired after our snapshot; its rows live in a newer file
-        if table.num_rows == 0:
-            return _Revs.merge([])
-        keys = table.column(0).to_numpy().astype(np.uint64)
-        revs = pc.cast(table.column(1), pa.binary()).to_numpy(zero_copy_only=False).astype("S")
-        return _Revs(keys, revs)
+            # retired after our snapshot was taken; its rows live in the file that replaced it
+            return pa.table({})
+
+
+def _load_hiding(cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
+    params = {"files": [path], "v": _HIDING_VALUE[table]}
+    out: pa.Table = cur.sql(_HIDING_SQL[table], params=params).to_arrow_table()
+    return out
+
+
+def _merge_hiding(tables: list[pa.Table]) -> _Revs:
+    if not tables:
+        return _Revs.merge([])
+    parts = []
+    for table in tables:
+        keys = table.column("h").to_numpy().astype(np.uint64)
+        revs = pc.cast(table.column("rev"), pa.binary()).to_numpy(zero_copy_only=False)
+        parts.append(_Revs(keys, revs.astype("S")))
+    return _Revs.merge(parts)
+
+
+def _load_handles(cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
+    out: pa.Table = cur.sql(_HANDLES_SQL, params={"files": [path]}).to_arrow_table()
+    return out
+
+
+def _merge_handles(tables: list[pa.Table]) -> _Handles:
+    if not tables:
+        schema = pa.schema(
+            [
+                ("h", pa.uint64()),
+                ("did", pa.string()),
+                ("time_us", pa.int64()),
+                ("handle", pa.string()),
+            ]
+        )
+        return _Handles(schema.empty_table())
+    return _Handles(pa.concat_tables(tables, promote_options="permissive"))
 
 
 def _windows(
@@ -932,38 +991,72 @@ def _windows(
 ) -> Iterator[tuple[int, int, list[str]]]:
     """Disjoint time windows [lo, hi) in walk order, each with the files overlapping it.
 
-    Window edges come from row-group boundaries; each window covers about four times the rows
-    of the one before, so a page that fills early reads little and a full scan takes few queries.
+    Rows are assumed spread evenly over each row group's time range, which gives an estimate of
+    the rows before any instant; window edges are placed so that each window holds about four
+    times the rows of the one before, starting small. DuckDB applies the time bounds inside the
+    scan, so a window narrower than a row group still spares the text matching of the rows
+    outside it: a page that fills early reads little, and a full scan takes a few queries.
     """
     if not segments:
         return
     lo_edge = min(s.min_t for s in segments) if lo_bound is None else lo_bound
     hi_edge = max(s.max_t for s in segments) + 1 if hi_bound is None else hi_bound
-    if latest:
-        ordered = sorted(segments, key=lambda s: -s.max_t)
-    else:
-        ordered = sorted(segments, key=lambda s: s.min_t)
-    target, taken = FIRST_WINDOW_ROWS, 0
-    edge = hi_edge if latest else lo_edge
-    reach = edge  # the farthest time the segments taken so far extend to
-    for i, seg in enumerate(ordered):
-        taken += seg.rows
-        reach = min(reach, seg.min_t) if latest else max(reach, seg.max_t + 1)
-        last = i == len(ordered) - 1
-        if taken < target and not last:
-            continue
-        if latest:
-            lo = lo_edge if last else max(reach, lo_edge)
-            if lo < edge:
-                yield lo, edge, _overlapping(segments, lo, edge)
-                edge = lo
-        else:
-            hi = hi_edge if last else min(reach, hi_edge)
-            if hi > edge:
-                yield edge, hi, _overlapping(segments, edge, hi)
-                edge = hi
-        taken = 0
+    if lo_edge >= hi_edge:
+        return
+    cumulative = _RowEstimate(segments, lo_edge, hi_edge)
+    total = cumulative.rows_before(hi_edge)
+    target, done, edge = float(FIRST_WINDOW_ROWS), 0.0, hi_edge if latest else lo_edge
+    while (edge > lo_edge) if latest else (edge < hi_edge):
+        done += target
         target *= WINDOW_GROWTH
+        if done >= total:
+            nxt = lo_edge if latest else hi_edge
+        else:
+            nxt = cumulative.instant_with(total - done if latest else done)
+            nxt = max(nxt, lo_edge) if latest else min(nxt, hi_edge)
+            if nxt == edge:
+                continue  # not even one microsecond yet: widen
+        lo, hi = (nxt, edge) if latest else (edge, nxt)
+        yield lo, hi, _overlapping(segments, lo, hi)
+        edge = nxt
+
+
+class _RowEstimate:
+    """Estimated rows before an instant, from row-group time ranges (piecewise linear)."""
+
+    def __init__(self, segments: list[Segment], lo: int, hi: int) -> None:
+        changes: dict[int, float] = {lo: 0.0, hi: 0.0}
+        for seg in segments:
+            start, stop = seg.min_t, seg.max_t + 1
+            density = seg.rows / (stop - start)
+            start, stop = max(start, lo), min(stop, hi)
+            if start >= stop:
+                continue
+            changes[start] = changes.get(start, 0.0) + density
+            changes[stop] = changes.get(stop, 0.0) - density
+        self.points = sorted(changes)
+        self.rows: list[float] = []
+        self.density: list[float] = []  # rows per microsecond after each point
+        acc, density, previous = 0.0, 0.0, self.points[0]
+        for point in self.points:
+            acc += density * (point - previous)
+            density += changes[point]
+            self.rows.append(acc)
+            self.density.append(density)
+            previous = point
+
+    def rows_before(self, instant: int) -> float:
+        i = bisect.bisect_right(self.points, instant) - 1
+        return self.rows[i] + self.density[i] * (instant - self.points[i])
+
+    def instant_with(self, rows: float) -> int:
+        """The earliest instant with about `rows` estimated rows before it."""
+        i = max(bisect.bisect_left(self.rows, rows) - 1, 0)
+        while i + 1 < len(self.points) and self.rows[i + 1] < rows:
+            i += 1
+        if self.density[i] <= 0:
+            return self.points[min(i + 1, len(self.points) - 1)]
+        return min(self.points[i] + int((rows - self.rows[i]) / self.density[i]), self.points[-1])
 
 
 def _overlapping(segments: list[Segment], lo: int, hi: int) -> list[str]:

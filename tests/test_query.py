@@ -89,12 +89,23 @@ def test_windows_cover_every_time_once_in_walk_order(latest: bool) -> None:
         assert set(files) == wanted
 
 
-def test_first_window_is_small_and_windows_grow() -> None:
-    segments = [Segment("f", i * 100, i * 100 + 99, 65_536) for i in range(40)]
+def test_windows_start_small_inside_a_row_group_and_grow_fourfold() -> None:
+    # 40 row groups of 65,536 rows, each over 100 µs: 655.36 rows per µs
+    segments = [Segment(f"f{i // 4}", i * 100, i * 100 + 99, 65_536) for i in range(40)]
     windows = list(_windows(segments, True, None, None))
-    assert windows[0][0] == 3900  # the newest row group alone
-    sizes = [(hi - lo) // 100 for lo, hi, _ in windows]
-    assert sizes[:3] == [1, 4, 16]
+    spans = [hi - lo for lo, hi, _ in windows]
+    assert spans[:4] == [25, 100, 400, 1600]  # 16k, 64k, 256k, 1M rows
+    assert windows[0][1] == 4000 and windows[0][2] == ["f9"]
+    oldest = list(_windows(segments, False, 1000, None))
+    assert [(lo, hi) for lo, hi, _ in oldest[:2]] == [(1000, 1025), (1025, 1125)]
+
+
+def test_windows_over_single_instant_segments() -> None:
+    segments = [Segment("a", 50, 50, 3), Segment("b", 50, 50, 2), Segment("c", 10, 90, 1)]
+    windows = list(_windows(segments, True, None, None))
+    assert windows[0][1] == 91 and windows[-1][0] == 10
+    covered = [t for lo, hi, _ in windows for t in range(lo, hi)]
+    assert sorted(covered) == list(range(10, 91))
 
 
 # --- search semantics on the engine ----------------------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +62,7 @@ class StoreSpec:
     days: int
     files_per_day: int
     row_group_size: int
+    zstd_level: int
     seed: int = 7
 
     def key(self) -> dict[str, int]:
@@ -69,6 +72,7 @@ class StoreSpec:
             "days": self.days,
             "files_per_day": self.files_per_day,
             "row_group_size": self.row_group_size,
+            "zstd_level": self.zstd_level,
             "seed": self.seed,
         }
 
@@ -302,6 +306,7 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
                     f"compacted-{part:02d}",
                     sorting_columns=sorting,
                     row_group_size=spec.row_group_size,
+                    zstd_level=spec.zstd_level,
                 )
                 files[table_name].append(str(path.relative_to(store)))
         posts_written += n
@@ -336,6 +341,189 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
     return meta
 
 
+# --- measuring --------------------------------------------------------------------------------
+
+FILTERS = ("none", "1d", "7d", "author")
+PLAIN_COLUMNS = (
+    "uri, did, rev, time_us, created_at, text, langs, reply_parent, reply_root, quote_uri, "
+    "embed_kind, external_uri, links, mentions, tags"
+)
+
+
+class _Api:
+    """A real `appliance serve` subprocess over the store, result cache off."""
+
+    def __init__(self, store: Path, threads: int, workdir: Path) -> None:
+        from appliance.config import load_settings, to_environ
+
+        port = _free_port()
+        settings = load_settings(
+            environ={},
+            data_dir=str(store.resolve()),
+            api_port=port,
+            api_workers=1,
+            cache_entries=0,  # measure the query, not the cache
+            query_timeout_s=600.0,
+            duckdb_threads=threads,
+            log_format="json",
+            log_level="WARNING",
+        )
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = workdir / "bench-query-serve.log"
+        env = {**os.environ, **to_environ(settings)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "serve"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        began = time.perf_counter()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"appliance serve exited: {self.log.read_text()[-2000:]}")
+            try:
+                if self.get("/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.perf_counter() - began > 300:
+                self.stop()
+                raise TimeoutError("appliance serve did not become ready")
+            time.sleep(0.2)
+        self.ready_s = time.perf_counter() - began
+
+    def get(self, path: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
+        url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        try:
+            with urllib.request.urlopen(url, timeout=900) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _day_us(day: str) -> int:
+    return int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()) * 1_000_000
+
+
+def _case(meta: dict[str, Any], word: str, flt: str) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """API params, the plain query's extra WHERE and its params for one case."""
+    last = datetime.fromisoformat(meta["last_day"])
+    params = {"q": f'"{word}"' if " " in word else word, "limit": "50"}
+    where, bound = "", {}
+    if flt in ("1d", "7d"):
+        since = (last - timedelta(days=0 if flt == "1d" else 6)).strftime("%Y-%m-%d")
+        until = (last + timedelta(days=1)).strftime("%Y-%m-%d")
+        params.update(since=since, until=until)
+        where = " AND time_us >= $since AND time_us < $until"
+        bound = {"since": _day_us(since), "until": _day_us(until)}
+    elif flt == "author":
+        params["author"] = meta["author_handle"]
+        where, bound = " AND did = $did", {"did": meta["author_did"]}
+    return params, where, bound
+
+
+def _timed(fn: Any, runs: int) -> tuple[list[float], Any]:
+    fn()  # one unmeasured run: both sides then read from a warm page cache
+    times, result = [], None
+    for _ in range(runs):
+        began = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - began)
+    return times, result
+
+
+def measure(store: Path, meta: dict[str, Any], runs: int, threads: int) -> dict[str, Any]:
+    """Every case through the API and as the plain DuckDB query; exports in each format."""
+    import duckdb
+
+    manifest = storage.read_manifest(store)
+    files = [str(store / p) for p in manifest.table_files("posts")]
+    plain = duckdb.connect(config={"threads": threads})
+    api = _Api(store, threads, store.parent)
+    print(
+        f"API ready in {api.ready_s:.1f} s (file statistics and visibility index loaded)",
+        flush=True,
+    )
+    out: dict[str, Any] = {"posts": meta["posts"], "runs": runs, "cases": {}}
+    try:
+        for name, word in PROBES.items():
+            for flt in FILTERS:
+                params, where, bound = _case(meta, word, flt)
+
+                def via_api(params: dict[str, str] = params) -> int:
+                    status, body = api.get("/v1/search", params)
+                    if status != 200:
+                        raise RuntimeError(f"/v1/search {params}: {status} {body[:300]!r}")
+                    return len(json.loads(body)["posts"])
+
+                sql = (
+                    f"SELECT {PLAIN_COLUMNS} FROM read_parquet($files) "
+                    f"WHERE text ILIKE $pattern{where} ORDER BY time_us DESC LIMIT 50"
+                )
+                plain_params = {"files": files, "pattern": f"%{word}%", **bound}
+
+                def via_duckdb(sql: str = sql, plain_params: dict[str, Any] = plain_params) -> int:
+                    return len(plain.execute(sql, plain_params).fetchall())
+
+                api_times, api_rows = _timed(via_api, runs)
+                plain_times, plain_rows = _timed(via_duckdb, runs)
+                case = {
+                    "api_median_s": round(median(api_times), 4),
+                    "api_p95_s": round(p95(api_times), 4),
+                    "plain_median_s": round(median(plain_times), 4),
+                    "plain_p95_s": round(p95(plain_times), 4),
+                    "api_rows": api_rows,
+                    "plain_rows": plain_rows,
+                }
+                case["api_over_plain"] = round(case["api_median_s"] / case["plain_median_s"], 3)
+                out["cases"][f"{name}_{flt}"] = case
+                print(
+                    f"{name:>6} {flt:>6}: API median {case['api_median_s']:.3f} s "
+                    f"(p95 {case['api_p95_s']:.3f}, {api_rows} rows)   plain DuckDB median "
+                    f"{case['plain_median_s']:.3f} s (p95 {case['plain_p95_s']:.3f}, "
+                    f"{plain_rows} rows)   ratio {case['api_over_plain']}",
+                    flush=True,
+                )
+        for fmt in ("csv", "jsonl", "parquet"):
+            export_params = {"q": COMMON_WORD, "format": fmt, "limit": "1000"}
+
+            def export(export_params: dict[str, str] = export_params) -> int:
+                status, body = api.get("/v1/export", export_params)
+                if status != 200:
+                    raise RuntimeError(f"/v1/export {export_params}: {status}")
+                return len(body)
+
+            times, size = _timed(export, runs)
+            out[f"export_{fmt}_1000_median_s"] = round(median(times), 4)
+            out[f"export_{fmt}_1000_p95_s"] = round(p95(times), 4)
+            out[f"export_{fmt}_1000_bytes"] = size
+            print(f"export {fmt:>7}: 1000 rows in {median(times):.3f} s median, {size:,} bytes")
+    finally:
+        api.stop()
+        plain.close()
+    cases = out["cases"]
+    for name in PROBES:
+        out[f"{name}_first_page_median_s"] = cases[f"{name}_none"]["api_median_s"]
+        out[f"plain_duckdb_{name}_median_s"] = cases[f"{name}_none"]["plain_median_s"]
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
@@ -345,12 +533,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--posts", type=int, default=25_000_000, help="posts in the store")
     parser.add_argument("--days", type=int, default=30, help="days the posts span")
-    parser.add_argument("--files-per-day", type=int, default=2, help="Parquet files per day")
-    parser.add_argument("--row-group-size", type=int, default=131_072, help="rows per row group")
+    # the defaults are what `appliance compact` leaves for a closed day
+    parser.add_argument("--files-per-day", type=int, default=1, help="Parquet files per day")
+    parser.add_argument("--row-group-size", type=int, default=262_144, help="rows per row group")
+    parser.add_argument("--zstd-level", type=int, default=9, help="zstd level of the files")
     parser.add_argument("--build-only", action="store_true", help="build the store and stop")
+    parser.add_argument("--runs", type=int, default=5, help="measured runs per case (>= 5)")
+    parser.add_argument("--threads", type=int, default=2, help="DuckDB threads, API and plain")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    spec = StoreSpec(args.posts, args.days, args.files_per_day, args.row_group_size)
+    spec = StoreSpec(
+        args.posts, args.days, args.files_per_day, args.row_group_size, args.zstd_level
+    )
     meta = build_store(args.store, spec)
-    return {"posts": meta["posts"]}
+    if args.build_only:
+        return {"posts": meta["posts"], "build_s": meta["build_s"]}
+    load = os.getloadavg()
+    print(f"load average before the run: {load[0]:.2f} (2 shared cores: figures vary)", flush=True)
+    figures = measure(args.store, meta, max(args.runs, 5), args.threads)
+    figures["load_average_before"] = round(load[0], 2)
+    figures["load_average_after"] = round(os.getloadavg()[0], 2)
+    figures["probe_counts"] = meta["probe_counts"]
+    figures["store_layout"] = meta["spec"]
+    return figures
