@@ -31,8 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import duckdb
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,7 +59,7 @@ from appliance.api_models import (
 )
 from appliance.config import Settings
 from appliance.logs import setup_logging
-from appliance.query import InvalidQuery, Post, QueryEngine, QueryTimeout
+from appliance.query import InvalidQuery, Post, QueryEngine, QueryError, QueryTimeout
 
 log = logging.getLogger("appliance.api")
 access_log = logging.getLogger("appliance.api.access")
@@ -158,7 +159,7 @@ async def export(request: Request) -> HTTPResponse | None:
         content_type=writer.content_type,
         headers={"Content-Disposition": f'attachment; filename="posts-{stamp}.{writer.extension}"'},
     )
-    rows = 0
+    rows, status = 0, 200
     try:
         await response.send(writer.begin())
         batch = first
@@ -168,15 +169,24 @@ async def export(request: Request) -> HTTPResponse | None:
             batch = await _blocking(request, next, batches, None)
         await response.send(writer.end())
         await response.eof()
-    except QueryTimeout:
-        # Headers are out; all we can do is end the stream short and say so in the log.
-        log.warning("export interrupted by the query timeout", extra={"rows": rows})
-        raise
+    except (QueryError, duckdb.Error) as exc:
+        # Headers and rows are out: cut the connection without the final chunk, so the client
+        # sees an incomplete download instead of a short file that looks whole.
+        status = 504 if isinstance(exc, QueryTimeout) else 500
+        log.warning(
+            "export cut short",
+            extra={
+                "rows": rows,
+                "error": f"{type(exc).__name__}: {exc}",
+                "request_id": _request_id(request),
+            },
+        )
+        cast(asyncio.Transport, request.transport).abort()
     finally:
         batches.close()
         metrics.api_export_rows.labels(params.format).inc(rows)
         metrics.api_query_seconds.labels("export").observe(time.perf_counter() - began)
-        _record(request, 200)
+        _record(request, status)
     return None
 
 

@@ -19,6 +19,7 @@ from sanic_testing.reusable import ReusableClient
 
 from appliance.api import create_app
 from appliance.config import Settings
+from appliance.query import QueryEngine, QueryTimeout
 from tests.conftest import T0_US, ParquetData, free_port, make_settings
 
 SEC = 1_000_000
@@ -385,6 +386,24 @@ def test_export_caps_rows_and_refuses_a_limit_over_the_cap(
     b = api(result_limit=False, export_hard_cap=1050)
     assert len(b.get("/v1/export", {"format": "jsonl"}).text.splitlines()) == 1050
     b.error("/v1/export", {"limit": 1051}, status=413)
+
+
+def test_an_export_cut_short_after_its_headers_ends_as_an_incomplete_download(
+    api: Callable[..., Api], many: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = QueryEngine.export
+
+    def times_out_after_one_batch(self: QueryEngine, filters: Any, max_rows: int) -> Any:
+        batches = real(self, filters, max_rows)
+        yield next(batches)
+        raise QueryTimeout("interrupted")
+
+    monkeypatch.setattr(QueryEngine, "export", times_out_after_one_batch)
+    a = api()
+    with pytest.raises(ValueError, match="Request and response object expected"):
+        # sanic-testing reports no response: its httpx client got "peer closed connection
+        # without sending complete message body" rather than a short file that looks whole
+        a.get("/v1/export", {"format": "csv"})
 
 
 # --- errors ----------------------------------------------------------------------------------
