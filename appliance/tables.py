@@ -13,7 +13,6 @@ earlier batches are removed later (`batch.py`) against the stored key columns.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,8 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from msgspec import Struct, field
 
-from appliance.events import AccountEvent, CommitEvent, Event, IdentityEvent, at_uri
-from appliance.storage import COLLECTION_TABLES, SCHEMAS, TABLES
+from appliance import events
+from appliance.events import CommitEvent, Event, IdentityEvent, Rejected
+from appliance.storage import COLLECTION_TABLES, SCHEMAS, TABLES, table_for
 
 # --- record shapes we read (everything else in a record is skipped by the decoder) -----------
 
@@ -304,6 +304,47 @@ def timestamps(values: list[str | None]) -> tuple[pa.Array, int]:
     return pa.array(parsed, type=pa.int64()).cast(_TS_TYPE), bad
 
 
+# --- decoding ----------------------------------------------------------------------------
+
+_decode_array = msgspec.json.Decoder(list[Event]).decode
+
+
+def decode_frames(
+    frames: list[bytes], now: int, max_bytes: int = 1_000_000
+) -> tuple[list[Event], list[tuple[bytes, Rejected]]]:
+    """(events, rejected frames): `events.decode` applied to each frame, in fewer calls.
+
+    The frames are decoded as one JSON array with the same event model, then each event is
+    checked with `events.validate`, which is what `events.decode` does per frame; if the array
+    does not decode (some frame is malformed) or is too large, each frame goes through
+    `events.decode` so that the bad ones get their exact reason.
+    """
+    if frames and max(map(len, frames)) <= max_bytes:
+        try:
+            decoded = _decode_array(b"[" + b",".join(frames) + b"]")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            decoded = None
+        if decoded is not None and len(decoded) == len(frames):
+            good: list[Event] = []
+            bad: list[tuple[bytes, Rejected]] = []
+            validate = events.validate
+            for frame, event in zip(frames, decoded, strict=True):
+                try:
+                    validate(event, now)
+                except Rejected as exc:
+                    bad.append((frame, exc))
+                    continue
+                good.append(event)
+            return good, bad
+    good, bad = [], []
+    for frame in frames:
+        try:
+            good.append(events.decode(frame, now, max_bytes))
+        except Rejected as exc:
+            bad.append((frame, exc))
+    return good, bad
+
+
 # --- the builder ---------------------------------------------------------------------------
 
 # Position of created_at/time in each table's row tuple (parsed column-wise at conversion).
@@ -314,7 +355,7 @@ _TIME_COLUMN = {
 }
 
 Row = tuple[Any, ...]
-Mark = tuple[dict[str, int], int, int]
+Mark = tuple[dict[str, int], dict[str, int]]
 
 
 class TableBuilder:
@@ -324,32 +365,40 @@ class TableBuilder:
     way, so one bad entry never leaves half its events in the batch.
     """
 
-    def __init__(self, chunk_rows: int = 65_536) -> None:
+    def __init__(self, chunk_rows: int = 65_536, max_bytes: int = 1_000_000) -> None:
         self.chunk_rows = chunk_rows
+        self.max_bytes = max_bytes  # frames larger than this are rejected as oversized
         self.rows: dict[str, list[Row]] = {t: [] for t in TABLES}
         self.chunks: dict[str, list[pa.RecordBatch]] = {t: [] for t in TABLES}
+        self.converted: dict[str, int] = dict.fromkeys(TABLES, 0)  # rows already in chunks
         self.seen: set[tuple[str, str]] = set()
         self.added_keys: list[tuple[str, str]] = []
-        self.events = 0  # events added (after in-batch dedupe)
-        self.duplicates = 0  # events dropped as duplicates inside this batch
+        self.duplicates: dict[str, int] = {}  # per table: events dropped as in-batch duplicates
         self.bad_created_at = 0  # present but unparseable createdAt / time values
         self.lenient_records = 0  # records that needed the lenient path
-        self._add: dict[type, Callable[[Any], None]] = {
-            CommitEvent: self._add_commit,
-            IdentityEvent: self._add_identity,
-            AccountEvent: self._add_account,
-        }
+
+    @property
+    def events(self) -> int:
+        """Events added (after in-batch dedupe)."""
+        return sum(self.converted.values()) + sum(len(r) for r in self.rows.values())
+
+    def routed(self) -> dict[str, int]:
+        """Events routed to each table, duplicates included."""
+        out = {t: self.converted[t] + len(self.rows[t]) for t in TABLES}
+        for table, n in self.duplicates.items():
+            out[table] += n
+        return {t: n for t, n in out.items() if n}
 
     # -- entry-level transactions -------------------------------------------------------
 
     def mark(self) -> Mark:
         """A point to roll back to (call between stream entries)."""
         self.added_keys = []
-        return ({t: len(r) for t, r in self.rows.items()}, self.events, self.duplicates)
+        return ({t: len(r) for t, r in self.rows.items()}, dict(self.duplicates))
 
     def rollback(self, mark: Mark) -> None:
         """Forget every row added since `mark`."""
-        lengths, self.events, self.duplicates = mark
+        lengths, self.duplicates = mark
         for table, n in lengths.items():
             del self.rows[table][n:]
         self.seen.difference_update(self.added_keys)
@@ -360,33 +409,77 @@ class TableBuilder:
         for table, rows in self.rows.items():
             if len(rows) >= self.chunk_rows:
                 self.chunks[table].append(self._convert(table, rows))
+                self.converted[table] += len(rows)
                 self.rows[table] = []
 
     # -- adding events ------------------------------------------------------------------
 
     def add(self, event: Event) -> None:
         """Add one decoded event (dropped if its natural key is already in this batch)."""
-        self._add[type(event)](event)
+        row: Row
+        if isinstance(event, CommitEvent):
+            self._add_commit(event)
+        elif isinstance(event, IdentityEvent):
+            i = event.identity
+            row = (event.did, i.seq, event.time_us, i.time, i.handle)
+            self._add_keyed("identities", (event.did, str(i.seq)), row)
+        else:
+            a = event.account
+            row = (event.did, a.seq, event.time_us, a.time, a.active, a.status)
+            self._add_keyed("accounts", (event.did, str(a.seq)), row)
 
-    def _seen(self, key: tuple[str, str]) -> bool:
+    def add_frames(self, frames: list[bytes], now: int) -> list[tuple[bytes, Rejected]]:
+        """Decode (schema and validation, as `events.decode`) and add frames.
+
+        The hot path of the batcher, written as one loop; returns the frames that failed to
+        decode with their Rejected error (the caller dead-letters them).
+        """
+        decoded, rejected = decode_frames(frames, now, self.max_bytes)
+        seen = self.seen
+        added = self.added_keys
+        add_commit = self._add_commit
+        for ev in decoded:
+            if type(ev) is CommitEvent:
+                c = ev.commit
+                uri = f"at://{ev.did}/{c.collection}/{c.rkey}"
+                key = (uri, c.rev)
+                if key in seen:
+                    self._duplicate(ev)
+                    continue
+                seen.add(key)
+                added.append(key)
+                add_commit(ev, uri)
+            else:
+                self.add(ev)
+        return rejected
+
+    def _duplicate(self, ev: Event) -> None:
+        table = table_for(ev)
+        self.duplicates[table] = self.duplicates.get(table, 0) + 1
+
+    def _add_keyed(self, table: str, key: tuple[str, str], row: Row) -> None:
         if key in self.seen:
-            self.duplicates += 1
-            return True
+            self.duplicates[table] = self.duplicates.get(table, 0) + 1
+            return
         self.seen.add(key)
         self.added_keys.append(key)
-        self.events += 1
-        return False
+        self.rows[table].append(row)
 
-    def _add_commit(self, ev: CommitEvent) -> None:
+    def _add_commit(self, ev: CommitEvent, uri: str | None = None) -> None:
+        """Add a commit; `uri` given means the caller already checked and recorded its key."""
         c = ev.commit
-        uri = at_uri(ev.did, c.collection, c.rkey)
-        if self._seen((uri, c.rev)):
-            return
+        if uri is None:
+            uri = f"at://{ev.did}/{c.collection}/{c.rkey}"
+            key = (uri, c.rev)
+            if key in self.seen:
+                self._duplicate(ev)
+                return
+            self.seen.add(key)
+            self.added_keys.append(key)
         if c.operation == "delete":
             self.rows["deletes"].append((uri, ev.did, c.collection, c.rkey, c.rev, ev.time_us))
             return
         table = COLLECTION_TABLES.get(c.collection, "records")
-        head = (uri, ev.did, c.rkey, c.rev, c.cid)
         raw = c.record
         row: Row
         if table == "likes" or table == "reposts":
@@ -394,7 +487,11 @@ class TableBuilder:
                 r = _decode_subject(raw)
                 subject = r.subject
                 row = (
-                    *head,
+                    uri,
+                    ev.did,
+                    c.rkey,
+                    c.rev,
+                    c.cid,
                     c.operation,
                     ev.time_us,
                     r.created_at,
@@ -405,14 +502,21 @@ class TableBuilder:
                 self.lenient_records += 1
                 rec = _decode_json(raw)
                 row = (
-                    *head,
+                    uri,
+                    ev.did,
+                    c.rkey,
+                    c.rev,
+                    c.cid,
                     c.operation,
                     ev.time_us,
                     _str(_get(rec, "createdAt")),
                     _str(_get(rec, "subject", "uri")),
                     _str(_get(rec, "subject", "cid")),
                 )
-        elif table == "posts":
+            self.rows[table].append(row)
+            return
+        head = (uri, ev.did, c.rkey, c.rev, c.cid)
+        if table == "posts":
             try:
                 p = _decode_post(raw)
                 text, created, fields = p.text, p.created_at, post_fields(p)
@@ -446,16 +550,6 @@ class TableBuilder:
             )
         self.rows[table].append(row)
 
-    def _add_identity(self, ev: IdentityEvent) -> None:
-        i = ev.identity
-        if not self._seen((ev.did, str(i.seq))):
-            self.rows["identities"].append((ev.did, i.seq, ev.time_us, i.time, i.handle))
-
-    def _add_account(self, ev: AccountEvent) -> None:
-        a = ev.account
-        if not self._seen((ev.did, str(a.seq))):
-            self.rows["accounts"].append((ev.did, a.seq, ev.time_us, a.time, a.active, a.status))
-
     # -- conversion -----------------------------------------------------------------------
 
     def _convert(self, table: str, rows: list[Row]) -> pa.RecordBatch:
@@ -478,6 +572,7 @@ class TableBuilder:
         for table in TABLES:
             if self.rows[table]:
                 self.chunks[table].append(self._convert(table, self.rows[table]))
+                self.converted[table] += len(self.rows[table])
                 self.rows[table] = []
             if self.chunks[table]:
                 out[table] = pa.Table.from_batches(self.chunks[table], schema=SCHEMAS[table])

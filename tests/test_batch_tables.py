@@ -234,7 +234,7 @@ def test_duplicates_inside_a_batch_are_dropped_by_natural_key() -> None:
     a = commit({"text": "a"}, rkey="3aaaaaaaaaaa2")
     update = commit({"text": "a2"}, rkey="3aaaaaaaaaaa2", rev="3mptbypcq37af", operation="update")
     builder, tables = build(a, a, update, a)
-    assert builder.duplicates == 2
+    assert builder.duplicates == {"posts": 2}
     assert [r["text"] for r in tables["posts"].to_pylist()] == ["a", "a2"]
 
 
