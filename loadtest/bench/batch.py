@@ -1,0 +1,372 @@
+"""Batch benchmark: one batch the size of a 5-minute window at 10x the live firehose.
+
+Generates the events (loadtest.firehose), then measures:
+
+1. the in-process batch pipeline in a fresh child process (stream entries → decode → Arrow →
+   dedupe → Parquet → manifest), timed per stage, with its peak RSS;
+2. the whole path through a real redis-server (XADD entries, then `appliance batch` as a
+   subprocess: XREADGROUP → files → XACK → trim), from its own log line, with its peak RSS;
+3. storage: Parquet bytes per event against the raw JSON and the same events as zstd JSON lines
+   (level 3), for posts and for all events; the same after compaction; and encoding variants
+   measured on the same rows (zstd levels, the uri column left out, CIDs as binary, CIDs left
+   out) so that the choice of layout rests on numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from appliance import events, storage
+from loadtest.bench import peak_rss_mb
+
+FIVE_MINUTES_AT_10X_PER_DAY = 144_000_000  # 500k events per 5 minutes
+LIVE_POPULATION = 1_012_500  # DIDs active per day at the live rate (8.1M events / 8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=int, default=500_000, help="events in the batch")
+    parser.add_argument("--seed", type=int, default=1, help="generator seed")
+    parser.add_argument(
+        "--per-day",
+        type=int,
+        default=FIVE_MINUTES_AT_10X_PER_DAY,
+        help="stream rate (events per day of stream time); default: 500k per 5 minutes",
+    )
+    parser.add_argument(
+        "--population", type=int, default=LIVE_POPULATION, help="distinct DIDs in the stream"
+    )
+    parser.add_argument(
+        "--entry-events", type=int, default=100, help="events per stream entry (as the ingester)"
+    )
+    parser.add_argument("--skip-redis", action="store_true", help="skip the path through Redis")
+    parser.add_argument("--skip-variants", action="store_true", help="skip encoding variants")
+    parser.add_argument("--workdir", help="directory for the data (default: a temporary one)")
+
+
+# --- the child: the in-process pipeline ------------------------------------------------------
+
+
+def _child(frames_path: str, data_dir: str, entry_events: int) -> None:
+    """Run one batch over the frames file; print the figures as JSON (runs in a fresh process)."""
+    from appliance import batch as batch_mod
+    from appliance.buffer import pack
+    from appliance.config import load_settings
+
+    settings = load_settings(environ={}, data_dir=data_dir, compact_auto=False)
+    lines = Path(frames_path).read_bytes().split(b"\n")
+    frames = [line for line in lines if line]
+    del lines
+    # Stream entries as XREADGROUP returns them, 200 entries per read.
+    entries = [
+        (f"1-{i}", pack(frames[j : j + entry_events]))
+        for i, j in enumerate(range(0, len(frames), entry_events))
+    ]
+    del frames
+    rss_before = peak_rss_mb()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    batch = batch_mod.Batch("new")
+    for i in range(0, len(entries), 200):
+        batch.add_entries(entries[i : i + 200])
+    transformed = time.perf_counter()
+    tables = batch.tables()
+    built = time.perf_counter()
+    written = batch_mod.write_batch(settings, batch, batch_mod.StoredKeys())
+    finished = time.perf_counter()
+    figures = {
+        "batch_events": batch.frames,
+        "rows": sum(t.num_rows for t in tables.values()),
+        "decode_route_seconds": transformed - started,
+        "arrow_finish_seconds": built - transformed,
+        "write_seconds": finished - built,
+        "batch_seconds": finished - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_input_mb": rss_before,
+        "bytes": written.bytes,
+        "rows_by_table": written.rows,
+    }
+    print(json.dumps(figures))
+
+
+def _run_child(frames_path: Path, data_dir: Path, entry_events: int) -> dict[str, Any]:
+    code = (
+        "import sys; from loadtest.bench.batch import _child; "
+        f"_child({str(frames_path)!r}, {str(data_dir)!r}, {entry_events})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, check=False, cwd=os.getcwd()
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"batch child failed: {out.stderr.decode()[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+# --- the path through Redis -----------------------------------------------------------------
+
+
+def _through_redis(frames: list[bytes], workdir: Path, entry_events: int) -> dict[str, Any]:
+    import redis
+
+    from appliance.buffer import pack
+    from appliance.config import load_settings, to_environ
+    from appliance.redis_server import start_redis
+    from tests.conftest import free_port  # loadtest may import tests' helpers
+
+    settings = load_settings(
+        environ={},
+        data_dir=str(workdir / "redis-path-data"),
+        redis_dir=str(workdir / "redis"),
+        redis_port=free_port(),
+        redis_password=os.urandom(12).hex(),
+        redis_maxmemory="4gb",
+        batch_port=free_port(),
+        batch_interval_s=600,
+        batch_max_events=len(frames),
+        compact_auto=False,
+        log_format="json",
+    )
+    server = start_redis(settings)
+    batcher = None
+    try:
+        client = redis.Redis(port=settings.redis_port, password=settings.redis_password)
+        pipe = client.pipeline(transaction=False)
+        for i in range(0, len(frames), entry_events):
+            pipe.xadd(settings.stream_key, pack(frames[i : i + entry_events]))  # type: ignore[arg-type]
+            if len(pipe) >= 500:
+                pipe.execute()
+        pipe.execute()
+        log_path = workdir / "batcher.log"
+        env = {**os.environ, **to_environ(settings)}
+        with open(log_path, "wb") as log:
+            batcher = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "batch"], env=env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 600
+        line: dict[str, Any] | None = None
+        peak = 0.0
+        while line is None:
+            if batcher.poll() is not None:
+                raise RuntimeError(f"batcher exited: {log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the batcher did not write the batch in 600 s")
+            peak = max(peak, peak_rss_mb(batcher.pid))
+            for text in log_path.read_text().splitlines():
+                if text.startswith("{") and json.loads(text)["msg"] == "batch written":
+                    line = json.loads(text)
+            time.sleep(0.2)
+        peak = max(peak, peak_rss_mb(batcher.pid))
+        left = client.xlen(settings.stream_key)
+        client.close()
+        return {
+            "redis_batch_seconds": line["collect_seconds"] + line["seconds"],
+            "redis_flush_seconds": line["seconds"],
+            "redis_read_transform_seconds": line["collect_seconds"],
+            "redis_peak_rss_mb": round(peak, 1),
+            "redis_stream_left_after_trim": left,
+        }
+    finally:
+        if batcher is not None and batcher.poll() is None:
+            batcher.terminate()
+            batcher.wait(60)
+        server.terminate()
+        server.wait(30)
+
+
+# --- storage variants -------------------------------------------------------------------------
+
+
+def _cid_binary(column: pa.ChunkedArray) -> pa.Array:
+    out = []
+    for text in column.to_pylist():
+        if text is None:
+            out.append(None)
+            continue
+        body = text[1:].upper()  # multibase "b" = base32 lower case, unpadded
+        out.append(base64.b32decode(body + "=" * (-len(body) % 8)))
+    return pa.array(out, pa.binary())
+
+
+def _encoded_size(table: pa.Table, level: int) -> int:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **storage.writer_options(table.schema, level))
+    return len(buf.getvalue())
+
+
+def _variants(data_dir: Path, events_n: int) -> dict[str, float]:
+    """Bytes per event of the same rows under other encodings (measured, in memory)."""
+    tables = {}
+    for table in storage.TABLES:
+        files = list((data_dir / table).glob("date=*/*.parquet"))
+        if files:
+            tables[table] = pa.concat_tables(
+                pq.read_table(f, schema=storage.SCHEMAS[table]) for f in files
+            )
+    out: dict[str, float] = {}
+
+    def total(transform: Any, level: int = 3) -> float:
+        return sum(_encoded_size(transform(n, t), level) for n, t in tables.items()) / events_n
+
+    def same(_: str, t: pa.Table) -> pa.Table:
+        return t
+
+    def sorted_by_time(_: str, t: pa.Table) -> pa.Table:
+        return t.sort_by("time_us")
+
+    def no_uri(name: str, t: pa.Table) -> pa.Table:
+        return t.drop_columns(["uri"]) if "uri" in t.schema.names and name != "deletes" else t
+
+    def cid_binary(_: str, t: pa.Table) -> pa.Table:
+        for column in ("cid", "subject_cid"):
+            if column in t.schema.names:
+                i = t.schema.get_field_index(column)
+                t = t.set_column(i, column, _cid_binary(t[column]))
+        return t
+
+    def no_cids(name: str, t: pa.Table) -> pa.Table:
+        return t.drop_columns([c for c in ("cid", "subject_cid") if c in t.schema.names])
+
+    def no_uri_no_cids(name: str, t: pa.Table) -> pa.Table:
+        return no_cids(name, no_uri(name, t))
+
+    for level in (1, 3, 9, 19):
+        out[f"zstd_{level}"] = total(same, level)
+    out["sorted_by_time_zstd_3"] = total(sorted_by_time)
+    out["cids_binary_zstd_3"] = total(cid_binary)
+    out["without_uri_zstd_3"] = total(no_uri)
+    out["without_cids_zstd_3"] = total(no_cids)
+    out["without_uri_and_cids_zstd_3"] = total(no_uri_no_cids)
+    out["without_uri_and_cids_zstd_9"] = total(no_uri_no_cids, 9)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from loadtest.firehose import FirehoseConfig, generate
+
+    with tempfile.TemporaryDirectory(prefix="bench-batch-", dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        cfg = FirehoseConfig(
+            seed=args.seed,
+            events=args.events,
+            events_per_day=args.per_day,
+            population=args.population,
+        )
+        print(f"generating {args.events} events ...", flush=True)
+        frames = list(generate(cfg))
+        raw_all = sum(len(f) for f in frames)
+        raw_by_table: dict[str, int] = {}
+        now = events.now_us()
+        for frame in frames:
+            try:
+                table = storage.table_for(events.decode(frame, now=now))
+            except events.Rejected:
+                continue
+            raw_by_table[table] = raw_by_table.get(table, 0) + len(frame)
+        frames_path = workdir / "frames.jsonl"
+        frames_path.write_bytes(b"\n".join(frames))
+        zstd_jsonl = len(zstandard.ZstdCompressor(level=3).compress(frames_path.read_bytes()))
+        print(
+            f"raw JSON {raw_all / len(frames):.1f} B/event, "
+            f"zstd-3 JSON lines {zstd_jsonl / len(frames):.1f} B/event",
+            flush=True,
+        )
+
+        data_dir = workdir / "data"
+        child = _run_child(frames_path, data_dir, args.entry_events)
+        n = child["batch_events"]
+        stored_all = sum(child["bytes"].values())
+        stored_posts = child["bytes"].get("posts", 0)
+        figures: dict[str, Any] = {
+            "batch_events": n,
+            "batch_seconds": round(child["batch_seconds"], 3),
+            "rows_per_s": round(child["rows"] / child["batch_seconds"]),
+            "events_per_s": round(n / child["batch_seconds"]),
+            "decode_route_seconds": round(child["decode_route_seconds"], 3),
+            "arrow_finish_seconds": round(child["arrow_finish_seconds"], 3),
+            "write_seconds": round(child["write_seconds"], 3),
+            "cpu_seconds": round(child["cpu_seconds"], 3),
+            "peak_rss_mb": round(child["peak_rss_mb"], 1),
+            "input_rss_mb": round(child["rss_input_mb"], 1),
+            "raw_json_bytes_per_event": round(raw_all / n, 1),
+            "zstd_jsonl_bytes_per_event": round(zstd_jsonl / n, 1),
+            "bytes_per_event_all": round(stored_all / n, 1),
+            "saving_all": round(1 - stored_all / raw_all, 4),
+            "saving_vs_zstd_jsonl": round(1 - stored_all / zstd_jsonl, 4),
+            "bytes_per_post": round(
+                stored_posts / max(1, child["rows_by_table"].get("posts", 0)), 1
+            ),
+            "raw_json_bytes_per_post": round(
+                raw_by_table.get("posts", 0) / max(1, child["rows_by_table"].get("posts", 0)), 1
+            ),
+            "saving_posts": round(1 - stored_posts / max(1, raw_by_table.get("posts", 0)), 4),
+            "bytes_per_row_by_table": {
+                t: round(b / child["rows_by_table"][t], 1) for t, b in child["bytes"].items()
+            },
+        }
+        print(
+            f"in-process batch: {figures['batch_seconds']} s for {n} events "
+            f"({figures['rows_per_s']} rows/s), peak RSS {figures['peak_rss_mb']} MiB",
+            flush=True,
+        )
+
+        if not args.skip_variants:
+            figures["variants_bytes_per_event"] = _variants(data_dir, n)
+
+        # Compaction of the same rows: sorted by time, zstd level 9.
+        from appliance import compact
+        from appliance.config import load_settings
+
+        settings = load_settings(environ={}, data_dir=str(data_dir), compact_grace_s=0)
+        started = time.perf_counter()
+        manifest = storage.read_manifest(data_dir)
+        partitions = sorted(
+            {
+                (t, p.split("/")[1].removeprefix("date="))
+                for t in manifest.files
+                for p in manifest.files[t]
+            },
+            key=lambda td: td[0] != "deletes",
+        )
+        for table, day in partitions:
+            compact.compact_partition(settings, table, day)
+        compact.remove_expired(settings)
+        figures["compact_seconds"] = round(time.perf_counter() - started, 2)
+        compacted = storage.read_manifest(data_dir)
+        sizes = {
+            t: sum((data_dir / p).stat().st_size for p in paths)
+            for t, paths in compacted.files.items()
+        }
+        figures["compacted_bytes_per_event_all"] = round(sum(sizes.values()) / n, 1)
+        figures["compacted_saving_all"] = round(1 - sum(sizes.values()) / raw_all, 4)
+        figures["compacted_saving_posts"] = round(
+            1 - sizes.get("posts", 0) / max(1, raw_by_table.get("posts", 0)), 4
+        )
+
+        if not args.skip_redis:
+            print("through redis-server ...", flush=True)
+            figures.update(_through_redis(frames, workdir, args.entry_events))
+
+        figures["targets"] = {
+            "batch_seconds_le_5": figures["batch_seconds"] <= 5,
+            "saving_all_ge_0.85": figures["saving_all"] >= 0.85,
+            "saving_posts_ge_0.88": figures["saving_posts"] >= 0.88,
+        }
+        return figures
