@@ -6,11 +6,12 @@ because a DuckDB connection is not thread-safe. A timer interrupts the cursor of
 runs past `query_timeout_s`; the request then fails with `QueryTimeout` (HTTP 504).
 
 Plans read no more than they must. Posts files are sorted by time_us within a day (the compactor
-sorts; a batch covers a few minutes), so the engine walks *time windows* built from the row-group
-statistics of the files, newest first for `sort=latest` (oldest first for `oldest`), growing each
-window fourfold, and stops once it holds the rows a page needs. DuckDB prunes the row groups
-outside a window by their statistics, so the first page of a common word reads a few row groups,
-date filters prune whole days, and only a word that is rare scans everything.
+sorts; a batch covers a few minutes), so the engine walks *time windows* placed with the
+row-group statistics of the files, newest first for `sort=latest` (oldest first for `oldest`):
+the first holds about 16k rows, each next one four times more, and the walk stops once it holds
+the rows a page needs. DuckDB skips the row groups outside a window by their statistics and
+applies the time bounds inside the scan, so the first page of a common word matches text in a
+few thousand rows, date filters prune whole days, and only a word that is rare scans everything.
 
 Visibility (DESIGN invariant 4) is applied on every query: a post version is shown only if no
 posts row of its uri has a greater rev and no delete row of its uri has a greater rev. Each worker
@@ -423,7 +424,7 @@ class QueryEngine:
         self._snapshot_lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._manifest_stat: tuple[int, int, int] | None = None
-        self._row_groups: dict[tuple[str, int, int], list[Segment]] = {}
+        self._row_groups: dict[str, list[Segment]] = {}
         self._cache = _LRU(settings.cache_entries)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
         self._hidden = _PerFileIndex(("deletes", "posts"), _load_hiding, _merge_hiding)
@@ -458,20 +459,23 @@ class QueryEngine:
                         )
                 self._snapshot = Snapshot(manifest, days)
                 self._manifest_stat = stat_key
+                live = {p for by_day in days.values() for paths in by_day.values() for p in paths}
+                self._row_groups = {p: s for p, s in self._row_groups.items() if p in live}
             return self._snapshot
 
     def _segments(self, path: str, day: str) -> list[Segment]:
-        """The row groups of a file with their time_us ranges, cached per (path, size, mtime)."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return []  # retired by a compaction after our snapshot; its rows live in the new file
-        key = (path, st.st_size, st.st_mtime_ns)
-        cached = self._row_groups.get(key)
+        """The row groups of a file with their time_us ranges, read once per file.
+
+        A live file never changes (a redone batch rewrites the same rows under the same name).
+        """
+        cached = self._row_groups.get(path)
         if cached is not None:
             return cached
+        try:
+            meta = pq.read_metadata(path)
+        except FileNotFoundError:
+            return []  # retired by a compaction after our snapshot; its rows live in the new file
         day_start = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()) * 1_000_000
-        meta = pq.read_metadata(path)
         column = meta.schema.names.index("time_us")
         segments = []
         for i in range(meta.num_row_groups):
@@ -482,7 +486,7 @@ class QueryEngine:
             else:  # no statistics: assume the whole partition day
                 lo, hi = day_start, day_start + DAY_US - 1
             segments.append(Segment(path, lo, hi, group.num_rows))
-        self._row_groups[key] = segments
+        self._row_groups[path] = segments
         return segments
 
     # --- running queries -----------------------------------------------------------------------
@@ -527,6 +531,8 @@ class QueryEngine:
         cap = self.settings.result_limit_max if self.settings.result_limit else None
         if cursor is not None:
             after, delivered = self.codec.decode(cursor, filters)
+            if cap is not None and delivered >= cap:  # issued before the flag was switched on
+                return SearchResult([], False, True, delivered // limit + 1, None, snap.version)
         else:
             after, delivered = None, (max(page or 1, 1) - 1) * limit
             if cap is not None and delivered >= cap:

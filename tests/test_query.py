@@ -14,6 +14,7 @@ from appliance.config import Settings
 from appliance.query import (
     Filters,
     InvalidQuery,
+    Position,
     QueryEngine,
     QueryTimeout,
     Segment,
@@ -285,3 +286,16 @@ def test_stats_count_rows_per_day_table_and_collection(
     assert stats["deletes_by_collection"] == {"app.bsky.feed.like": 1, "app.bsky.feed.post": 1}
     assert stats["newest_event_at"].isoformat() == "2026-06-02T00:00:05+00:00"
     assert stats["last_batch_at"] is not None and stats["ingest_lag_s"] > 0
+
+
+def test_a_cursor_past_the_limit_from_before_the_flag_was_on_returns_nothing(
+    parquet_data: ParquetData, tmp_path: Path
+) -> None:
+    for i in range(5):
+        parquet_data.post(f"p {i}", t=T0_US + i * SEC)
+    parquet_data.flush()
+    engine = QueryEngine(make_settings(tmp_path, result_limit_max=3), cursor_secret=b"k")
+    token = engine.codec.encode(Filters(), Position(T0_US + 2 * SEC, "at://x"), delivered=3)
+    result = engine.search(Filters(), limit=2, cursor=token)
+    assert result.posts == [] and result.capped and not result.has_more
+    engine.close()
