@@ -92,33 +92,36 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-async def _bare_receive(url: str, events: int) -> float:
-    """Receive `events` frames and nothing else; events/s from the first frame to the last."""
+async def _bare_receive(url: str, events: int) -> tuple[float, float]:
+    """Receive `events` frames and nothing else: events/s and CPU µs/event, first to last frame."""
     from websockets.asyncio.client import connect
 
     async with connect(url, max_size=None, max_queue=WS_MAX_QUEUE, compression=None) as ws:
         await ws.recv(False)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(events - 1):
             await ws.recv(False)
-        return (events - 1) / (time.perf_counter() - start)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return (events - 1) / elapsed, cpu / (events - 1) * 1e6
 
 
 def bare_main(argv: list[str]) -> None:
-    """Entry of the bare-client subprocess: prints its events/s."""
+    """Entry of the bare-client subprocess: prints its events/s and CPU µs per event."""
     url, events = argv[0], int(argv[1])
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        print(runner.run(_bare_receive(url, events)), flush=True)
+        rate, cpu = runner.run(_bare_receive(url, events))
+        print(rate, cpu, flush=True)
 
 
-def _run_bare(url: str, events: int, timeout: float) -> float:
+def _run_bare(url: str, events: int, timeout: float) -> tuple[float, float]:
     out = subprocess.run(
         [sys.executable, "-m", "loadtest.bench.ingest", "bare", url, str(events)],
         capture_output=True,
         timeout=timeout,
         check=True,
     )
-    return float(out.stdout.decode().split()[-1])
+    rate, cpu = out.stdout.decode().split()[-2:]
+    return float(rate), float(cpu)
 
 
 def _run_ingester(
@@ -155,6 +158,8 @@ def _run_ingester(
         assert first is not None
         first_index = (first[1] - cfg.start_us) * cfg.events_per_day // 86_400_000_000
         events = cfg.events - 1 - first_index
+        if events <= 0:
+            raise RuntimeError("drained before the first poll: too few --events to measure")
         elapsed = now - first[0]
         cpu = _cpu_seconds(proc.pid) - cpu_first
         rss = peak_rss_mb(proc.pid)
@@ -163,8 +168,8 @@ def _run_ingester(
         _stop(proc)
         client.close()
     return {
-        "events_per_s": events / elapsed if elapsed > 0 else float("inf"),
-        "cpu_us_per_event": cpu / events * 1e6 if events else 0.0,
+        "events_per_s": events / elapsed,
+        "cpu_us_per_event": cpu / events * 1e6,
         "peak_rss_mb": rss,
         "entries": entries,
     }
@@ -191,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
     )
     bare: list[float] = []
+    bare_cpu: list[float] = []
     server_cpu: list[float] = []
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
     redis_proc = start_redis(base)
@@ -205,12 +211,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for repeat in range(args.repeats):
             cpu_before = _cpu_seconds(replay.pid)
-            rate = _run_bare(url, args.events, args.timeout)
+            rate, cpu = _run_bare(url, args.events, args.timeout)
             server_cpu.append((_cpu_seconds(replay.pid) - cpu_before) / args.events * 1e6)
             bare.append(rate)
+            bare_cpu.append(cpu)
             print(
-                f"[{repeat + 1}/{args.repeats}] bare receive: {rate:,.0f} events/s "
-                f"(replay server {server_cpu[-1]:.1f} µs CPU/event sent)",
+                f"[{repeat + 1}/{args.repeats}] bare receive: {rate:,.0f} events/s, "
+                f"{cpu:.1f} µs CPU/event (replay server {server_cpu[-1]:.1f} µs CPU/event sent)",
                 flush=True,
             )
             for n in sizes:
@@ -235,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "entry_events": head,
         "bare_receive_events_per_s": round(bare_rate),
         "load_average_before": round(load[0], 2),
+        "bare_receive_cpu_us_per_event": round(median(bare_cpu), 2),
         "replay_server_cpu_us_per_event": round(median(server_cpu), 2),
     }
     for n in sizes:
