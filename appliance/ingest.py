@@ -85,6 +85,10 @@ _DID = re.compile(r"did:[a-z]+:[A-Za-z0-9._:%-]{1,2048}")
 _KIND_KEY = {events.IdentityEvent: "identity", events.AccountEvent: "account"}
 
 
+class CursorError(ValueError):
+    """The saved cursor in Redis is not a time_us; resuming from it would guess."""
+
+
 class SubscriptionError(ValueError):
     """The configured wantedCollections / wantedDids are not acceptable to Jetstream."""
 
@@ -242,8 +246,12 @@ class Ingester:
         )
         tasks: list[asyncio.Task[None]] = []
         try:
-            if not await self._load_cursor():
-                return 0  # stopped before Redis ever answered; nothing was received
+            try:
+                if not await self._load_cursor():
+                    return 0  # stopped before Redis ever answered; nothing was received
+            except CursorError as exc:
+                log.critical("cannot resume: %s; fix or delete the key", exc)
+                return 2
             tasks = [
                 asyncio.create_task(self._write_loop(), name="writer"),
                 asyncio.create_task(self._tick_loop(), name="ticker"),
@@ -300,6 +308,14 @@ class Ingester:
                 self._open_circuit(redis_error_cause(exc), exc)
                 await self._sleep(backoff_delay(attempt, self.settings.reconnect_max_backoff_s))
                 continue
+            except ValueError as exc:
+                raise CursorError(
+                    f"{self.settings.cursor_key} does not hold a time_us integer: {exc}"
+                ) from None
+            if self._cursor is not None and self._cursor < events.MIN_TIME_US:
+                raise CursorError(
+                    f"{self.settings.cursor_key} = {self._cursor} is not a time_us in µs"
+                )
             if self._circuit_open:
                 self._close_circuit()
             if self._cursor is not None:
@@ -582,7 +598,18 @@ class Ingester:
                 cause = redis_error_cause(exc)
                 metrics.ingest_redis_errors.labels(cause).inc()
                 self._open_circuit(cause, exc)
-                await asyncio.sleep(backoff_delay(attempt, self.settings.reconnect_max_backoff_s))
+                delay = backoff_delay(attempt, self.settings.reconnect_max_backoff_s)
+                if attempt & (attempt - 1) == 0 and attempt > 1:  # 2, 4, 8, ...: not every retry
+                    log.warning(
+                        "Redis write still failing",
+                        extra={
+                            "cause": cause,
+                            "attempt": attempt,
+                            "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                            "retry_in_s": round(delay, 3),
+                        },
+                    )
+                await asyncio.sleep(delay)
         self._cursor = cursor
         if cursor is not None:
             metrics.ingest_cursor.set(cursor)

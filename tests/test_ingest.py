@@ -298,3 +298,21 @@ def test_sigterm_while_the_handshake_hangs_exits_promptly(
             assert time.monotonic() - started < 3
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("raw", [b"yesterday", b"1700000000"])
+def test_a_corrupt_saved_cursor_stops_with_a_clear_error(
+    tmp_path: Path, unreachable_settings: Settings, raw: bytes
+) -> None:
+    settings = unreachable_settings
+    server = RedisProcess(settings)
+    try:
+        client(settings).set(settings.cursor_key, raw)
+        env = {**os.environ, **to_environ(settings)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "appliance", "ingest"], env=env, capture_output=True, timeout=60
+        )
+    finally:
+        server.stop()
+    assert proc.returncode == 2
+    assert b"cannot resume" in proc.stdout and settings.cursor_key.encode() in proc.stdout
