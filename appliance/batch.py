@@ -575,6 +575,10 @@ class Batcher:
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), backoff)
+        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            # Redis lost the stream or the group (a fresh server): create them again.
+            with contextlib.suppress(RedisError):
+                await self.ensure_group()
 
     async def _finish(self, batch: Batch) -> None:
         """Dead-letter what must be, acknowledge, trim (after the files are durable)."""

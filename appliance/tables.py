@@ -23,7 +23,7 @@ from msgspec import Struct, field
 
 from appliance import events
 from appliance.events import CommitEvent, Event, IdentityEvent, Rejected
-from appliance.storage import COLLECTION_TABLES, SCHEMAS, TABLES, table_for
+from appliance.storage import COLLECTION_TABLES, SCHEMAS, TABLES, key_array
 
 # --- record shapes we read (everything else in a record is skipped by the decoder) -----------
 
@@ -355,14 +355,16 @@ _TIME_COLUMN = {
 }
 
 Row = tuple[Any, ...]
-Mark = tuple[dict[str, int], dict[str, int]]
+Mark = dict[str, int]
 
 
 class TableBuilder:
     """Accumulates events of one batch as rows per table; `tables()` returns the Arrow tables.
 
     `mark()` / `rollback(mark)` undo the rows of a stream entry whose transformation failed part
-    way, so one bad entry never leaves half its events in the batch.
+    way, so one bad entry never leaves half its events in the batch. Duplicates (same natural
+    key) are removed column-wise in `tables()`, keeping the first copy: a hash pass over the
+    key column costs far less than a Python set of keys, and memory stays in Arrow buffers.
     """
 
     def __init__(self, chunk_rows: int = 65_536, max_bytes: int = 1_000_000) -> None:
@@ -371,38 +373,31 @@ class TableBuilder:
         self.rows: dict[str, list[Row]] = {t: [] for t in TABLES}
         self.chunks: dict[str, list[pa.RecordBatch]] = {t: [] for t in TABLES}
         self.converted: dict[str, int] = dict.fromkeys(TABLES, 0)  # rows already in chunks
-        self.seen: set[tuple[str, str]] = set()
-        self.added_keys: list[tuple[str, str]] = []
-        self.duplicates: dict[str, int] = {}  # per table: events dropped as in-batch duplicates
+        self.duplicates: dict[str, int] = {}  # per table: in-batch duplicates (set by tables())
         self.bad_created_at = 0  # present but unparseable createdAt / time values
         self.lenient_records = 0  # records that needed the lenient path
+        self._tables: dict[str, pa.Table] | None = None
 
     @property
     def events(self) -> int:
-        """Events added (after in-batch dedupe)."""
-        return sum(self.converted.values()) + sum(len(r) for r in self.rows.values())
+        """Events added (duplicates included until `tables()` removes them)."""
+        return sum(self.routed().values()) - sum(self.duplicates.values())
 
     def routed(self) -> dict[str, int]:
         """Events routed to each table, duplicates included."""
         out = {t: self.converted[t] + len(self.rows[t]) for t in TABLES}
-        for table, n in self.duplicates.items():
-            out[table] += n
         return {t: n for t, n in out.items() if n}
 
     # -- entry-level transactions -------------------------------------------------------
 
     def mark(self) -> Mark:
         """A point to roll back to (call between stream entries)."""
-        self.added_keys = []
-        return ({t: len(r) for t, r in self.rows.items()}, dict(self.duplicates))
+        return {t: len(r) for t, r in self.rows.items()}
 
     def rollback(self, mark: Mark) -> None:
         """Forget every row added since `mark`."""
-        lengths, self.duplicates = mark
-        for table, n in lengths.items():
+        for table, n in mark.items():
             del self.rows[table][n:]
-        self.seen.difference_update(self.added_keys)
-        self.added_keys = []
 
     def commit_entry(self) -> None:
         """Convert full row lists to Arrow chunks (only between entries, never inside one)."""
@@ -415,67 +410,32 @@ class TableBuilder:
     # -- adding events ------------------------------------------------------------------
 
     def add(self, event: Event) -> None:
-        """Add one decoded event (dropped if its natural key is already in this batch)."""
-        row: Row
-        if isinstance(event, CommitEvent):
+        """Add one decoded event."""
+        if type(event) is CommitEvent:
             self._add_commit(event)
-        elif isinstance(event, IdentityEvent):
+        elif type(event) is IdentityEvent:
             i = event.identity
-            row = (event.did, i.seq, event.time_us, i.time, i.handle)
-            self._add_keyed("identities", (event.did, str(i.seq)), row)
+            self.rows["identities"].append((event.did, i.seq, event.time_us, i.time, i.handle))
         else:
-            a = event.account
+            a = event.account  # type: ignore[union-attr]
             row = (event.did, a.seq, event.time_us, a.time, a.active, a.status)
-            self._add_keyed("accounts", (event.did, str(a.seq)), row)
+            self.rows["accounts"].append(row)
 
     def add_frames(self, frames: list[bytes], now: int) -> list[tuple[bytes, Rejected]]:
         """Decode (schema and validation, as `events.decode`) and add frames.
 
-        The hot path of the batcher, written as one loop; returns the frames that failed to
-        decode with their Rejected error (the caller dead-letters them).
+        Returns the frames that failed to decode with their Rejected error (the caller
+        dead-letters them).
         """
         decoded, rejected = decode_frames(frames, now, self.max_bytes)
-        seen = self.seen
-        added = self.added_keys
-        add_commit = self._add_commit
-        for ev in decoded:
-            if type(ev) is CommitEvent:
-                c = ev.commit
-                uri = f"at://{ev.did}/{c.collection}/{c.rkey}"
-                key = (uri, c.rev)
-                if key in seen:
-                    self._duplicate(ev)
-                    continue
-                seen.add(key)
-                added.append(key)
-                add_commit(ev, uri)
-            else:
-                self.add(ev)
+        add = self.add
+        for event in decoded:
+            add(event)
         return rejected
 
-    def _duplicate(self, ev: Event) -> None:
-        table = table_for(ev)
-        self.duplicates[table] = self.duplicates.get(table, 0) + 1
-
-    def _add_keyed(self, table: str, key: tuple[str, str], row: Row) -> None:
-        if key in self.seen:
-            self.duplicates[table] = self.duplicates.get(table, 0) + 1
-            return
-        self.seen.add(key)
-        self.added_keys.append(key)
-        self.rows[table].append(row)
-
-    def _add_commit(self, ev: CommitEvent, uri: str | None = None) -> None:
-        """Add a commit; `uri` given means the caller already checked and recorded its key."""
+    def _add_commit(self, ev: CommitEvent) -> None:
         c = ev.commit
-        if uri is None:
-            uri = f"at://{ev.did}/{c.collection}/{c.rkey}"
-            key = (uri, c.rev)
-            if key in self.seen:
-                self._duplicate(ev)
-                return
-            self.seen.add(key)
-            self.added_keys.append(key)
+        uri = f"at://{ev.did}/{c.collection}/{c.rkey}"
         if c.operation == "delete":
             self.rows["deletes"].append((uri, ev.did, c.collection, c.rkey, c.rev, ev.time_us))
             return
@@ -567,7 +527,9 @@ class TableBuilder:
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
     def tables(self) -> dict[str, pa.Table]:
-        """Every non-empty table of the batch, in arrival order."""
+        """Every non-empty table of the batch, in arrival order, without duplicate keys."""
+        if self._tables is not None:
+            return self._tables
         out = {}
         for table in TABLES:
             if self.rows[table]:
@@ -575,5 +537,23 @@ class TableBuilder:
                 self.converted[table] += len(self.rows[table])
                 self.rows[table] = []
             if self.chunks[table]:
-                out[table] = pa.Table.from_batches(self.chunks[table], schema=SCHEMAS[table])
+                data = pa.Table.from_batches(self.chunks[table], schema=SCHEMAS[table])
+                self.chunks[table] = []
+                data, dropped = first_of_each_key(table, data)
+                if dropped:
+                    self.duplicates[table] = dropped
+                out[table] = data
+        self._tables = out
         return out
+
+
+def first_of_each_key(table: str, data: pa.Table) -> tuple[pa.Table, int]:
+    """`data` keeping only the first row of each natural key; and how many rows were dropped."""
+    keys = key_array(table, data)
+    if pc.count_distinct(keys).as_py() == data.num_rows:
+        return data, 0
+    index = pa.table({"key": keys, "i": pa.array(range(data.num_rows), pa.int64())})
+    first = index.group_by("key", use_threads=False).aggregate([("i", "min")])["i_min"]
+    keep = pc.sort_indices(first)
+    data = data.take(pc.take(first, keep))
+    return data, index.num_rows - data.num_rows

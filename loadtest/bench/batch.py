@@ -192,7 +192,7 @@ def _through_redis(frames: list[bytes], workdir: Path, entry_events: int) -> dic
 
 
 def _cid_binary(column: pa.ChunkedArray) -> pa.Array:
-    out = []
+    out: list[bytes | None] = []
     for text in column.to_pylist():
         if text is None:
             out.append(None)
