@@ -402,6 +402,50 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
     assert_stored_equals(settings.data_dir, truth_of(frames))
 
 
+def test_a_read_only_data_root_fails_loudly_and_recovers(
+    tmp_path: Path, tiny_disk: Path, redis_proc: RedisProcess, settings: Settings
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        redis_port=settings.redis_port,
+        redis_password=settings.redis_password,
+        data_dir=str(tiny_disk),
+        batch_interval_s=0.2,
+        compact_auto=False,
+    )
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    frames = list(generate(FirehoseConfig(seed=18, events=500)))
+    push(settings, frames)
+    before = sample("appliance_batch_failures_total", cause="unwritable")
+
+    async def scenario() -> None:
+        client = buffer.connect(settings)
+        batcher = batch_mod.Batcher(settings, client)
+        task = asyncio.create_task(batcher.run())
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if sample("appliance_batch_failures_total", cause="unwritable") > before:
+                    break
+            assert batcher.failing == "unwritable"
+            assert (await asyncio.to_thread(group_state, settings))[0] == 5
+            await asyncio.to_thread(
+                subprocess.run, ["mount", "-o", "remount,rw", str(tiny_disk)], check=True
+            )
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if batcher.last_success:
+                    break
+        finally:
+            batcher.stop.set()
+            await task
+            await client.aclose()
+
+    asyncio.run(scenario())
+    assert group_state(settings) == (0, 0)
+    assert_stored_equals(settings.data_dir, truth_of(frames))
+
+
 def test_a_redone_batch_overwrites_its_own_files(fast: Settings, redis_fast: RedisProcess) -> None:
     """A batch written (files + manifest) but never acknowledged is redone into the same files."""
     frames = list(generate(FirehoseConfig(seed=17, events=2_000)))
