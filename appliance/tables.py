@@ -13,6 +13,7 @@ earlier batches are removed later (`batch.py`) against the stored key columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -309,33 +310,54 @@ def timestamps(values: list[str | None]) -> tuple[pa.Array, int]:
 _decode_array = msgspec.json.Decoder(list[Event]).decode
 
 
+def _validated(
+    decoded: list[Event], frame_of: Callable[[int], bytes], now: int
+) -> tuple[list[Event], list[tuple[bytes, Rejected]]]:
+    good: list[Event] = []
+    bad: list[tuple[bytes, Rejected]] = []
+    validate = events.validate
+    for i, event in enumerate(decoded):
+        try:
+            validate(event, now)
+        except Rejected as exc:
+            bad.append((frame_of(i), exc))
+            continue
+        good.append(event)
+    return good, bad
+
+
+def decode_joined(
+    data: bytes, count: int, now: int, max_bytes: int = 1_000_000
+) -> tuple[list[Event], list[tuple[bytes, Rejected]]] | None:
+    """`events.decode` applied to `count` frames joined by newlines, in one decoder call.
+
+    The frames are decoded as one JSON array with the same event model, then each event is
+    checked with `events.validate` (what `events.decode` does per frame). None when this
+    shortcut does not apply (a malformed frame, or frames possibly over max_bytes): then decode
+    frame by frame (`decode_frames`) so that each bad frame gets its exact reason.
+    """
+    if count < 1 or len(data) > max_bytes or data.count(b"\n") != count - 1:
+        return None
+    try:
+        decoded = _decode_array(b"[" + data.replace(b"\n", b",") + b"]")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if len(decoded) != count:
+        return None
+    return _validated(decoded, lambda i: data.split(b"\n")[i], now)
+
+
 def decode_frames(
     frames: list[bytes], now: int, max_bytes: int = 1_000_000
 ) -> tuple[list[Event], list[tuple[bytes, Rejected]]]:
-    """(events, rejected frames): `events.decode` applied to each frame, in fewer calls.
-
-    The frames are decoded as one JSON array with the same event model, then each event is
-    checked with `events.validate`, which is what `events.decode` does per frame; if the array
-    does not decode (some frame is malformed) or is too large, each frame goes through
-    `events.decode` so that the bad ones get their exact reason.
-    """
+    """(events, rejected frames): `events.decode` applied to each frame."""
     if frames and max(map(len, frames)) <= max_bytes:
         try:
             decoded = _decode_array(b"[" + b",".join(frames) + b"]")
         except (msgspec.DecodeError, msgspec.ValidationError):
             decoded = None
         if decoded is not None and len(decoded) == len(frames):
-            good: list[Event] = []
-            bad: list[tuple[bytes, Rejected]] = []
-            validate = events.validate
-            for frame, event in zip(frames, decoded, strict=True):
-                try:
-                    validate(event, now)
-                except Rejected as exc:
-                    bad.append((frame, exc))
-                    continue
-                good.append(event)
-            return good, bad
+            return _validated(decoded, frames.__getitem__, now)
     good, bad = [], []
     for frame in frames:
         try:
@@ -421,16 +443,17 @@ class TableBuilder:
             row = (event.did, a.seq, event.time_us, a.time, a.active, a.status)
             self.rows["accounts"].append(row)
 
-    def add_frames(self, frames: list[bytes], now: int) -> list[tuple[bytes, Rejected]]:
-        """Decode (schema and validation, as `events.decode`) and add frames.
-
-        Returns the frames that failed to decode with their Rejected error (the caller
-        dead-letters them).
-        """
-        decoded, rejected = decode_frames(frames, now, self.max_bytes)
+    def add_events(self, decoded: list[Event]) -> None:
+        """Add decoded (and validated) events."""
         add = self.add
         for event in decoded:
             add(event)
+
+    def add_frames(self, frames: list[bytes], now: int) -> list[tuple[bytes, Rejected]]:
+        """Decode (schema and validation, as `events.decode`) and add frames; return the
+        frames that failed with their Rejected error (the caller dead-letters them)."""
+        decoded, rejected = decode_frames(frames, now, self.max_bytes)
+        self.add_events(decoded)
         return rejected
 
     def _add_commit(self, ev: CommitEvent) -> None:

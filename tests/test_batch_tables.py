@@ -259,3 +259,22 @@ def test_rows_convert_in_chunks_without_changing_the_result() -> None:
         small.commit_entry()
     _, whole = build(*frames)
     assert small.tables()["posts"].equals(whole["posts"])
+
+
+def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
+    from appliance.tables import decode_frames, decode_joined
+
+    good = [commit({"text": str(i)}, rkey=f"3aaaaaaaaa{i:03d}") for i in range(3)]
+    bad_did = commit({"text": "x"}, did="did:plc:short")  # schema-valid, fails validation
+    frames = [good[0], bad_did, good[1], good[2]]
+    now = events.now_us()
+    joined = decode_joined(b"\n".join(frames), len(frames), now)
+    assert joined is not None
+    one_by_one = decode_frames(frames, now)
+    assert joined[0] == one_by_one[0] == [events.decode(f) for f in good]
+    assert [(f, e.reason) for f, e in joined[1]] == [(bad_did, "bad_did")]
+    assert [(f, e.reason) for f, e in one_by_one[1]] == [(bad_did, "bad_did")]
+    # A malformed frame or a count that does not match: not for the shortcut.
+    assert decode_joined(b"\n".join([good[0], b"{nope"]), 2, now) is None
+    assert decode_joined(b"\n".join(good), 2, now) is None
+    assert decode_joined(b"\n".join(good), 3, now, max_bytes=100) is None

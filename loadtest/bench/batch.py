@@ -67,15 +67,17 @@ def _child(frames_path: str, data_dir: str, entry_events: int) -> None:
     from appliance.config import load_settings
 
     settings = load_settings(environ={}, data_dir=data_dir, compact_auto=False)
-    lines = Path(frames_path).read_bytes().split(b"\n")
-    frames = [line for line in lines if line]
-    del lines
-    # Stream entries as XREADGROUP returns them, 200 entries per read.
-    entries = [
-        (f"1-{i}", pack(frames[j : j + entry_events]))
-        for i, j in enumerate(range(0, len(frames), entry_events))
-    ]
-    del frames
+    # Stream entries as XREADGROUP returns them (read line by line: only the entries stay).
+    entries: list[tuple[str, dict[bytes, bytes] | None]] = []
+    with open(frames_path, "rb") as fh:
+        chunk: list[bytes] = []
+        for line in fh:
+            chunk.append(line.rstrip(b"\n"))
+            if len(chunk) == entry_events:
+                entries.append((f"1-{len(entries)}", pack(chunk)))
+                chunk = []
+        if chunk:
+            entries.append((f"1-{len(entries)}", pack(chunk)))
     rss_before = peak_rss_mb()
     started = time.perf_counter()
     cpu_started = time.process_time()
