@@ -128,8 +128,8 @@ def decode(frame: bytes, now: int | None = None, max_bytes: int = 1_000_000) -> 
 
 def validate(event: Event, now: int) -> None:
     """Semantic checks the schema cannot express; raise Rejected."""
-    if not _DID.fullmatch(event.did):
-        raise Rejected("bad_did", f"did {event.did[:80]!r} is not did:plc:/did:web:")
+    if event.did not in _valid_dids:
+        _check_did(event.did)
     if event.time_us < MIN_TIME_US or event.time_us > now + MAX_FUTURE_SKEW_US:
         raise Rejected("bad_time_us", f"time_us {event.time_us} is out of range")
     if isinstance(event, CommitEvent):
@@ -150,9 +150,20 @@ def validate(event: Event, now: int) -> None:
         raise Rejected("bad_did", "account.did differs from did")
 
 
-# Collections repeat endlessly; remember the valid ones (bounded: NSIDs are attacker-chosen).
+# Collections and active accounts repeat endlessly; remember the valid ones. Both sets are
+# bounded (the values are chosen by strangers): the DID set starts over when full.
 _valid_collections: set[str] = set()
 _MAX_REMEMBERED_COLLECTIONS = 10_000
+_valid_dids: set[str] = set()
+_MAX_REMEMBERED_DIDS = 100_000
+
+
+def _check_did(did: str) -> None:
+    if not _DID.fullmatch(did):
+        raise Rejected("bad_did", f"did {did[:80]!r} is not did:plc:/did:web:")
+    if len(_valid_dids) >= _MAX_REMEMBERED_DIDS:
+        _valid_dids.clear()
+    _valid_dids.add(did)
 
 
 def _check_collection(collection: str) -> None:
