@@ -319,6 +319,8 @@ def _validated(
     for i, event in enumerate(decoded):
         try:
             validate(event, now)
+            if type(event) is not CommitEvent:
+                check_storable(event)
         except Rejected as exc:
             bad.append((frame_of(i), exc))
             continue
@@ -361,10 +363,28 @@ def decode_frames(
     good, bad = [], []
     for frame in frames:
         try:
-            good.append(events.decode(frame, now, max_bytes))
+            event = events.decode(frame, now, max_bytes)
+            if type(event) is not CommitEvent:
+                check_storable(event)
         except Rejected as exc:
             bad.append((frame, exc))
+            continue
+        good.append(event)
     return good, bad
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def check_storable(event: Event) -> None:
+    """Raise Rejected("schema") for a valid event the storage schema cannot hold.
+
+    msgspec accepts integers of any size; an identity or account `seq` beyond int64 would
+    otherwise fail the Arrow conversion of every row converted with it.
+    """
+    seq = event.identity.seq if type(event) is IdentityEvent else event.account.seq  # type: ignore[union-attr]
+    if seq not in _INT64:
+        raise Rejected("schema", f"seq {seq} does not fit in int64")
 
 
 # --- the builder ---------------------------------------------------------------------------
@@ -398,6 +418,7 @@ class TableBuilder:
         self.duplicates: dict[str, int] = {}  # per table: in-batch duplicates (set by tables())
         self.bad_created_at = 0  # present but unparseable createdAt / time values
         self.lenient_records = 0  # records that needed the lenient path
+        self.unstorable_values = 0  # values that Arrow refused, stored as null
         self._tables: dict[str, pa.Table] | None = None
 
     @property
@@ -423,11 +444,14 @@ class TableBuilder:
 
     def commit_entry(self) -> None:
         """Convert full row lists to Arrow chunks (only between entries, never inside one)."""
-        for table, rows in self.rows.items():
-            if len(rows) >= self.chunk_rows:
-                self.chunks[table].append(self._convert(table, rows))
-                self.converted[table] += len(rows)
-                self.rows[table] = []
+        full = [t for t, rows in self.rows.items() if len(rows) >= self.chunk_rows]
+        # Convert everything first: if a conversion raises, nothing has changed yet and the
+        # caller's rollback(mark) is still exact.
+        converted = {t: self._convert(t, self.rows[t]) for t in full}
+        for table, chunk in converted.items():
+            self.chunks[table].append(chunk)
+            self.converted[table] += chunk.num_rows
+            self.rows[table] = []
 
     # -- adding events ------------------------------------------------------------------
 
@@ -545,9 +569,27 @@ class TableBuilder:
                 arr, bad = timestamps(list(columns[i]))
                 self.bad_created_at += bad
             else:
-                arr = pa.array(columns[i], type=f.type)
+                try:
+                    arr = pa.array(columns[i], type=f.type)
+                except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                    if not f.nullable:
+                        raise
+                    # Defence in depth (decoding guarantees types): one bad value must not fail
+                    # the thousands of rows converted with it; it is stored as null and counted.
+                    arr = self._convert_leniently(columns[i], f.type)
             arrays.append(arr)
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    def _convert_leniently(self, values: tuple[Any, ...], type_: pa.DataType) -> pa.Array:
+        out = []
+        for value in values:
+            try:
+                pa.array([value], type=type_)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                self.unstorable_values += 1
+                value = None
+            out.append(value)
+        return pa.array(out, type=type_)
 
     def tables(self) -> dict[str, pa.Table]:
         """Every non-empty table of the batch, in arrival order, without duplicate keys."""

@@ -278,3 +278,19 @@ def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
     assert decode_joined(b"\n".join([good[0], b"{nope"]), 2, now) is None
     assert decode_joined(b"\n".join(good), 2, now) is None
     assert decode_joined(b"\n".join(good), 3, now, max_bytes=100) is None
+
+
+def test_an_event_the_schema_cannot_hold_is_rejected_not_stored() -> None:
+    from appliance.tables import decode_frames, decode_joined
+
+    def identity(seq: int) -> bytes:
+        body = {"did": DID, "seq": seq, "time": "2026-07-04T14:38:07Z"}
+        return json.dumps(
+            {"did": DID, "time_us": T0, "kind": "identity", "identity": body}
+        ).encode()
+
+    frames = [identity(1), identity(2**63), identity(3)]
+    now = events.now_us()
+    for good, bad in (decode_frames(frames, now), decode_joined(b"\n".join(frames), 3, now)):
+        assert [e.identity.seq for e in good] == [1, 3]  # type: ignore[union-attr]
+        assert [(f, e.reason) for f, e in bad] == [(frames[1], "schema")]
