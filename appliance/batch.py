@@ -392,6 +392,9 @@ def write_batch(settings: Settings, batch: Batch, stored: StoredKeys) -> Written
             with storage.update_manifest(data_dir) as m:
                 for table, paths in written.files.items():
                     m.files.setdefault(table, []).extend(paths)
+                if m.retired:  # a redone batch may rewrite a file compaction retired
+                    added = {p for paths in written.files.values() for p in paths}
+                    m.retired = [(p, t) for p, t in m.retired if p not in added]
                 m.last_batch = {
                     "time": time.time(),
                     "events": batch.frames,

@@ -292,8 +292,11 @@ def remove_expired(settings: Settings, now: float | None = None) -> int:
     now = time.time() if now is None else now
     removed = 0
     with storage.update_manifest(data_dir) as m:
+        live = {p for paths in m.files.values() for p in paths}
         keep = []
         for path, retired_at in m.retired:
+            if path in live:
+                continue  # written again (a batch redone under the same name): not retired
             if now - retired_at >= settings.compact_grace_s:
                 (data_dir / path).unlink(missing_ok=True)
                 removed += 1

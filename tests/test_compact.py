@@ -246,3 +246,17 @@ def test_compact_rejects_a_malformed_day(capsys: pytest.CaptureFixture[str]) -> 
         cli_main(["compact", "--day", "2026-13-01"])
     assert exc.value.code == 2
     assert "not a date YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_a_retired_file_written_again_is_not_deleted(batched: Settings) -> None:
+    """A batch redone under the name of a file compaction retired makes that file live again."""
+    data = Path(batched.data_dir)
+    inputs = storage.read_manifest(data).table_files("blocks", [DAY])
+    assert compact.compact_partition(batched, "blocks", DAY) is not None
+    retired = storage.read_manifest(data).retired[0][0]
+    with storage.update_manifest(data) as m:  # what write_batch does for a redone batch
+        m.files["blocks"].append(retired)
+    removed = compact.remove_expired(batched, now=time.time() + batched.compact_grace_s + 1)
+    assert (data / retired).exists()
+    assert retired not in {p for p, _ in storage.read_manifest(data).retired}
+    assert removed == len(inputs) - 1
