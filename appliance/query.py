@@ -419,6 +419,9 @@ class QueryEngine:
         self._db.execute("SET allowed_directories = $dirs", {"dirs": [str(self.data_dir) + "/"]})
         self._db.execute("SET enable_external_access = false")
         self._db.execute("SET parquet_metadata_cache = true")
+        # Fetch only time_us, uri and text until the top rows of a window are known, also for
+        # pages of 100 and deep pages (DuckDB's default stops at LIMIT 50).
+        self._db.execute("SET late_materialization_max_rows = 2048")
         self._db.execute("SET lock_configuration = true")
         self._db_lock = threading.Lock()
         self._snapshot_lock = threading.Lock()
@@ -745,15 +748,19 @@ class QueryEngine:
         first_day = storage.day_of(lo_bound) if lo_bound is not None else None
         last_day = storage.day_of(max(hi_bound - 1, 0)) if hi_bound is not None else None
         segments = self._segments_in(snap, first_day, last_day, lo_bound, hi_bound)
-        remaining = need
+        planner = _WindowPlanner(segments, latest, lo_bound, hi_bound)
+        remaining, target = need, float(FIRST_WINDOW_ROWS)
+        scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
         seen: set[str] = set()
-        for lo, hi, files in _windows(segments, latest, lo_bound, hi_bound):
+        while remaining > 0 and (window := planner.next(target)) is not None:
+            lo, hi, files, rows_in_window = window
             position = after
             while remaining > 0:
                 fetch = remaining + max(8, remaining // 8)
                 rows = self._candidates(
                     cur, files, clauses, params, lo, hi, position, latest, fetch
                 )
+                hits += len(rows)
                 if not rows:
                     break
                 visible = self._visible(cur, snap, rows)
@@ -771,8 +778,8 @@ class QueryEngine:
                 if len(rows) < fetch:
                     break  # this window is exhausted
                 position = Position(rows[-1][TIME_US], rows[-1][URI])
-            if remaining <= 0:
-                return
+            scanned += rows_in_window
+            target = _next_target(target, remaining, scanned, hits)
 
     def _segments_in(
         self,
@@ -992,39 +999,96 @@ def _merge_handles(tables: list[pa.Table]) -> _Handles:
     return _Handles(pa.concat_tables(tables, promote_options="permissive"))
 
 
+def _next_target(target: float, remaining: int, scanned: float, hits: int) -> float:
+    """Rows the next window should cover: fourfold growth, or less once matches have been seen.
+
+    With a hit rate to go by, aim at the rows the rest of the page needs plus half again, so a
+    page that is nearly full does not scan a window four times larger than the last.
+    """
+    grown = target * WINDOW_GROWTH
+    if hits == 0:
+        return grown
+    needed = remaining * scanned / hits * 1.5
+    return min(grown, max(needed, FIRST_WINDOW_ROWS))
+
+
+class _WindowPlanner:
+    """Cuts the time range of a walk into disjoint windows [lo, hi), in walk order.
+
+    Rows are assumed spread evenly over each row group's time range, which gives an estimate of
+    the rows before any instant; each window's far edge is placed so that it holds the rows
+    asked for. DuckDB applies the time bounds inside the scan, so a window narrower than a row
+    group still spares the text matching of the rows outside it. A window larger than a couple of
+    row groups ends on a row-group boundary, so no row group is decompressed twice.
+    """
+
+    def __init__(
+        self, segments: list[Segment], latest: bool, lo_bound: int | None, hi_bound: int | None
+    ) -> None:
+        self.segments = segments
+        self.latest = latest
+        if not segments:
+            self.lo_edge = self.hi_edge = self.edge = 0
+            return
+        self.lo_edge = min(s.min_t for s in segments) if lo_bound is None else lo_bound
+        self.hi_edge = max(s.max_t for s in segments) + 1 if hi_bound is None else hi_bound
+        self.estimate = _RowEstimate(segments, self.lo_edge, min(self.hi_edge, 2**62))
+        self.total = self.estimate.rows_before(self.hi_edge)
+        self.done = 0.0  # estimated rows behind the current edge
+        self.edge = self.hi_edge if latest else self.lo_edge
+        # where windows may end to coincide with row groups; a typical row group's size
+        starts = {s.min_t if latest else s.max_t + 1 for s in segments}
+        self.boundaries = sorted(t for t in starts if self.lo_edge < t < self.hi_edge)
+        self.group_rows = sorted(s.rows for s in segments)[len(segments) // 2]
+
+    def next(self, rows: float) -> tuple[int, int, list[str], float] | None:
+        """The next window, about `rows` rows wide: (lo, hi, files overlapping, estimated rows)."""
+        if self.lo_edge >= self.hi_edge or self.edge == (
+            self.lo_edge if self.latest else self.hi_edge
+        ):
+            return None
+        wanted = self.done + max(rows, 1.0)
+        if wanted >= self.total:
+            far = self.lo_edge if self.latest else self.hi_edge
+        else:
+            # rows before an instant, counted from the walk's starting edge
+            far = self.estimate.instant_with(self.total - wanted if self.latest else wanted)
+            if rows >= 2 * self.group_rows:
+                far = self._snap(far)
+            far = max(far, self.lo_edge) if self.latest else min(far, self.hi_edge)
+            if far == self.edge:  # narrower than a microsecond: take one
+                far = self.edge - 1 if self.latest else self.edge + 1
+        lo, hi = (far, self.edge) if self.latest else (self.edge, far)
+        before = self.done
+        self.done = (
+            self.total - self.estimate.rows_before(far)
+            if self.latest
+            else self.estimate.rows_before(far)
+        )
+        self.edge = far
+        files = list(dict.fromkeys(s.path for s in self.segments if s.max_t >= lo and s.min_t < hi))
+        return lo, hi, files, self.done - before
+
+    def _snap(self, instant: int) -> int:
+        """The row-group boundary nearest to instant that still moves the edge forward."""
+        i = bisect.bisect_left(self.boundaries, instant)
+        near = [b for b in self.boundaries[max(i - 1, 0) : i + 1]]
+        if self.latest:
+            near = [b for b in near if b < self.edge]
+        else:
+            near = [b for b in near if b > self.edge]
+        return min(near, key=lambda b: abs(b - instant)) if near else instant
+
+
 def _windows(
     segments: list[Segment], latest: bool, lo_bound: int | None, hi_bound: int | None
 ) -> Iterator[tuple[int, int, list[str]]]:
-    """Disjoint time windows [lo, hi) in walk order, each with the files overlapping it.
-
-    Rows are assumed spread evenly over each row group's time range, which gives an estimate of
-    the rows before any instant; window edges are placed so that each window holds about four
-    times the rows of the one before, starting small. DuckDB applies the time bounds inside the
-    scan, so a window narrower than a row group still spares the text matching of the rows
-    outside it: a page that fills early reads little, and a full scan takes a few queries.
-    """
-    if not segments:
-        return
-    lo_edge = min(s.min_t for s in segments) if lo_bound is None else lo_bound
-    hi_edge = max(s.max_t for s in segments) + 1 if hi_bound is None else hi_bound
-    if lo_edge >= hi_edge:
-        return
-    cumulative = _RowEstimate(segments, lo_edge, hi_edge)
-    total = cumulative.rows_before(hi_edge)
-    target, done, edge = float(FIRST_WINDOW_ROWS), 0.0, hi_edge if latest else lo_edge
-    while (edge > lo_edge) if latest else (edge < hi_edge):
-        done += target
+    """The windows of a walk that finds nothing: fourfold growth from FIRST_WINDOW_ROWS."""
+    planner = _WindowPlanner(segments, latest, lo_bound, hi_bound)
+    target = float(FIRST_WINDOW_ROWS)
+    while (window := planner.next(target)) is not None:
+        yield window[:3]
         target *= WINDOW_GROWTH
-        if done >= total:
-            nxt = lo_edge if latest else hi_edge
-        else:
-            nxt = cumulative.instant_with(total - done if latest else done)
-            nxt = max(nxt, lo_edge) if latest else min(nxt, hi_edge)
-            if nxt == edge:
-                continue  # not even one microsecond yet: widen
-        lo, hi = (nxt, edge) if latest else (edge, nxt)
-        yield lo, hi, _overlapping(segments, lo, hi)
-        edge = nxt
 
 
 class _RowEstimate:

@@ -18,6 +18,7 @@ from appliance.query import (
     QueryEngine,
     QueryTimeout,
     Segment,
+    _next_target,
     _windows,
     parse_q,
 )
@@ -95,10 +96,20 @@ def test_windows_start_small_inside_a_row_group_and_grow_fourfold() -> None:
     segments = [Segment(f"f{i // 4}", i * 100, i * 100 + 99, 65_536) for i in range(40)]
     windows = list(_windows(segments, True, None, None))
     spans = [hi - lo for lo, hi, _ in windows]
-    assert spans[:4] == [25, 100, 400, 1600]  # 16k, 64k, 256k, 1M rows
+    # 16k and 64k rows inside the newest row group; from 256k rows on, windows end on row-group
+    # boundaries (multiples of 100) so that no row group is read by two windows
+    assert spans[:4] == [25, 100, 375, 1600]
+    assert all(lo % 100 == 0 for lo, _, _ in windows[2:])
     assert windows[0][1] == 4000 and windows[0][2] == ["f9"]
     oldest = list(_windows(segments, False, 1000, None))
     assert [(lo, hi) for lo, hi, _ in oldest[:2]] == [(1000, 1025), (1025, 1125)]
+
+
+def test_the_next_window_follows_the_hit_rate_once_there_is_one() -> None:
+    assert _next_target(16_384, 50, 16_384, 0) == 65_536  # nothing seen yet: grow fourfold
+    # 40 of 51 rows found in 1.36M rows: the last 11 need ~370k rows, plus half again
+    assert _next_target(1_048_576, 11, 1_363_968, 40) == pytest.approx(562_696, rel=1e-3)
+    assert _next_target(16_384, 50, 16_384, 1) == 65_536  # never more than fourfold
 
 
 def test_windows_over_single_instant_segments() -> None:
