@@ -222,7 +222,9 @@ def test_kill9_of_the_ingester_at_five_random_moments_loses_nothing(
     tmp_path: Path, jetstream_server: Callable[..., ServerHandle], ingesters: Ingesters
 ) -> None:
     cfg = FirehoseConfig(seed=12, events=100_000)
-    server = serve(jetstream_server, cfg, preload=True)
+    # Paced (about 20 s for the stream) so that all five kills land mid-stream even when the
+    # machine is idle and the ingester would drain a --speed max server in a few seconds.
+    server = serve(jetstream_server, cfg, preload=True, speed=50)
     settings = replay_settings(tmp_path, server.url)
     redis_server = RedisProcess(settings)
     rng = random.Random(12)
@@ -311,6 +313,10 @@ def test_redis_at_maxmemory_pauses_without_eviction_and_resumes(
         )
         samples = scrape(settings)
         assert metric(samples, "appliance_ingest_redis_errors_total", cause="oom") >= 1
+        # Near the limit, used_memory moves (buffers, AOF) and a retried write may rightly get
+        # through; hold Redis firmly over its limit to watch the paused state.
+        r.config_set("maxmemory", str(int(r.info("memory")["used_memory"]) // 2))
+        time.sleep(0.5)
         length = r.xlen(settings.stream_key)
         time.sleep(1.0)
         # paused: no websocket, nothing written, nothing evicted
