@@ -23,9 +23,11 @@ def _cmd_bench(argv: Sequence[str]) -> int:
         description="Run a benchmark; readable lines, then one JSON object on the last line.",
     )
     parser.add_argument("name", choices=names)
-    known, rest = parser.parse_known_args(argv)
-    module = importlib.import_module(f"loadtest.bench.{known.name}")
-    sub = argparse.ArgumentParser(prog=f"loadtest bench {known.name}", description=module.__doc__)
+    if not argv or argv[0] not in names:  # `loadtest bench -h`, or an unknown name
+        parser.parse_args(argv[:1])
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(f"loadtest.bench.{name}")
+    sub = argparse.ArgumentParser(prog=f"loadtest bench {name}", description=module.__doc__)
     if hasattr(module, "add_arguments"):
         module.add_arguments(sub)
     args = sub.parse_args(rest)
