@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import duckdb
@@ -683,8 +682,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     """Serve the API with `api_workers` processes until SIGINT/SIGTERM."""
     setup_logging(settings.log_level, settings.log_format)
-    if not Path(settings.data_dir).is_dir():
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     # Workers inherit the environment: each keeps its metric values in this directory.
     metrics_dir = tempfile.mkdtemp(prefix="appliance-api-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
