@@ -673,10 +673,16 @@ def openapi_document() -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", dest="set_api_host", help="address to listen on")
-    parser.add_argument("--port", dest="set_api_port", type=int, help="port to listen on")
-    parser.add_argument("--workers", dest="set_api_workers", type=int, help="worker processes")
-    parser.add_argument("--data-dir", dest="set_data_dir", help="root of the Parquet datasets")
+    parser.add_argument("--host", dest="set_api_host", metavar="HOST", help="address to listen on")
+    parser.add_argument(
+        "--port", dest="set_api_port", metavar="PORT", type=int, help="port to listen on"
+    )
+    parser.add_argument(
+        "--workers", dest="set_api_workers", metavar="N", type=int, help="worker processes"
+    )
+    parser.add_argument(
+        "--data-dir", dest="set_data_dir", metavar="DIR", help="root of the Parquet datasets"
+    )
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
