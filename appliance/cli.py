@@ -12,6 +12,9 @@ from appliance import config
 
 def _cmd_config(settings: config.Settings, args: argparse.Namespace) -> int:
     """Print the effective settings (secrets masked) and where each comes from."""
+    if args.markdown:
+        print(config.markdown_table())
+        return 0
     values = config.masked(settings)
     width = max(len(name) for name, _, _ in config.describe())
     for env_name, help_text, default in config.describe():
@@ -45,6 +48,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="Print the effective settings (secrets masked)")
     p.add_argument("-v", "--verbose", action="store_true", help="show each setting's help")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the defaults as the README's table"
+    )
     p.set_defaults(func=_cmd_config)
     for name, (module, help_text) in SERVICES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

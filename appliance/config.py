@@ -209,6 +209,18 @@ def describe() -> list[tuple[str, str, Any]]:
     return out
 
 
+def markdown_table() -> str:
+    """The settings as a Markdown table (variable, default, help): the README's table."""
+    rows = ["| variable | default | what |", "|---|---|---|"]
+    for env_name, help_text, default in describe():
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        if isinstance(shown, bool):
+            shown = str(shown).lower()
+        cell = f"`{shown}`" if shown != "" else "(empty)"
+        rows.append(f"| `{env_name}` | {cell} | {help_text} |")
+    return "\n".join(rows)
+
+
 def _parse(name: str, raw: str, annotated: Any) -> Any:
     base = get_args(annotated)[0] if get_origin(annotated) is Annotated else annotated
     if get_origin(base) is tuple:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from appliance import config
@@ -66,3 +68,9 @@ def test_config_command_reports_bad_settings(
     monkeypatch.setenv("APPLIANCE_API_PORT", "-1")
     assert main(["config"]) == 2
     assert "APPLIANCE_API_PORT" in capsys.readouterr().err
+
+
+def test_readme_settings_table_matches_the_declarations() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- settings:start -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
+    assert block == config.markdown_table(), "regenerate with `appliance config --markdown`"
