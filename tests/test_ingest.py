@@ -6,6 +6,7 @@ Tests with the replay server live in tests/test_ingest_replay.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -23,6 +24,12 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosedOK
+from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.protocol import Protocol, Side, State
+from websockets.uri import parse_uri
+from websockets.utils import accept_key
 
 from appliance import ingest
 from appliance.cli import build_parser
@@ -316,3 +323,129 @@ def test_a_corrupt_saved_cursor_stops_with_a_clear_error(
         server.stop()
     assert proc.returncode == 2
     assert b"cannot resume" in proc.stdout and settings.cursor_key.encode() in proc.stdout
+
+
+# --- the bulk frame reader -------------------------------------------------------------------------
+
+
+class _Transport(asyncio.Transport):
+    """Records what the connection writes; reading is driven by calling data_received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.paused = False
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+def _server_frame(opcode: Opcode, data: bytes, fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=False)
+
+
+def _client_frames(written: bytes) -> list[Frame]:
+    """Parse what the client wrote after its handshake request, as a server would."""
+    server = Protocol(Side.SERVER, state=State.OPEN)
+    server.receive_data(written)
+    return [e for e in server.events_received() if isinstance(e, Frame)]
+
+
+def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_protocol() -> None:
+    """Frames split anywhere come out whole and in order; pings are answered; fragmented
+    messages (websockets' own parser) are assembled; a server close ends recv_frames cleanly."""
+
+    async def scenario() -> None:
+        protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=1 << 20)
+        conn = ingest.FrameConnection(protocol, ping_interval=None)
+        transport = _Transport()
+        conn.connection_made(transport)
+        request = protocol.connect()
+        protocol.send_request(request)
+        protocol.data_to_send()
+        head = (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
+        ).encode()
+        messages = [b"a", b"x" * 125, b"y" * 126, b"z" * 70_000, b'{"k": 1}', b""]
+        wire = head + _server_frame(Opcode.TEXT, messages[0])
+        wire += _server_frame(Opcode.PING, b"hi")
+        wire += b"".join(_server_frame(Opcode.TEXT, m) for m in messages[1:3])
+        wire += _server_frame(Opcode.BINARY, messages[3])
+        wire += b"".join(_server_frame(Opcode.TEXT, m) for m in messages[4:])
+        for i in range(len(wire)):
+            conn.data_received(wire[i : i + 1])
+        assert protocol.state is State.OPEN
+        got: list[bytes] = []
+        while len(got) < len(messages):
+            got += await asyncio.wait_for(conn.recv_frames(), 1)
+        assert got == messages
+        assert not transport.paused  # the reader took everything: reading resumed
+        pongs = _client_frames(bytes(transport.written))
+        assert [(f.opcode, f.data) for f in pongs] == [(Opcode.PONG, b"hi")]
+
+        # A fragmented message goes through websockets' parser, whole and in order.
+        conn.data_received(
+            _server_frame(Opcode.TEXT, b"frag", fin=False)
+            + _server_frame(Opcode.CONT, b"ment")
+            + _server_frame(Opcode.TEXT, b"after")
+        )
+        assert await asyncio.wait_for(conn.recv_frames(), 1) == [b"fragment", b"after"]
+
+        # The server closes: the client answers the close, then recv_frames raises.
+        transport.written.clear()
+        conn.data_received(
+            _server_frame(Opcode.CLOSE, Close(CloseCode.NORMAL_CLOSURE, "bye").serialize())
+        )
+        assert [f.opcode for f in _client_frames(bytes(transport.written))] == [Opcode.CLOSE]
+        conn.connection_lost(None)
+        with pytest.raises(ConnectionClosedOK):
+            await asyncio.wait_for(conn.recv_frames(), 1)
+
+    asyncio.run(scenario())
+
+
+def test_frame_connection_fails_an_oversized_frame_with_1009_as_websockets_does() -> None:
+    async def scenario() -> None:
+        protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=1000)
+        conn = ingest.FrameConnection(protocol, ping_interval=None)
+        transport = _Transport()
+        conn.connection_made(transport)
+        request = protocol.connect()
+        protocol.send_request(request)
+        protocol.data_to_send()
+        head = (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
+        ).encode()
+        conn.data_received(
+            head + _server_frame(Opcode.TEXT, b"ok") + _server_frame(Opcode.TEXT, b"x" * 1001)
+        )
+        assert await asyncio.wait_for(conn.recv_frames(), 1) == [b"ok"]
+        closes = _client_frames(bytes(transport.written))
+        assert [f.opcode for f in closes] == [Opcode.CLOSE]
+        assert Close.parse(closes[0].data).code == CloseCode.MESSAGE_TOO_BIG
+
+    asyncio.run(scenario())
