@@ -111,8 +111,10 @@ def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_pat
             "the batcher to be restarted",
         )
     finally:
-        kids = _children(proc.pid) if proc.poll() is None else {}
-        stop_process(proc, timeout=60)
+        try:
+            kids = _children(proc.pid) if proc.poll() is None else {}
+        finally:
+            stop_process(proc, timeout=60)
     assert proc.returncode == 0
     for name, pid in kids.items():
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"{name} still runs"
