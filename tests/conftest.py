@@ -6,7 +6,6 @@ import os
 import secrets
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,7 @@ import pytest
 
 from appliance.config import Settings, load_settings
 from appliance.redis_server import start_redis
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from loadtest.bench import free_port
 
 
 def stop_process(

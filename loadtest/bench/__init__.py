@@ -8,6 +8,7 @@ last line of stdout. Figures are measured, never asserted.
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 from collections.abc import Sequence
 
@@ -37,3 +38,10 @@ def rss_mb(pid: int | None = None) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("VmRSS not found in /proc status")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from appliance import events, storage
-from loadtest.bench import median, peak_rss_mb
+from loadtest.bench import free_port, median, peak_rss_mb
 
 FIVE_MINUTES_AT_10X_PER_DAY = 144_000_000  # 500k events per 5 minutes
 LIVE_POPULATION = 1_012_500  # DIDs active per day at the live rate (8.1M events / 8)
@@ -134,7 +134,6 @@ def _through_redis(frames: list[bytes], workdir: Path, entry_events: int) -> dic
     from appliance.buffer import pack
     from appliance.config import load_settings, to_environ
     from appliance.redis_server import start_redis
-    from tests.conftest import free_port  # loadtest may import tests' helpers
 
     settings = load_settings(
         environ={},

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from appliance import storage
-from loadtest.bench import median, p95
+from loadtest.bench import free_port, median, p95
 
 COMMON_WORD = "today"
 RARE_WORD = "quokkanaut"
@@ -356,7 +355,7 @@ class _Api:
     def __init__(self, store: Path, threads: int, workdir: Path) -> None:
         from appliance.config import load_settings, to_environ
 
-        port = _free_port()
+        port = free_port()
         settings = load_settings(
             environ={},
             data_dir=str(store.resolve()),
@@ -409,12 +408,6 @@ class _Api:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _day_us(day: str) -> int:
