@@ -166,8 +166,13 @@ def _check_did(did: str) -> None:
     _valid_dids.add(did)
 
 
+def is_nsid(text: str) -> bool:
+    """True if `text` is a syntactically valid NSID (e.g. app.bsky.feed.post)."""
+    return len(text) <= 317 and _NSID.fullmatch(text) is not None
+
+
 def _check_collection(collection: str) -> None:
-    if len(collection) > 317 or not _NSID.fullmatch(collection):
+    if not is_nsid(collection):
         raise Rejected("bad_collection", f"collection {collection[:80]!r} is not an NSID")
     if len(_valid_collections) < _MAX_REMEMBERED_COLLECTIONS:
         _valid_collections.add(collection)

@@ -57,6 +57,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from appliance.events import is_nsid
 from loadtest import firehose
 from loadtest.firehose import FirehoseConfig, Item
 
@@ -65,11 +66,6 @@ log = logging.getLogger("loadtest.serve")
 MAX_WANTED_COLLECTIONS = 100
 _BATCH = 64  # frames written to the socket at once at full speed
 MAX_WANTED_DIDS = 10_000
-_NSID = re.compile(
-    r"[a-zA-Z](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?"
-    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)+"
-    r"\.[a-zA-Z][a-zA-Z0-9]{0,62}"
-)
 _NSID_PREFIX = re.compile(r"[a-zA-Z][a-zA-Z0-9-]*(?:\.[a-zA-Z0-9-]+)*\.\*")
 _DID = re.compile(r"did:[a-z]+:[A-Za-z0-9._:%-]{1,2048}")
 
@@ -230,7 +226,7 @@ class Filter:
                 raise OptionsError("wantedCollections: not a string")
             if c.endswith(".*") and _NSID_PREFIX.fullmatch(c):
                 prefixes.append(c[:-1])  # keep the dot: "app.bsky.*" -> "app.bsky."
-            elif _NSID.fullmatch(c) and len(c) <= 317:
+            elif is_nsid(c):
                 exact.add(c)
             else:
                 raise OptionsError(f"wantedCollections: {c[:100]!r} is not an NSID or prefix.*")
