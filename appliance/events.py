@@ -89,8 +89,10 @@ _NSID = re.compile(
     r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)+"
     r"\.[a-zA-Z][a-zA-Z0-9]{0,62}"
 )
-_RKEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
-_TID = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
+# rkey and rev are checked per commit; set membership is about 2x cheaper than a regex here.
+_RKEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:~-")
+_TID_CHARS = frozenset("234567abcdefghijklmnopqrstuvwxyz")
+_TID_FIRST = frozenset("234567abcdefghij")
 
 
 class Rejected(Exception):
@@ -136,10 +138,16 @@ def validate(event: Event, now: int) -> None:
         c = event.commit
         if c.collection not in _valid_collections:
             _check_collection(c.collection)
-        if not _RKEY.fullmatch(c.rkey) or c.rkey in {".", ".."} or len(c.rkey) > MAX_RKEY_BYTES:
-            raise Rejected("bad_rkey", f"rkey {c.rkey[:80]!r} is invalid")
-        if not _TID.fullmatch(c.rev):
-            raise Rejected("bad_rev", f"rev {c.rev[:80]!r} is not a TID")
+        rkey, rev = c.rkey, c.rev
+        # rkey characters are ASCII, so its length in characters is its length in bytes.
+        if (
+            not 0 < len(rkey) <= MAX_RKEY_BYTES
+            or not _RKEY_CHARS.issuperset(rkey)
+            or rkey in {".", ".."}
+        ):
+            raise Rejected("bad_rkey", f"rkey {rkey[:80]!r} is invalid")
+        if len(rev) != 13 or rev[0] not in _TID_FIRST or not _TID_CHARS.issuperset(rev):
+            raise Rejected("bad_rev", f"rev {rev[:80]!r} is not a TID")
         # Raw spans exactly the JSON value, so an object starts with "{" (0x7B).
         if c.operation != "delete" and (not c.record or memoryview(c.record)[0] != 0x7B):
             raise Rejected("missing_record", f"{c.operation} without a record object")
