@@ -24,12 +24,14 @@ import contextlib
 import errno
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,18 @@ from redis.exceptions import RedisError, ResponseError
 
 from appliance import buffer, events, metrics, storage
 from appliance.config import Settings
+from appliance.events import CommitEvent
 from appliance.httpd import serve_probes
 from appliance.logs import setup_logging
-from appliance.tables import TableBuilder, decode_frames, decode_joined
+from appliance.tables import (
+    Counters,
+    TableBuilder,
+    check_storable,
+    columns_valid,
+    decode_frames,
+    decode_joined,
+    decode_joined_unchecked,
+)
 
 log = logging.getLogger("appliance.batch")
 
@@ -103,6 +114,221 @@ class Rejected:
     detail: str
 
 
+Entry = tuple[str, dict[bytes, bytes] | None]
+# Per entry: (frames, raw bytes, rejected frames as (frame, reason, detail), error or None).
+Outcome = tuple[int, int, list[tuple[bytes, str, str]], str | None]
+# A transformed part: its outcomes in entry order, Arrow chunks per table (as IPC streams when
+# they cross a process boundary), and the builder's counters.
+PartResult = tuple[list[Outcome], dict[str, list[Any]], Counters]
+
+
+def transform_entry(
+    builder: TableBuilder, fields: dict[bytes, bytes] | None, now: int
+) -> tuple[int, int, list[tuple[bytes, str, str]]]:
+    """Decode one stream entry into `builder`: (frames, raw bytes, rejected frames).
+
+    All or nothing: if anything raises, the rows this entry added are rolled back first.
+    """
+    mark = builder.mark()
+    try:
+        if fields is None:
+            raise ValueError("entry was deleted from the stream before it was acknowledged")
+        data = fields.get(buffer.FIELD_DATA, b"")
+        count = int(fields.get(buffer.FIELD_COUNT, b"0"))
+        # Usually the whole entry decodes in one call; otherwise frame by frame.
+        fast = decode_joined(data, count, now, builder.max_bytes)
+        if fast is None:
+            frames = buffer.unpack(fields)  # raises on a torn or foreign entry
+            decoded, rejected = decode_frames(frames, now, builder.max_bytes)
+            count, raw = len(frames), sum(map(len, frames))
+        else:
+            decoded, rejected = fast
+            raw = len(data) - (count - 1)
+        builder.add_events(decoded)
+        builder.commit_entry()
+    except BaseException:
+        builder.rollback(mark)
+        raise
+    return count, raw, [(frame, error.reason, error.detail) for frame, error in rejected]
+
+
+def _transform_entry_unchecked(
+    builder: TableBuilder, fields: dict[bytes, bytes] | None, now: int
+) -> tuple[int, int]:
+    """`transform_entry` for the usual entry, whose frames the ingester already validated:
+    one decode call, the commit checks left to `columns_valid` over the whole part.
+
+    Raises (with nothing added) for anything unusual; the caller then uses `transform_entry`.
+    """
+    if fields is None:
+        raise ValueError("entry was deleted from the stream")
+    data = fields.get(buffer.FIELD_DATA, b"")
+    count = int(fields.get(buffer.FIELD_COUNT, b"0"))
+    decoded = decode_joined_unchecked(data, count, builder.max_bytes)
+    if decoded is None:
+        raise ValueError("not a well-formed entry")
+    for event in decoded:
+        if type(event) is CommitEvent:
+            c = event.commit  # what columns_valid cannot see: the record is an object
+            if c.operation != "delete" and (not c.record or memoryview(c.record)[0] != 0x7B):
+                raise ValueError("a record is not an object")
+        else:  # identity and account events are rare: checked one by one
+            events.validate(event, now)
+            check_storable(event)
+    mark = builder.mark()
+    try:
+        builder.add_events(decoded)
+        builder.commit_entry()
+    except BaseException:
+        builder.rollback(mark)
+        raise
+    return count, len(data) - (count - 1)
+
+
+def transform_part(
+    entries: list[Entry],
+    now: int,
+    max_bytes: int,
+    store_cids: bool,
+    ipc: bool,
+    checked: bool = False,
+) -> PartResult:
+    """Transform consecutive stream entries with a fresh builder (in a worker or in-process).
+
+    Each entry's failure is isolated and returned as its outcome; only the final Arrow
+    conversion can raise, and then the caller redoes the part entry by entry. Entries are
+    decoded unchecked and their commits validated column-wise at the end (`columns_valid`);
+    if any row fails that, the part is redone with `events.validate` event by event
+    (`checked`), which finds the invalid frames and their reasons.
+    """
+    builder = TableBuilder(max_bytes=max_bytes, store_cids=store_cids)
+    outcomes: list[Outcome] = []
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _, fields in entries:
+            if not checked:
+                try:
+                    count, raw = _transform_entry_unchecked(builder, fields, now)
+                except Exception:
+                    pass  # nothing was added: the checked path below decides
+                else:
+                    outcomes.append((count, raw, [], None))
+                    continue
+            try:
+                count, raw, rejected = transform_entry(builder, fields, now)
+            except Exception as exc:
+                outcomes.append((0, 0, [], f"{type(exc).__name__}: {exc}"))
+                continue
+            outcomes.append((count, raw, rejected, None))
+        chunks = builder.take_chunks()
+    finally:
+        if enabled:
+            gc.enable()
+    if not checked and not all(
+        columns_valid(table, chunk, now) for table, parts in chunks.items() for chunk in parts
+    ):
+        return transform_part(entries, now, max_bytes, store_cids, ipc, checked=True)
+    out: dict[str, list[Any]] = {t: list(c) for t, c in chunks.items()}
+    if ipc:
+        out = {t: [_to_ipc(b) for b in c] for t, c in chunks.items()}
+    return outcomes, out, builder.counters()
+
+
+def _to_ipc(chunk: pa.RecordBatch) -> bytes:
+    # One IPC stream per chunk: chunks of one table may carry different dictionaries.
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, chunk.schema) as writer:
+        writer.write_batch(chunk)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _from_ipc(chunks: dict[str, list[Any]]) -> dict[str, list[pa.RecordBatch]]:
+    out = {}
+    for table, parts in chunks.items():
+        out[table] = [
+            p if isinstance(p, pa.RecordBatch) else pa.ipc.open_stream(p).read_next_batch()
+            for p in parts
+        ]
+    return out
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group; the batcher decides, its workers just stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker keeps its call queue's write end open, so it never sees EOF when the batcher is
+    # killed (-9): it watches for the parent to go instead, so none is left behind.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+class TransformPool:
+    """Long-lived worker processes (spawned once) that transform parts of each read.
+
+    Decoding and converting to Arrow is pure Python-bound CPU work; with the VM's two cores the
+    batcher's own thread takes one part of every read and `workers` processes the others (the
+    entries go out as bytes, the rows come back as Arrow IPC). A worker that dies breaks the
+    pool: the part is redone in-process and the pool is started again on the next use.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _get(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+            )
+        return self._executor
+
+    def start(self) -> None:
+        """Spawn the workers now (they import pyarrow: about a second), not in the first batch."""
+        futures = [self._get().submit(_ready) for _ in range(self.workers)]
+        for future in futures:
+            future.result()
+
+    def submit(self, fn: Callable[..., PartResult], *args: Any) -> Future[PartResult]:
+        try:
+            return self._get().submit(fn, *args)
+        except BrokenProcessPool as exc:
+            self.failed(exc)
+            return self._get().submit(fn, *args)
+
+    def failed(self, exc: BaseException) -> None:
+        """A part failed in a worker: log it; start fresh workers if the pool is broken."""
+        metrics.batch_failures.labels("worker").inc()
+        log.warning(
+            "a transform worker failed; its part is redone in-process",
+            extra={"error": f"{type(exc).__name__}: {exc}"},
+        )
+        if isinstance(exc, BrokenProcessPool) and self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def pids(self) -> list[int]:
+        """Process ids of the running workers (for measurements)."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        return list(processes)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
 @dataclass
 class Batch:
     """Stream entries read for one flush, transformed as they arrive.
@@ -114,6 +340,7 @@ class Batch:
 
     source: str  # "pending", "claimed" or "new"
     builder: TableBuilder = field(default_factory=TableBuilder)
+    pool: TransformPool | None = None  # worker processes sharing the transformation
     ok: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # entry id -> error
     failed_fields: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
@@ -129,53 +356,84 @@ class Batch:
         return len(self.ok) + len(self.failed)
 
     def add_entries(self, entries: Iterable[tuple[str, dict[bytes, bytes] | None]]) -> None:
-        """Transform stream entries (id, fields); never raises for a bad entry."""
+        """Transform stream entries (id, fields); never raises for a bad entry.
+
+        With a `pool`, the entries are split into consecutive parts: this thread transforms
+        the first while each worker process transforms one of the others (`transform_part`),
+        and the results are merged in stream order.
+        """
         now = events.now_us()
+        entries = list(entries)
         # The rows are many small tuples that live until the batch is written: automatic
         # collections would rescan them over and over (measured: ~12% of transform time).
         enabled = gc.isenabled()
         gc.disable()
         try:
-            for entry_id, fields in entries:
-                self._add_entry(entry_id, fields, now)
+            if entries:
+                self._add_parts(entries, now)
         finally:
             if enabled:
                 gc.enable()
         self._name = None
 
-    def _add_entry(self, entry_id: str, fields: dict[bytes, bytes] | None, now: int) -> None:
+    def _add_parts(self, entries: list[Entry], now: int) -> None:
         builder = self.builder
-        mark = builder.mark()
+        pool = self.pool
+        n = min(pool.workers + 1 if pool is not None else 1, len(entries))
+        step = -(-len(entries) // n)
+        parts = [entries[i : i + step] for i in range(0, len(entries), step)]
+        args = (now, builder.max_bytes, builder.store_cids)
+        futures = []
+        if pool is not None:
+            futures = [pool.submit(transform_part, part, *args, True) for part in parts[1:]]
+        results: list[PartResult | None] = []
         try:
-            if fields is None:
-                raise ValueError("entry was deleted from the stream before it was acknowledged")
-            data = fields.get(buffer.FIELD_DATA, b"")
-            count = int(fields.get(buffer.FIELD_COUNT, b"0"))
-            # Usually the whole entry decodes in one call; otherwise frame by frame.
-            fast = decode_joined(data, count, now, builder.max_bytes)
-            if fast is None:
-                frames = buffer.unpack(fields)  # raises on a torn or foreign entry
-                decoded, rejected = decode_frames(frames, now, builder.max_bytes)
-                count, raw = len(frames), sum(map(len, frames))
-            else:
-                decoded, rejected = fast
-                raw = len(data) - (count - 1)
-            builder.add_events(decoded)
-            builder.commit_entry()
+            results.append(transform_part(parts[0], *args, False))
+        except Exception:
+            results.append(None)  # redone entry by entry below, each failure isolated
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Exception as exc:  # a worker died or could not run: redo its part here
+                if pool is not None:
+                    pool.failed(exc)
+                results.append(None)
+        for part, result in zip(parts, results, strict=True):
+            if result is None:
+                for entry_id, fields in part:
+                    self._add_entry(entry_id, fields, now)
+                continue
+            outcomes, chunks, counters = result
+            builder.add_chunks(_from_ipc(chunks), counters)
+            for (entry_id, fields), (count, raw, rejected, error) in zip(
+                part, outcomes, strict=True
+            ):
+                if error is not None:
+                    self._entry_failed(entry_id, fields, error)
+                else:
+                    self._entry_ok(entry_id, count, raw, rejected)
+
+    def _add_entry(self, entry_id: str, fields: dict[bytes, bytes] | None, now: int) -> None:
+        try:
+            count, raw, rejected = transform_entry(self.builder, fields, now)
         except Exception as exc:  # isolate any failure to this entry
-            builder.rollback(mark)
-            self.failed[entry_id] = f"{type(exc).__name__}: {exc}"
-            self.failed_fields[entry_id] = fields or {}
-            metrics.batch_failures.labels("transform").inc()
-            log.warning(
-                "stream entry failed to transform",
-                extra={"entry": entry_id, "error": self.failed[entry_id]},
-            )
+            self._entry_failed(entry_id, fields, f"{type(exc).__name__}: {exc}")
             return
+        self._entry_ok(entry_id, count, raw, rejected)
+
+    def _entry_failed(self, entry_id: str, fields: dict[bytes, bytes] | None, error: str) -> None:
+        self.failed[entry_id] = error
+        self.failed_fields[entry_id] = fields or {}
+        metrics.batch_failures.labels("transform").inc()
+        log.warning("stream entry failed to transform", extra={"entry": entry_id, "error": error})
+
+    def _entry_ok(
+        self, entry_id: str, count: int, raw: int, rejected: list[tuple[bytes, str, str]]
+    ) -> None:
         self.frames += count
         self.raw_bytes += raw
-        for frame, error in rejected:
-            self.rejected.append(Rejected(entry_id, error.reason, frame, error.detail))
+        for frame, reason, detail in rejected:
+            self.rejected.append(Rejected(entry_id, reason, frame, detail))
         self.ok.append(entry_id)
 
     @property
@@ -457,6 +715,8 @@ class Batcher:
         self.watermark_us: int | None = storage.read_manifest(settings.data_dir).last_batch.get(
             "max_time_us"
         )
+        # Started in run(), closed when run() returns.
+        self.pool = TransformPool(settings.batch_workers) if settings.batch_workers else None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -464,7 +724,7 @@ class Batcher:
         builder = TableBuilder(
             max_bytes=self.settings.max_event_bytes, store_cids=self.settings.store_cids
         )
-        return Batch(source, builder)
+        return Batch(source, builder, pool=self.pool)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) from the start, unless it exists."""
@@ -728,6 +988,15 @@ class Batcher:
 
     async def run(self) -> None:
         """Recover, then batch until stopped (the current batch is finished first)."""
+        try:
+            if self.pool is not None:
+                await asyncio.to_thread(self.pool.start)
+            await self._run()
+        finally:
+            if self.pool is not None:
+                await asyncio.to_thread(self.pool.close)
+
+    async def _run(self) -> None:
         while not self.stop.is_set():
             try:
                 await self.ensure_group()

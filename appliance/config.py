@@ -118,6 +118,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     batch_port: Annotated[
         int, _h("Port of the batcher's /health, /ready, /metrics", ge=0, le=65535)
     ] = 9102
+    batch_workers: Annotated[
+        int,
+        _h(
+            "Worker processes that decode stream entries beside the batcher's own thread "
+            "(0 = in-process only); spawned once at start",
+            ge=0,
+            le=16,
+        ),
+    ] = 0
     parquet_zstd_level: Annotated[int, _h("zstd level of Parquet files", ge=1, le=22)] = 3
     store_cids: Annotated[
         bool,

@@ -13,6 +13,7 @@ earlier batches are removed later (`batch.py`) against the stored key columns.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -328,6 +329,68 @@ def _validated(
     return good, bad
 
 
+def decode_joined_unchecked(
+    data: bytes, count: int, max_bytes: int = 1_000_000
+) -> list[Event] | None:
+    """The events of `count` frames joined by newlines, decoded in one call WITHOUT the semantic
+    checks of `events.validate` (the caller checks them column-wise: `columns_valid`).
+
+    None when this shortcut does not apply; then use `decode_joined` or `decode_frames`.
+    """
+    if count < 1 or len(data) > max_bytes or data.count(b"\n") != count - 1:
+        return None
+    try:
+        decoded = _decode_array(b"[" + data.replace(b"\n", b",") + b"]")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return decoded if len(decoded) == count else None
+
+
+# What `events.validate` checks on a commit, as Arrow (RE2) patterns over the stored columns.
+# Counted repetitions ({1,512}) make RE2 programs large and slow: lengths are checked apart.
+_DID_RE = r"^did:(?:plc:[a-z2-7]{24}|web:[A-Za-z0-9._:%-]+)$"
+_DID_MAX = len("did:web:") + 253
+_RKEY_RE = "^[" + re.escape("".join(sorted(events._RKEY_CHARS))) + "]+$"
+_REV_RE = (
+    "^["
+    + re.escape("".join(sorted(events._TID_FIRST)))
+    + "]["
+    + re.escape("".join(sorted(events._TID_CHARS)))
+    + "]{12}$"
+)
+
+
+def columns_valid(table: str, data: pa.RecordBatch, now: int) -> bool:
+    """True if every commit row of `data` passes the checks `events.validate` makes on its did,
+    time_us, collection, rkey and rev -- vectorised, about 20x cheaper than event by event.
+
+    A sufficient condition only: False means "check these events one by one", which finds the
+    invalid frames and their reasons. identities and accounts are always checked one by one.
+    """
+    if table in ("identities", "accounts") or not data.num_rows:
+        return True
+    times = pc.min_max(data["time_us"]).as_py()
+    if times["min"] < events.MIN_TIME_US or times["max"] > now + events.MAX_FUTURE_SKEW_US:
+        return False
+    if "collection" in data.schema.names:
+        collections = data["collection"]
+        values = pc.unique(
+            collections.dictionary if hasattr(collections, "dictionary") else collections
+        )
+        if not all(events.is_nsid(c) for c in values.to_pylist()):
+            return False
+    dids, rkeys = data["did"], data["rkey"]
+    # Byte lengths: both patterns admit only ASCII, where bytes and characters agree.
+    if pc.max(pc.binary_length(dids)).as_py() > _DID_MAX:
+        return False
+    if pc.max(pc.binary_length(rkeys)).as_py() > events.MAX_RKEY_BYTES:
+        return False
+    for column, pattern in ((dids, _DID_RE), (rkeys, _RKEY_RE), (data["rev"], _REV_RE)):
+        if not pc.all(pc.match_substring_regex(column, pattern)).as_py():
+            return False
+    return not pc.any(pc.is_in(rkeys, value_set=pa.array([".", ".."]))).as_py()
+
+
 def decode_joined(
     data: bytes, count: int, now: int, max_bytes: int = 1_000_000
 ) -> tuple[list[Event], list[tuple[bytes, Rejected]]] | None:
@@ -398,6 +461,7 @@ _TIME_COLUMN = {
 
 Row = tuple[Any, ...]
 Mark = dict[str, int]
+Counters = tuple[int, int, int]
 
 
 class TableBuilder:
@@ -455,6 +519,36 @@ class TableBuilder:
             self.chunks[table].append(chunk)
             self.converted[table] += chunk.num_rows
             self.rows[table] = []
+
+    def flush_rows(self) -> None:
+        """Convert every pending row to Arrow chunks."""
+        converted = {t: self._convert(t, rows) for t, rows in self.rows.items() if rows}
+        for table, chunk in converted.items():
+            self.chunks[table].append(chunk)
+            self.converted[table] += chunk.num_rows
+            self.rows[table] = []
+
+    def take_chunks(self) -> dict[str, list[pa.RecordBatch]]:
+        """Every row added so far as Arrow chunks, handed over (a worker's result)."""
+        self.flush_rows()
+        out = {t: c for t, c in self.chunks.items() if c}
+        self.chunks = {t: [] for t in TABLES}
+        return out
+
+    def add_chunks(self, chunks: dict[str, list[pa.RecordBatch]], counters: Counters) -> None:
+        """Append rows converted elsewhere (a worker process), after the rows added so far."""
+        self.flush_rows()  # keeps arrival order: first copies win the dedupe in tables()
+        for table, batches in chunks.items():
+            self.chunks[table].extend(batches)
+            self.converted[table] += sum(b.num_rows for b in batches)
+        bad, lenient, unstorable = counters
+        self.bad_created_at += bad
+        self.lenient_records += lenient
+        self.unstorable_values += unstorable
+
+    def counters(self) -> Counters:
+        """(bad created_at values, lenient records, unstorable values) so far."""
+        return self.bad_created_at, self.lenient_records, self.unstorable_values
 
     # -- adding events ------------------------------------------------------------------
 
@@ -606,6 +700,10 @@ class TableBuilder:
             if self.chunks[table]:
                 data = pa.Table.from_batches(self.chunks[table], schema=SCHEMAS[table])
                 self.chunks[table] = []
+                # The small chunks of a batch (one per read) carry their own dictionaries,
+                # which cost Parquet ~0.3% in size (measured); one shared dictionary per column
+                # costs almost nothing (combine_chunks() would copy the whole table).
+                data = data.unify_dictionaries()
                 data, dropped = first_of_each_key(table, data)
                 if dropped:
                     self.duplicates[table] = dropped

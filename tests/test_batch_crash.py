@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from appliance import storage
@@ -140,3 +141,50 @@ def test_the_service_serves_probes_and_exits_cleanly_on_sigterm(
     written = [line for line in lines if line["msg"] == "batch written"]
     assert written and written[-1]["rows"]["posts"] >= 0
     assert storage.read_manifest(settings.data_dir).last_batch["events"] > 0
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """Pids of processes whose environment holds `marker` (a batcher and what it spawned)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_gone(marker: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while left := processes_with_env(marker):
+        assert time.monotonic() < deadline, f"processes left behind: {left}"
+        time.sleep(0.2)
+
+
+def test_with_worker_processes_a_kill9_leaves_no_worker_behind_and_the_redo_is_exact(
+    crash_settings: Settings, crash_redis: RedisProcess, tmp_path: Path
+) -> None:
+    settings = msgspec.structs.replace(crash_settings, batch_workers=1)
+    frames = list(generate(FirehoseConfig(seed=23, events=3_000)))
+    push(settings, frames)
+    log = tmp_path / "batcher.log"
+    marker = f"APPLIANCE_DATA_DIR={settings.data_dir}"
+
+    crashed = start_batcher(settings, log, crash_at="before_write")
+    assert crashed.wait(60) == -signal.SIGKILL, log.read_text()[-2000:]
+    wait_gone(marker)  # the worker notices and exits by itself
+
+    restarted = start_batcher(settings, log)
+    try:
+        wait_drained(settings, restarted)
+        assert len(processes_with_env(marker)) >= 2  # the batcher and its worker
+    finally:
+        stop_process(restarted)
+    assert restarted.returncode == 0
+    wait_gone(marker)  # a clean stop takes the workers along
+    assert_stored_equals(Path(settings.data_dir), truth_of(frames))
+    assert_all_parquet_files_open(Path(settings.data_dir))

@@ -59,6 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="in-process runs (fresh processes); the best is reported, the median beside it",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="transform worker processes (APPLIANCE_BATCH_WORKERS; default: its default)",
+    )
+    parser.add_argument(
+        "--ab-workers",
+        type=int,
+        help="also time this many workers, alternating with --workers run by run (A/B)",
+    )
     parser.add_argument("--skip-redis", action="store_true", help="skip the path through Redis")
     parser.add_argument("--skip-variants", action="store_true", help="skip encoding variants")
     parser.add_argument("--workdir", help="directory for the data (default: a temporary one)")
@@ -67,16 +77,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- the child: the in-process pipeline ------------------------------------------------------
 
 
-def _child(frames_path: str, data_dir: str, entry_events: int, store_cids: bool = False) -> None:
-    """Run one batch over the frames file; print the figures as JSON (runs in a fresh process)."""
+def _child(
+    frames_path: str,
+    data_dir: str,
+    entry_events: int,
+    store_cids: bool = False,
+    workers: int | None = None,
+) -> None:
+    """Run one batch over the frames file; print the figures as JSON (runs in a fresh process).
+
+    The transform workers are started before the clock starts, as the batcher starts them once.
+    """
     from appliance import batch as batch_mod
     from appliance.buffer import pack
     from appliance.config import load_settings
     from appliance.tables import TableBuilder
 
-    settings = load_settings(
-        environ={}, data_dir=data_dir, compact_auto=False, store_cids=store_cids
-    )
+    overrides: dict[str, Any] = {"store_cids": store_cids}
+    if workers is not None:
+        overrides["batch_workers"] = workers
+    settings = load_settings(environ={}, data_dir=data_dir, compact_auto=False, **overrides)
+    pool = batch_mod.TransformPool(settings.batch_workers) if settings.batch_workers else None
+    if pool is not None:
+        pool.start()
     # Stream entries as XREADGROUP returns them (read line by line: only the entries stay).
     entries: list[tuple[str, dict[bytes, bytes] | None]] = []
     with open(frames_path, "rb") as fh:
@@ -91,14 +114,22 @@ def _child(frames_path: str, data_dir: str, entry_events: int, store_cids: bool 
     rss_before = peak_rss_mb()
     started = time.perf_counter()
     cpu_started = time.process_time()
-    batch = batch_mod.Batch("new", TableBuilder(store_cids=settings.store_cids))
-    for i in range(0, len(entries), 200):
-        batch.add_entries(entries[i : i + 200])
+    builder = TableBuilder(max_bytes=settings.max_event_bytes, store_cids=settings.store_cids)
+    batch = batch_mod.Batch("new", builder, pool=pool)
+    # As XREADGROUP replies of 200 entries, each dropped once transformed (as in the batcher).
+    reads = [entries[i : i + 200] for i in range(0, len(entries), 200)]
+    del entries
+    reads.reverse()
+    while reads:
+        batch.add_entries(reads.pop())
     transformed = time.perf_counter()
     tables = batch.tables()
     built = time.perf_counter()
     written = batch_mod.write_batch(settings, batch, batch_mod.StoredKeys())
     finished = time.perf_counter()
+    workers_peak = [peak_rss_mb(pid) for pid in pool.pids()] if pool is not None else []
+    if pool is not None:
+        pool.close()
     figures = {
         "batch_events": batch.frames,
         "rows": sum(t.num_rows for t in tables.values()),
@@ -108,6 +139,8 @@ def _child(frames_path: str, data_dir: str, entry_events: int, store_cids: bool 
         "batch_seconds": finished - started,
         "cpu_seconds": time.process_time() - cpu_started,
         "peak_rss_mb": peak_rss_mb(),
+        "workers": settings.batch_workers,
+        "workers_peak_rss_mb": workers_peak,
         "rss_input_mb": rss_before,
         "bytes": written.bytes,
         "rows_by_table": written.rows,
@@ -116,11 +149,16 @@ def _child(frames_path: str, data_dir: str, entry_events: int, store_cids: bool 
 
 
 def _run_child(
-    frames_path: Path, data_dir: Path, entry_events: int, store_cids: bool = False
+    frames_path: Path,
+    data_dir: Path,
+    entry_events: int,
+    store_cids: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     code = (
         "import sys; from loadtest.bench.batch import _child; "
-        f"_child({str(frames_path)!r}, {str(data_dir)!r}, {entry_events}, {store_cids!r})"
+        f"_child({str(frames_path)!r}, {str(data_dir)!r}, {entry_events}, {store_cids!r}, "
+        f"{workers!r})"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, check=False, cwd=os.getcwd()
@@ -309,14 +347,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         runs = []
         load_before = os.getloadavg()[0]
+        ab_runs: list[dict[str, Any]] = []
         for attempt in range(max(1, args.repeat)):
             data_dir = workdir / f"data-{attempt}"
-            runs.append(_run_child(frames_path, data_dir, args.entry_events))
+            runs.append(_run_child(frames_path, data_dir, args.entry_events, workers=args.workers))
             print(
                 f"  run {attempt + 1}: {runs[-1]['batch_seconds']:.2f} s wall, "
-                f"{runs[-1]['cpu_seconds']:.2f} s CPU",
+                f"{runs[-1]['cpu_seconds']:.2f} s CPU, {runs[-1]['workers']} workers, "
+                f"load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
+            if args.ab_workers is not None:
+                ab_dir = workdir / f"data-ab-{attempt}"
+                ab_runs.append(
+                    _run_child(frames_path, ab_dir, args.entry_events, workers=args.ab_workers)
+                )
+                print(
+                    f"  B run {attempt + 1}: {ab_runs[-1]['batch_seconds']:.2f} s wall, "
+                    f"{ab_runs[-1]['workers']} workers, load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
         best = min(range(len(runs)), key=lambda i: runs[i]["batch_seconds"])
         child = runs[best]
         data_dir = workdir / f"data-{best}"
@@ -337,6 +387,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "write_seconds": round(child["write_seconds"], 3),
             "cpu_seconds": round(child["cpu_seconds"], 3),
             "peak_rss_mb": round(child["peak_rss_mb"], 1),
+            "peak_rss_mb_median": round(median([r["peak_rss_mb"] for r in runs]), 1),
+            "workers": child["workers"],
+            "workers_peak_rss_mb": [round(x, 1) for x in child["workers_peak_rss_mb"]],
+            "load_average_1m_after_runs": round(os.getloadavg()[0], 2),
             "input_rss_mb": round(child["rss_input_mb"], 1),
             "raw_json_bytes_per_event": round(raw_all / n, 1),
             "zstd_jsonl_bytes_per_event": round(zstd_jsonl / n, 1),
@@ -382,6 +436,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
 
+        if ab_runs:
+            figures["ab"] = {
+                "workers": ab_runs[0]["workers"],
+                "batch_seconds": round(min(r["batch_seconds"] for r in ab_runs), 3),
+                "batch_seconds_median": round(median([r["batch_seconds"] for r in ab_runs]), 3),
+                "peak_rss_mb_median": round(median([r["peak_rss_mb"] for r in ab_runs]), 1),
+            }
         if not args.skip_variants:
             figures["variants_bytes_per_event"] = _variants(data_dir, cids_dir, n)
 
