@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pyarrow as pa
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from msgspec import Struct, field
 
 from appliance import events
-from appliance.events import CommitEvent, Event, IdentityEvent, Rejected
+from appliance.events import AccountEvent, CommitEvent, Event, IdentityEvent, Rejected
 from appliance.storage import COLLECTION_TABLES, SCHEMAS, TABLES, key_array
 
 # --- record shapes we read (everything else in a record is skipped by the decoder) -----------
@@ -329,21 +329,66 @@ def _validated(
     return good, bad
 
 
-def decode_joined_unchecked(
-    data: bytes, count: int, max_bytes: int = 1_000_000
-) -> list[Event] | None:
-    """The events of `count` frames joined by newlines, decoded in one call WITHOUT the semantic
-    checks of `events.validate` (the caller checks them column-wise: `columns_valid`).
+class _Envelope(Struct):
+    """Any Jetstream event, untagged, for the unchecked fast path.
 
-    None when this shortcut does not apply; then use `decode_joined` or `decode_frames`.
+    Jetstream puts `kind` after `did` and `time_us`, so the tagged union `events.Event` makes
+    msgspec look ahead for the tag and parse again (FINDINGS); this flat struct decodes in one
+    pass (measured: 30% less decode time). It is at least as strict as `events.Event`: every
+    field a variant declares is typed the same way here.
+    """
+
+    did: str
+    time_us: int
+    kind: str
+    commit: events.Commit | None = None
+    identity: events.Identity | None = None
+    account: events.Account | None = None
+    cursor: int | None = None
+
+
+_decode_envelopes = msgspec.json.Decoder(list[_Envelope]).decode
+
+
+def decode_joined_unchecked(
+    data: bytes, count: int, now: int, max_bytes: int = 1_000_000
+) -> list[Any] | None:
+    """The events of `count` frames joined by newlines, decoded in one call, for
+    `TableBuilder.add_unchecked`; None if the event-by-event path must decide.
+
+    Commits are NOT checked here beyond their record being an object: `columns_valid` checks
+    the rest column-wise. Identity and account events (rare) get `events.validate`.
     """
     if count < 1 or len(data) > max_bytes or data.count(b"\n") != count - 1:
         return None
     try:
-        decoded = _decode_array(b"[" + data.replace(b"\n", b",") + b"]")
+        decoded: list[Any] = _decode_envelopes(b"[" + data.replace(b"\n", b",") + b"]")
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    return decoded if len(decoded) == count else None
+    if len(decoded) != count:
+        return None
+    for i, e in enumerate(decoded):
+        if e.kind == "commit":
+            c = e.commit
+            if c is None or (
+                c.operation != "delete" and (not c.record or memoryview(c.record)[0] != 0x7B)
+            ):
+                return None
+            continue
+        event: Event
+        if e.kind == "identity" and e.identity is not None:
+            event = IdentityEvent(e.did, e.time_us, e.identity, e.cursor)
+        elif e.kind == "account" and e.account is not None:
+            event = AccountEvent(e.did, e.time_us, e.account, e.cursor)
+        else:
+            return None
+        try:
+            events.validate(event, now)
+            check_storable(event)
+        except Rejected:
+            return None
+        decoded[i] = event
+    return decoded
 
 
 # What `events.validate` checks on a commit, as Arrow (RE2) patterns over the stored columns.
@@ -569,6 +614,17 @@ class TableBuilder:
         add = self.add
         for event in decoded:
             add(event)
+
+    def add_unchecked(self, decoded: list[Any]) -> None:
+        """Add what `decode_joined_unchecked` returned (commits as envelopes)."""
+        add_commit = self._add_commit
+        add = self.add
+        for event in decoded:
+            if type(event) is _Envelope:
+                # An envelope of kind "commit" has every attribute _add_commit reads.
+                add_commit(cast(CommitEvent, event))
+            else:
+                add(event)
 
     def add_frames(self, frames: list[bytes], now: int) -> list[tuple[bytes, Rejected]]:
         """Decode (schema and validation, as `events.decode`) and add frames; return the

@@ -12,7 +12,7 @@ import pytest
 
 from appliance import batch as batch_mod
 from appliance import buffer, events, storage
-from appliance.tables import columns_valid
+from appliance.tables import check_storable, columns_valid
 from loadtest.firehose import FirehoseConfig, generate
 from tests.test_batch_tables import DID, T0, commit
 
@@ -66,7 +66,7 @@ def expected_reasons(frames: list[bytes]) -> list[str | None]:
         try:
             event = events.decode(frame)
             if type(event) is not events.CommitEvent:
-                batch_mod.check_storable(event)
+                check_storable(event)
         except events.Rejected as exc:
             out.append(exc.reason)
             continue
