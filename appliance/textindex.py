@@ -1,0 +1,194 @@
+"""A per-file token index for compacted posts files: which row groups can hold a word or author.
+
+A search for a rare or absent word would otherwise decompress and match every day's text. The
+compactor writes, beside each posts file `<name>.parquet`, a sidecar `<name>.tidx` (a Parquet file
+no `*.parquet` glob matches) that maps
+
+- every token of the lower-cased text (runs of letters and digits, `[\\p{L}\\p{N}]+`), and
+- every author DID (exact key)
+
+to the sorted list of the file's row groups that contain it. The query engine turns a search into
+candidate row groups and reads only those (by their time_us ranges, which DuckDB prunes on).
+
+Why the index can only narrow, never change, an answer: a row matches a term when lower(term) is
+a substring of lower(text). Split lower(term) on the same separators into pieces; each piece is a
+run of letters/digits inside lower(text), so it lies inside one token of that row. The candidates
+of a term are therefore the row groups of every token containing each piece (a substring scan of
+the vocabulary), intersected over pieces, terms and the author. Classification is per code point
+and DuckDB's lower() is per code point too, so a case-sensitive search (exact=true) uses the
+lower-case index as a superset. A term without letters or digits (emoji, punctuation) gives no
+piece and no narrowing. The exact predicate is applied to the candidate rows as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+
+from appliance import storage
+
+log = logging.getLogger("appliance.textindex")
+
+SUFFIX = ".tidx"
+FORMAT = "1"
+# Token separators: everything but letters and digits (RE2 Unicode classes, as DuckDB runs them).
+SEPARATORS = r"[^\p{L}\p{N}]+"
+FIELD_TOKEN = 0
+FIELD_DID = 1
+
+
+def sidecar_path(data_file: str | Path) -> Path:
+    """The index of a data file: the same name with .tidx instead of .parquet."""
+    path = Path(data_file)
+    return path.with_name(path.name.removesuffix(".parquet") + SUFFIX)
+
+
+def data_path(sidecar: str | Path) -> Path:
+    """The data file an index belongs to."""
+    path = Path(sidecar)
+    return path.with_name(path.name.removesuffix(SUFFIX) + ".parquet")
+
+
+@dataclass
+class Built:
+    path: Path
+    bytes: int
+    tokens: int
+    seconds: float
+
+
+def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
+    """Write the sidecar index of a posts file, atomically (temp name, fsync, rename, dir fsync).
+
+    Run by the compactor for every posts file it writes (and by the query benchmark's store
+    builder, so that it measures what production does). Uses the caller's DuckDB connection
+    (its threads and memory limit).
+    """
+    began = time.perf_counter()
+    data_file = Path(data_file)
+    meta = pq.read_metadata(data_file)
+    starts, acc = [], 0
+    for i in range(meta.num_row_groups):
+        starts.append(acc)
+        acc += meta.row_group(i).num_rows
+    final = sidecar_path(data_file)
+    tmp = final.with_name(f".{final.name}.tmp")  # neither *.parquet nor *.tidx
+    params: dict[str, Any] = {"file": str(data_file), "starts": starts or [0]}
+    # Row number -> row group through an ASOF join on the groups' first rows.
+    sql = f"""
+        COPY (
+            WITH grp AS (
+                SELECT unnest(range(len($starts))) AS g, unnest($starts) AS start
+            ),
+            src AS (
+                SELECT grp.g, s.text, s.did
+                FROM read_parquet($file, file_row_number = true, hive_partitioning = false) s
+                ASOF JOIN grp ON s.file_row_number >= grp.start
+            ),
+            tokens AS (
+                SELECT DISTINCT g, unnest(regexp_split_to_array(lower(text), '{SEPARATORS}')) AS key
+                FROM src WHERE text IS NOT NULL
+            )
+            SELECT {FIELD_TOKEN}::UTINYINT AS field, key, list(g::USMALLINT ORDER BY g) AS groups
+            FROM tokens WHERE key <> '' GROUP BY key
+            UNION ALL
+            SELECT {FIELD_DID}::UTINYINT, did, list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
+            FROM src GROUP BY did
+            ORDER BY field, key
+        ) TO '{_sql_path(tmp)}' (
+            FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 65536,
+            KV_METADATA {{textindex: '{FORMAT}', rows: '{meta.num_rows}',
+                          row_groups: '{meta.num_row_groups}'}}
+        )
+    """
+    if meta.num_row_groups > 65_535:
+        raise ValueError(f"{data_file}: too many row groups for the index")
+    try:
+        con.execute(sql, params)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    storage.fsync_dir(final.parent)
+    tokens = pq.read_metadata(final).num_rows
+    return Built(final, final.stat().st_size, tokens, time.perf_counter() - began)
+
+
+def _sql_path(path: Path) -> str:
+    # COPY TO takes no bound parameter for its target; our own paths, quotes doubled anyway
+    return str(path).replace("'", "''")
+
+
+def valid_for(sidecar: str | Path, rows: int, row_groups: int) -> bool:
+    """True if the sidecar is a readable index of a file with these rows and row groups.
+
+    Raises OSError if it cannot be read (missing), returns False if it is not ours or stale.
+    """
+    try:
+        kv = pq.read_metadata(sidecar).metadata or {}
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        return False
+    return (
+        kv.get(b"textindex") == FORMAT.encode()
+        and kv.get(b"rows") == str(rows).encode()
+        and kv.get(b"row_groups") == str(row_groups).encode()
+    )
+
+
+def pieces(con: duckdb.DuckDBPyConnection, term: str) -> list[str]:
+    """The letter/digit runs of lower(term), split exactly as the index splits text."""
+    row = con.execute(
+        f"SELECT list_filter(regexp_split_to_array(lower($t), '{SEPARATORS}'), lambda x: x <> '')",
+        {"t": term},
+    ).fetchone()
+    return list(row[0]) if row and row[0] else []
+
+
+def candidate_groups(
+    con: duckdb.DuckDBPyConnection,
+    sidecars: list[str],
+    term_pieces: list[str],
+    did: str | None,
+) -> dict[str, set[int]]:
+    """Row groups per sidecar that can hold a row containing every piece (and by `did`).
+
+    One scan over all sidecars; a sidecar with no candidate maps to an empty set.
+    """
+    params: dict[str, Any] = {"files": sidecars}
+    aggregates, wanted = [], []
+    for i, piece in enumerate(term_pieces):
+        params[f"p{i}"] = piece
+        cond = f"(field = {FIELD_TOKEN} AND contains(key, $p{i}))"
+        wanted.append(cond)
+        aggregates.append(f"flatten(list(groups) FILTER (WHERE {cond}))")
+    if did is not None:
+        params["did"] = did
+        cond = f"(field = {FIELD_DID} AND key = $did)"
+        wanted.append(cond)
+        aggregates.append(f"flatten(list(groups) FILTER (WHERE {cond}))")
+    if not aggregates:
+        raise ValueError("nothing to look up")
+    sql = (
+        f"SELECT filename, {', '.join(aggregates)} "
+        f"FROM read_parquet($files, filename = true, hive_partitioning = false) "
+        f"WHERE {' OR '.join(wanted)} GROUP BY filename"
+    )
+    out: dict[str, set[int]] = {path: set() for path in sidecars}
+    for row in con.execute(sql, params).fetchall():
+        sets = [set(groups or ()) for groups in row[1:]]
+        out[row[0]] = set.intersection(*sets)
+    return out
