@@ -189,10 +189,11 @@ def _sweep_orphans(data_dir: Path, directory: Path, manifest: storage.Manifest) 
     return removed
 
 
-def _index(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
-    """Write the token index of a compacted posts file (before the file goes live)."""
-    if table != "posts":
-        return
+def index_posts_file(con: duckdb.DuckDBPyConnection, path: Path) -> textindex.Built | None:
+    """Write the token index of a compacted posts file (before the file goes live).
+
+    The query benchmark builds its store's indexes with this same function.
+    """
     try:
         # a cursor of its own: the compaction's result stream is still open on `con`
         built = textindex.build(con.cursor(), path)
@@ -200,7 +201,7 @@ def _index(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
         # The file is complete without its index; queries scan it as they scan batch files.
         metrics.compact_index_failures.inc()
         log.exception("text index not written", extra={"file": path.name})
-        return
+        return None
     metrics.compact_index_seconds.observe(built.seconds)
     log.info(
         "text index written",
@@ -211,6 +212,7 @@ def _index(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
             "seconds": round(built.seconds, 3),
         },
     )
+    return built
 
 
 def compact_partition(
@@ -266,7 +268,8 @@ def compact_partition(
                 if writer.rows >= settings.compact_max_rows:
                     outputs.append(writer.close())
                     writer = None
-                    _index(con, table, outputs[-1])
+                    if table == "posts":
+                        index_posts_file(con, outputs[-1])
                     crash_point(settings, "compact_mid")
 
             try:
@@ -282,7 +285,8 @@ def compact_partition(
                 if writer is not None:
                     outputs.append(writer.close())
                     writer = None
-                    _index(con, table, outputs[-1])
+                    if table == "posts":
+                        index_posts_file(con, outputs[-1])
                     crash_point(settings, "compact_mid")
             except BaseException:
                 if writer is not None:
