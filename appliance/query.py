@@ -524,7 +524,8 @@ class QueryEngine:
             self._handles.current(cur, snap)
             for day, paths in snap.days.get("posts", {}).items():
                 for path in paths:
-                    self._has_index(path, self._segments(path, day))
+                    self._segments(path, day)
+                    self._has_index(path)
         finally:
             cur.close()
             self.warmed.set()
@@ -868,20 +869,22 @@ class QueryEngine:
                 f"SELECT {_COLUMNS} FROM read_parquet($nfiles) "
                 f"WHERE {' AND '.join(where)} AND ({within or 'false'})"
             )
+        if not parts:
+            return []  # a window between candidate row groups
         if len(parts) == 1:
             sql = f"{parts[0]} {tail}"
         else:
             sql = f"SELECT * FROM (({parts[0]} {tail}) UNION ALL ({parts[1]} {tail})) {tail}"
         return cur.execute(sql, bound).fetchall()
 
-    def _has_index(self, path: str, segments: list[Segment]) -> bool:
+    def _has_index(self, path: str) -> bool:
         """Whether a posts file has a valid token index (checked once per file)."""
         known = self._indexed.get(path)
         if known is not None:
             return known
         sidecar = textindex.sidecar_path(path)
         try:
-            ok = textindex.valid_for(sidecar, sum(s.rows for s in segments), len(segments))
+            ok = textindex.valid_for(sidecar, path)
         except OSError:
             ok = False
             if Path(path).name.startswith(COMPACTED_PREFIX):
@@ -913,7 +916,7 @@ class QueryEngine:
         by_file: dict[str, list[Segment]] = {}
         for seg in segments:
             by_file.setdefault(seg.path, []).append(seg)
-        indexed = [p for p in by_file if self._has_index(p, self._row_groups.get(p, []))]
+        indexed = [p for p in by_file if self._has_index(p)]
         if not indexed:
             return None
         sidecars = {str(textindex.sidecar_path(p)): p for p in indexed}

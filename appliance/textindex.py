@@ -78,6 +78,7 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
     for i in range(meta.num_row_groups):
         starts.append(acc)
         acc += meta.row_group(i).num_rows
+    kv = ", ".join(f"{k}: '{v}'" for k, v in identity(data_file, meta).items())
     final = sidecar_path(data_file)
     tmp = final.with_name(f".{final.name}.tmp")  # neither *.parquet nor *.tidx
     params: dict[str, Any] = {"file": str(data_file), "starts": starts or [0]}
@@ -104,8 +105,7 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
             ORDER BY field, key
         ) TO '{_sql_path(tmp)}' (
             FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 65536,
-            KV_METADATA {{textindex: '{FORMAT}', rows: '{meta.num_rows}',
-                          row_groups: '{meta.num_row_groups}'}}
+            KV_METADATA {{{kv}}}
         )
     """
     if meta.num_row_groups > 65_535:
@@ -131,22 +131,40 @@ def _sql_path(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def valid_for(sidecar: str | Path, rows: int, row_groups: int) -> bool:
-    """True if the sidecar is a readable index of a file with these rows and row groups.
+def identity(data_file: str | Path, meta: pq.FileMetaData | None = None) -> dict[str, str]:
+    """What ties an index to its data file: name, size, rows, row groups, time_us range."""
+    path = Path(data_file)
+    meta = meta if meta is not None else pq.read_metadata(path)
+    column = meta.schema.names.index("time_us")
+    times = [
+        (stats.min, stats.max)
+        for i in range(meta.num_row_groups)
+        if (stats := meta.row_group(i).column(column).statistics) is not None and stats.has_min_max
+    ]
+    return {
+        "textindex": FORMAT,
+        "file": "".join(c for c in path.name if c.isalnum() or c in "-_."),
+        "bytes": str(path.stat().st_size),
+        "rows": str(meta.num_rows),
+        "row_groups": str(meta.num_row_groups),
+        "time_us": f"{min(t[0] for t in times)}-{max(t[1] for t in times)}" if times else "",
+    }
 
-    Raises OSError if it cannot be read (missing), returns False if it is not ours or stale.
+
+def valid_for(sidecar: str | Path, data_file: str | Path) -> bool:
+    """True if the sidecar is a readable index of exactly this data file.
+
+    Raises FileNotFoundError if there is no sidecar; False if it is unreadable, not an index, or
+    the index of another (or an older) file.
     """
     try:
         kv = pq.read_metadata(sidecar).metadata or {}
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError):
         return False
-    return (
-        kv.get(b"textindex") == FORMAT.encode()
-        and kv.get(b"rows") == str(rows).encode()
-        and kv.get(b"row_groups") == str(row_groups).encode()
-    )
+    want = identity(data_file)
+    return all(kv.get(k.encode()) == v.encode() for k, v in want.items())
 
 
 def pieces(con: duckdb.DuckDBPyConnection, term: str) -> list[str]:
