@@ -257,11 +257,14 @@ class Snapshot:
 
 # --- SQL ---------------------------------------------------------------------------------------
 
+# The uri is not stored: it is derived from did and rkey (`storage.uri_sql`), everywhere the
+# same way, so the keyset order, cursors and the visibility index's hash(uri) agree.
+_POST_URI = storage.uri_sql("posts")
 # Candidate rows are tuples in this column order; the visibility index keys on hash(uri).
 _COLUMNS = (
-    "uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, reply_parent, "
-    "reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, hash(uri) AS h, "
-    "hash(did) AS dh"
+    f"{_POST_URI} AS uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, "
+    "reply_parent, reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, "
+    f"hash({_POST_URI}) AS h, hash(did) AS dh"
 )
 URI, DID, REV, TIME_US, URI_HASH, DID_HASH = 0, 1, 2, 3, 15, 16
 _HOST = "lower(regexp_extract({u}, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#:]+)', 1))"
@@ -847,10 +850,10 @@ class QueryEngine:
         bound = dict(params, lo=lo, hi=hi, fetch=fetch)
         if after is not None:
             op = "<" if latest else ">"
-            where.append(f"(time_us {op} $kt OR (time_us = $kt AND uri {op} $ku))")
+            where.append(f"(time_us {op} $kt OR (time_us = $kt AND {_POST_URI} {op} $ku))")
             bound.update(kt=after.time_us, ku=after.uri)
         order = "DESC" if latest else "ASC"
-        tail = f"ORDER BY time_us {order}, uri {order} LIMIT $fetch"
+        tail = f"ORDER BY time_us {order}, {_POST_URI} {order} LIMIT $fetch"
         restrict = restrict or {}
         narrowed = [f for f in files if f in restrict]
         plain = [f for f in files if f not in restrict]
@@ -874,7 +877,10 @@ class QueryEngine:
         if len(parts) == 1:
             sql = f"{parts[0]} {tail}"
         else:
-            sql = f"SELECT * FROM (({parts[0]} {tail}) UNION ALL ({parts[1]} {tail})) {tail}"
+            sql = (
+                f"SELECT * FROM (({parts[0]} {tail}) UNION ALL ({parts[1]} {tail})) "
+                f"ORDER BY time_us {order}, uri {order} LIMIT $fetch"
+            )
         return cur.execute(sql, bound).fetchall()
 
     def _has_index(self, path: str) -> bool:
@@ -1034,8 +1040,9 @@ class _Handles:
 
 # What each index reads from each file: post deletes and post updates can hide a version.
 _HIDING_SQL = {
-    "deletes": "SELECT hash(uri) AS h, rev FROM read_parquet($files) WHERE collection = $v",
-    "posts": "SELECT hash(uri) AS h, rev FROM read_parquet($files) WHERE operation = $v",
+    "deletes": f"SELECT hash({storage.uri_sql('deletes')}) AS h, rev FROM read_parquet($files) "
+    "WHERE collection = $v",
+    "posts": f"SELECT hash({_POST_URI}) AS h, rev FROM read_parquet($files) WHERE operation = $v",
 }
 _HIDING_VALUE = {"deletes": POST_COLLECTION, "posts": "update"}
 _HANDLES_SQL = (
