@@ -4,15 +4,17 @@ A search for a rare or absent word would otherwise decompress and match every da
 compactor writes, beside each posts file `<name>.parquet`, a sidecar `<name>.tidx` (a Parquet file
 no `*.parquet` glob matches) that maps
 
-- every token of the lower-cased text (runs of letters and digits, `[\\p{L}\\p{N}]+`), and
-- every author DID (exact key)
+- every token of the lower-cased text (runs of letters and digits, `[\\p{L}\\p{N}]+`; in
+  scripts written without spaces -- Han, kana, Thai, ... -- each character), and
+- every author DID (a stable 64-bit hash of it: a collision only adds candidates)
 
 to the sorted list of the file's row groups that contain it. The query engine turns a search into
 candidate row groups and reads only those (by their time_us ranges, which DuckDB prunes on).
 
 Why the index can only narrow, never change, an answer: a row matches a term when lower(term) is
-a substring of lower(text). Split lower(term) on the same separators into pieces; each piece is a
-run of letters/digits inside lower(text), so it lies inside one token of that row. The candidates
+a substring of lower(text). Split lower(term) by the same rule into pieces; each piece is a run
+of letters/digits (or one character of a spaceless script) inside lower(text), so it lies inside
+one token of that row. The candidates
 of a term are therefore the row groups of every token containing each piece (a substring scan of
 the vocabulary), intersected over pieces, terms and the author. Classification is per code point
 and DuckDB's lower() is per code point too, so a case-sensitive search (exact=true) uses the
@@ -37,9 +39,22 @@ from appliance import storage
 log = logging.getLogger("appliance.textindex")
 
 SUFFIX = ".tidx"
-FORMAT = "1"
+FORMAT = "2"
 # Token separators: everything but letters and digits (RE2 Unicode classes, as DuckDB runs them).
 SEPARATORS = r"[^\p{L}\p{N}]+"
+# Scripts written without spaces: each of their characters is a token of its own, or a
+# Japanese post would be one huge token and the vocabulary as large as the text.
+SINGLE_CHARS = r"([\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}])"
+# DIDs are kept as a stable 64-bit hash (md5), sorted: a lookup reads one small row group.
+DID_HASH = "(md5_number({}) >> 64)::UBIGINT"
+
+
+def tokens_sql(expr: str) -> str:
+    """SQL splitting the text expression `expr` into tokens, exactly as the index does."""
+    spaced = f"regexp_replace(lower({expr}), '{SINGLE_CHARS}', ' \\1 ', 'g')"
+    return f"regexp_split_to_array({spaced}, '{SEPARATORS}')"
+
+
 FIELD_TOKEN = 0
 FIELD_DID = 1
 
@@ -94,17 +109,19 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
                 ASOF JOIN grp ON s.file_row_number >= grp.start
             ),
             tokens AS (
-                SELECT DISTINCT g, unnest(regexp_split_to_array(lower(text), '{SEPARATORS}')) AS key
+                SELECT DISTINCT g, unnest({tokens_sql("text")}) AS key
                 FROM src WHERE text IS NOT NULL
             )
-            SELECT {FIELD_TOKEN}::UTINYINT AS field, key, list(g::USMALLINT ORDER BY g) AS groups
+            SELECT {FIELD_TOKEN}::UTINYINT AS field, key, NULL::UBIGINT AS h,
+                   list(g::USMALLINT ORDER BY g) AS groups
             FROM tokens WHERE key <> '' GROUP BY key
             UNION ALL
-            SELECT {FIELD_DID}::UTINYINT, did, list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
-            FROM src GROUP BY did
-            ORDER BY field, key
+            SELECT {FIELD_DID}::UTINYINT, NULL, {DID_HASH.format("did")},
+                   list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
+            FROM src GROUP BY {DID_HASH.format("did")}
+            ORDER BY field, key, h
         ) TO '{_sql_path(tmp)}' (
-            FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 65536,
+            FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384,
             KV_METADATA {{{kv}}}
         )
     """
@@ -170,8 +187,7 @@ def valid_for(sidecar: str | Path, data_file: str | Path) -> bool:
 def pieces(con: duckdb.DuckDBPyConnection, term: str) -> list[str]:
     """The letter/digit runs of lower(term), split exactly as the index splits text."""
     row = con.execute(
-        f"SELECT list_filter(regexp_split_to_array(lower($t), '{SEPARATORS}'), lambda x: x <> '')",
-        {"t": term},
+        f"SELECT list_filter({tokens_sql('$t')}, lambda x: x <> '')", {"t": term}
     ).fetchone()
     return list(row[0]) if row and row[0] else []
 
@@ -184,29 +200,36 @@ def candidate_groups(
 ) -> dict[str, set[int]]:
     """Row groups per sidecar that can hold a row containing every piece (and by `did`).
 
-    One scan over all sidecars; a sidecar with no candidate maps to an empty set.
+    Tokens and DIDs are looked up in separate scans: each filters on `field` alone first, so
+    DuckDB skips the other half of the (field, key)-sorted sidecar by its statistics, and the DID
+    lookup (an equality) reads a single row group per file. A sidecar with no candidate maps to
+    an empty set.
     """
-    params: dict[str, Any] = {"files": sidecars}
-    aggregates, wanted = [], []
-    for i, piece in enumerate(term_pieces):
-        params[f"p{i}"] = piece
-        cond = f"(field = {FIELD_TOKEN} AND contains(key, $p{i}))"
-        wanted.append(cond)
-        aggregates.append(f"flatten(list(groups) FILTER (WHERE {cond}))")
-    if did is not None:
-        params["did"] = did
-        cond = f"(field = {FIELD_DID} AND key = $did)"
-        wanted.append(cond)
-        aggregates.append(f"flatten(list(groups) FILTER (WHERE {cond}))")
-    if not aggregates:
+    if not term_pieces and did is None:
         raise ValueError("nothing to look up")
-    sql = (
-        f"SELECT filename, {', '.join(aggregates)} "
-        f"FROM read_parquet($files, filename = true, hive_partitioning = false) "
-        f"WHERE {' OR '.join(wanted)} GROUP BY filename"
-    )
-    out: dict[str, set[int]] = {path: set() for path in sidecars}
-    for row in con.execute(sql, params).fetchall():
-        sets = [set(groups or ()) for groups in row[1:]]
-        out[row[0]] = set.intersection(*sets)
-    return out
+    source = "read_parquet($files, filename = true, hive_partitioning = false)"
+    found: list[dict[str, set[int]]] = []
+    if term_pieces:
+        params: dict[str, Any] = {"files": sidecars}
+        aggregates, any_piece = [], []
+        for i, piece in enumerate(term_pieces):
+            params[f"p{i}"] = piece
+            any_piece.append(f"contains(key, $p{i})")
+            aggregates.append(f"flatten(list(groups) FILTER (WHERE contains(key, $p{i})))")
+        sql = (
+            f"SELECT filename, {', '.join(aggregates)} FROM {source} "
+            f"WHERE field = {FIELD_TOKEN} AND ({' OR '.join(any_piece)}) GROUP BY filename"
+        )
+        found.append(_per_file(con.execute(sql, params).fetchall()))
+    if did is not None:
+        sql = (
+            f"SELECT filename, groups FROM {source} "
+            f"WHERE field = {FIELD_DID} AND h = {DID_HASH.format('$did')}"
+        )
+        found.append(_per_file(con.execute(sql, {"files": sidecars, "did": did}).fetchall()))
+    return {path: set.intersection(*(f.get(path, set()) for f in found)) for path in sidecars}
+
+
+def _per_file(rows: list[tuple[Any, ...]]) -> dict[str, set[int]]:
+    """filename -> the row groups holding every looked-up key (one list per key in a row)."""
+    return {row[0]: set.intersection(*(set(g or ()) for g in row[1:])) for row in rows}
