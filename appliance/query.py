@@ -934,6 +934,9 @@ class QueryEngine:
             metrics.api_text_index.labels("error").inc()
             log.exception("token index lookup failed; scanning instead")
             return None
+        if found is None:
+            metrics.api_text_index.labels("not_selective").inc(len(indexed))
+            return None
         groups = {sidecars[s]: g for s, g in found.items()}
         kept: list[Segment] = []
         restrict: dict[str, list[tuple[int, int]]] = {}

@@ -56,6 +56,7 @@ def tokens_sql(expr: str) -> str:
 
 
 FIELD_TOKEN = 0
+MAX_ENTRIES_PER_FILE = 1000  # vocabulary entries a piece may match and still be looked up
 FIELD_DID = 1
 
 
@@ -197,8 +198,12 @@ def candidate_groups(
     sidecars: list[str],
     term_pieces: list[str],
     did: str | None,
-) -> dict[str, set[int]]:
+) -> dict[str, set[int]] | None:
     """Row groups per sidecar that can hold a row containing every piece (and by `did`).
+
+    A piece found in too many vocabulary entries (a letter or two, a common syllable) is left
+    out: its groups would be nearly all, and collecting them costs more than it saves. Leaving a
+    piece out only widens the candidates. None if nothing selective is left to look up.
 
     Tokens and DIDs are looked up in separate scans: each filters on `field` alone first, so
     DuckDB skips the other half of the (field, key)-sorted sidecar by its statistics, and the DID
@@ -209,6 +214,10 @@ def candidate_groups(
         raise ValueError("nothing to look up")
     source = "read_parquet($files, filename = true, hive_partitioning = false)"
     found: list[dict[str, set[int]]] = []
+    if term_pieces:
+        term_pieces = _selective(con, sidecars, term_pieces)
+    if not term_pieces and did is None:
+        return None
     if term_pieces:
         params: dict[str, Any] = {"files": sidecars}
         aggregates, any_piece = [], []
@@ -228,6 +237,22 @@ def candidate_groups(
         )
         found.append(_per_file(con.execute(sql, {"files": sidecars, "did": did}).fetchall()))
     return {path: set.intersection(*(f.get(path, set()) for f in found)) for path in sidecars}
+
+
+def _selective(con: duckdb.DuckDBPyConnection, sidecars: list[str], pieces: list[str]) -> list[str]:
+    """The pieces that match at most MAX_ENTRIES_PER_FILE vocabulary entries per file."""
+    params: dict[str, Any] = {"files": sidecars}
+    counts = []
+    for i, piece in enumerate(pieces):
+        params[f"p{i}"] = piece
+        counts.append(f"count(*) FILTER (WHERE contains(key, $p{i}))")
+    sql = (
+        f"SELECT {', '.join(counts)} FROM read_parquet($files, hive_partitioning = false) "
+        f"WHERE field = {FIELD_TOKEN}"
+    )
+    row = con.execute(sql, params).fetchone()
+    limit = MAX_ENTRIES_PER_FILE * len(sidecars)
+    return [p for p, n in zip(pieces, row or (), strict=True) if n <= limit]
 
 
 def _per_file(rows: list[tuple[Any, ...]]) -> dict[str, set[int]]:

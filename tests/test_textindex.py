@@ -368,3 +368,24 @@ def test_an_index_that_cannot_be_written_leaves_the_file_scannable(
         assert len(engine.search(Filters(include=(RARE_WORD,)), limit=10).posts) == 1
     finally:
         engine.close()
+
+
+def test_pieces_in_many_vocabulary_entries_are_not_looked_up(
+    engines: tuple[QueryEngine, QueryEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(textindex, "MAX_ENTRIES_PER_FILE", 3)
+    with_index, without = engines
+    skipped = metrics.api_text_index.labels("not_selective")._value.get()
+    for filters in (
+        Filters(include=("e",)),
+        Filters(include=("e", RARE_WORD)),
+        Filters(include=("e",), author=RARE_AUTHOR),
+        Filters(include=(f"{RARE_WORD} e",)),
+    ):
+        assert _all_rows(with_index, filters) == _all_rows(without, filters), filters
+    assert metrics.api_text_index.labels("not_selective")._value.get() > skipped
+    con = duckdb.connect()
+    sidecars = [str(textindex.sidecar_path(Path(p))) for p in with_index.snapshot().files("posts")]
+    assert textindex.candidate_groups(con, sidecars, ["e"], None) is None
+    narrowed = textindex.candidate_groups(con, sidecars, ["e", RARE_WORD], None)
+    assert narrowed == textindex.candidate_groups(con, sidecars, [RARE_WORD], None)
