@@ -59,6 +59,10 @@ MAX_TERMS = 16
 # A file's token index is used only when it rules out at least half of the file's row groups;
 # a word that common fills a page from the first windows anyway.
 INDEX_MAX_FRACTION = 0.5
+# Consult the token indexes only when, at the hit rate of the first window, the rest of the page
+# would need more rows than this (a common word's page or export is then only a few windows away,
+# and the lookup would cost more than it saves).
+NARROW_ROWS = 1_000_000
 COMPACTED_PREFIX = "c-"  # compact.PREFIX: files that should have a token index
 DAY_US = 86_400 * 1_000_000
 POST_COLLECTION = "app.bsky.feed.post"
@@ -798,7 +802,7 @@ class QueryEngine:
                 position = Position(rows[-1][TIME_US], rows[-1][URI])
             scanned += rows_in_window
             target = _next_target(target, remaining, scanned, hits)
-            if narrow and remaining > 0:
+            if narrow and remaining > 0 and (hits == 0 or remaining * scanned / hits > NARROW_ROWS):
                 narrow = False
                 narrowed = self._narrow(cur, segments, filters, author)
                 if narrowed is not None:

@@ -112,6 +112,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setattr(compact, "POSTS_ROW_GROUP_ROWS", 64)
     # walk in small windows, so that the index is consulted after the first one
     monkeypatch.setattr(query, "FIRST_WINDOW_ROWS", 64)
+    monkeypatch.setattr(query, "NARROW_ROWS", 0)  # consult the index whatever the hit rate
     settings = make_settings(tmp_path, compact_grace_s=60.0)
     data = ParquetData(Path(settings.data_dir))
     rng = random.Random(5)

@@ -367,7 +367,7 @@ PLAIN_COLUMNS = (
 class _Api:
     """A real `appliance serve` subprocess over the store, result cache off."""
 
-    def __init__(self, store: Path, threads: int, workdir: Path) -> None:
+    def __init__(self, store: Path, threads: int, workdir: Path, text_index: bool = True) -> None:
         from appliance.config import load_settings, to_environ
 
         port = free_port()
@@ -379,6 +379,7 @@ class _Api:
             cache_entries=0,  # measure the query, not the cache
             query_timeout_s=600.0,
             duckdb_threads=threads,
+            query_text_index=text_index,
             log_format="json",
             log_level="WARNING",
         )
@@ -456,14 +457,16 @@ def _timed(fn: Any, runs: int) -> tuple[list[float], Any]:
     return times, result
 
 
-def measure(store: Path, meta: dict[str, Any], runs: int, threads: int) -> dict[str, Any]:
+def measure(
+    store: Path, meta: dict[str, Any], runs: int, threads: int, text_index: bool = True
+) -> dict[str, Any]:
     """Every case through the API and as the plain DuckDB query; exports in each format."""
     import duckdb
 
     manifest = storage.read_manifest(store)
     files = [str(store / p) for p in manifest.table_files("posts")]
     plain = duckdb.connect(config={"threads": threads})
-    api = _Api(store, threads, store.parent)
+    api = _Api(store, threads, store.parent, text_index)
     print(
         f"API ready in {api.ready_s:.1f} s (file statistics and visibility index loaded)",
         flush=True,
@@ -553,6 +556,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build-only", action="store_true", help="build the store and stop")
     parser.add_argument("--runs", type=int, default=5, help="measured runs per case (>= 5)")
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads, API and plain")
+    parser.add_argument(
+        "--no-text-index",
+        action="store_true",
+        help="run the API with APPLIANCE_QUERY_TEXT_INDEX=false (to compare)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -564,7 +572,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"posts": meta["posts"], "build_s": meta["build_s"]}
     load = os.getloadavg()
     print(f"load average before the run: {load[0]:.2f} (2 shared cores: figures vary)", flush=True)
-    figures = measure(args.store, meta, max(args.runs, 5), args.threads)
+    figures = measure(
+        args.store, meta, max(args.runs, 5), args.threads, text_index=not args.no_text_index
+    )
+    figures["text_index"] = not args.no_text_index
     figures["load_average_before"] = round(load[0], 2)
     figures["load_average_after"] = round(os.getloadavg()[0], 2)
     figures["probe_counts"] = meta["probe_counts"]
