@@ -40,6 +40,7 @@ import logging
 import random
 import re
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -87,6 +88,8 @@ _NSID_OR_WILDCARD = re.compile(
     r"[a-zA-Z](?:[a-zA-Z0-9-]{0,62})(?:\.[a-zA-Z0-9-]{1,63})*(?:\.[a-zA-Z][a-zA-Z0-9]{0,62}|\.\*)"
 )
 _DID = re.compile(r"did:[a-z]+:[A-Za-z0-9._:%-]{1,2048}")
+# A frame header with a 16-bit payload length: (FIN/RSV/opcode byte, mask/length byte), length.
+_HEAD16 = struct.Struct(">HH")
 _KIND_KEY = {events.IdentityEvent: "identity", events.AccountEvent: "account"}
 
 
@@ -255,7 +258,24 @@ class FrameConnection(ClientConnection):
         start = 0
         taken = 0
         needed = 0  # the size of the incomplete frame at the end, once its header is there
+        unpack_head = _HEAD16.unpack_from
+        fast = max_size is None or max_size >= 0xFFFF
         while size - start >= 2:
+            if fast:
+                # The usual frame: final, unmasked text or binary, no reserved bits, a 16-bit
+                # length. One header read each; any other frame takes the general path below.
+                while size - start >= 4:
+                    head, length = unpack_head(data, start)
+                    if head != 0x817E and head != 0x827E:
+                        break
+                    end = start + 4 + length
+                    if end > size:
+                        break
+                    frames.append(data[start + 4 : end])
+                    taken += length
+                    start = end
+                if size - start < 2:
+                    break
             b0 = data[start]
             b1 = data[start + 1]
             length = b1 & 0x7F
