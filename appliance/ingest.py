@@ -677,28 +677,39 @@ class Ingester:
         per_entry = self.settings.ingest_entry_events
         first = resume is not None
         while True:
-            for frame in await recv_frames():
+            received = await recv_frames()
+            now = self._now_us
+            # The open batch changes only here or in a task that runs while this one awaits, so
+            # its parts are held in locals and top (its max_time_us) stored back before an await.
+            batch = self._open
+            frames, counts, top = batch.frames, batch.counts, batch.max_time_us
+            for frame in received:
                 try:
-                    event = decode(frame, self._now_us, max_bytes)
+                    event = decode(frame, now, max_bytes)
                 except rejected as exc:
+                    batch.max_time_us = top
                     if self._hold_rejected(exc, frame) and self._over_limit():
                         await self._wait_for_space()
+                    batch = self._open
+                    frames, counts, top = batch.frames, batch.counts, batch.max_time_us
                     continue
                 t = event.time_us
                 if first:
                     first = False
                     self._check_gap(resume, t)
-                batch = self._open
-                batch.frames.append(frame)
-                if t > batch.max_time_us:
-                    batch.max_time_us = t
+                frames.append(frame)
+                if t > top:
+                    top = t
                 key = event.commit.collection if type(event) is commit_type else kinds[type(event)]
-                counts = batch.counts
                 counts[key] = counts.get(key, 0) + 1
-                if len(batch.frames) >= per_entry:
+                if len(frames) >= per_entry:
+                    batch.max_time_us = top
                     self._seal()
                     if self._over_limit():
                         await self._wait_for_space()
+                    batch = self._open
+                    frames, counts, top = batch.frames, batch.counts, batch.max_time_us
+            batch.max_time_us = top
 
     def _hold_rejected(self, exc: events.Rejected, frame: bytes) -> bool:
         """Keep a rejected frame for the dead-letter stream; True if the batch was sealed."""

@@ -31,7 +31,7 @@ from websockets.protocol import Protocol, Side, State
 from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
-from appliance import ingest
+from appliance import buffer, ingest
 from appliance.cli import build_parser
 from appliance.config import Settings, to_environ
 from tests.conftest import RedisProcess, free_port, make_settings, stop_process
@@ -159,6 +159,17 @@ def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx", "did:web:example.com"),
     )
     ingest.validate_subscription(settings)
+
+
+@pytest.mark.parametrize("newline_in", [None, 0, 2])
+def test_a_stream_entry_holds_its_frames_one_per_line(newline_in: int | None) -> None:
+    """A frame with newline whitespace is kept as the same JSON, its newlines made spaces."""
+    frames = [b'{"a": 1}', b'{"b": [1, 2]}', b'{"c": "x"}']
+    if newline_in is not None:
+        frames[newline_in] = frames[newline_in].replace(b" ", b"\n ")
+    got = buffer.unpack(buffer.pack(frames))
+    assert got == [f.replace(b"\n", b" ") for f in frames]
+    assert buffer.pack(frames)[buffer.FIELD_COUNT] == b"3"
 
 
 def test_redis_errors_are_classified() -> None:
