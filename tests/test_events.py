@@ -90,6 +90,8 @@ def test_valid_events_decode() -> None:
     web = like(did="did:web:example.com", cursor=12345)
     assert ev.decode(json.dumps(web).encode(), now=NOW)
     assert ev.decode(json.dumps(like(rkey="a" * 512)).encode(), now=NOW)
+    assert ev.decode(json.dumps(like(rkey="A.b:c~d-e_F9")).encode(), now=NOW)
+    assert ev.decode(json.dumps(like(rkey="." * 3)).encode(), now=NOW)
 
 
 @pytest.mark.parametrize("frame", [b"", b"not json", b"{", b'{"did":', b"\xff\xfe{}"])
@@ -163,7 +165,9 @@ def test_bad_collection(collection: str) -> None:
     assert reason(like(collection=collection)) == "bad_collection"
 
 
-@pytest.mark.parametrize("rkey", ["", ".", "..", "has space", "a/b", "a" * 513, "é"])
+@pytest.mark.parametrize(
+    "rkey", ["", ".", "..", "has space", "a/b", "a" * 513, "é", "3mp\u00b2", "ab\u0660", "\uff41"]
+)
 def test_bad_rkey(rkey: str) -> None:
     assert reason(like(rkey=rkey)) == "bad_rkey"
 
