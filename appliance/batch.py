@@ -461,7 +461,10 @@ class Batcher:
     # -- reading -------------------------------------------------------------------------
 
     def new_batch(self, source: str) -> Batch:
-        return Batch(source, TableBuilder(max_bytes=self.settings.max_event_bytes))
+        builder = TableBuilder(
+            max_bytes=self.settings.max_event_bytes, store_cids=self.settings.store_cids
+        )
+        return Batch(source, builder)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) from the start, unless it exists."""

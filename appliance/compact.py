@@ -18,12 +18,13 @@ How the swap stays safe for readers (the choice the issue asks to document):
 What the merge does, per (table, day), in DuckDB (out of core: it spills beyond
 `compact_memory_limit`):
 
-- commit tables (posts, likes, reposts, follows, blocks, records): one row per uri, the version
-  with the greatest rev (duplicates and superseded versions go), and none if a delete row with a
-  greater rev exists for the uri in the deletes of this day or any later day (a delete is
+- commit tables (posts, likes, reposts, follows, blocks, records): one row per record (did,
+  collection, rkey -- the parts of its at:// uri, which is not stored), the version with the
+  greatest rev (duplicates and superseded versions go), and none if a delete row with a greater
+  rev exists for the record in the deletes of this day or any later day (a delete is
   committed after its create; the day before is included for clock skew). Versions superseded
   by an update in a LATER day stay in this day's files; the query-time visibility rule hides them.
-- deletes: one row per (uri, rev); delete rows are facts and are kept.
+- deletes: one row per (did, collection, rkey, rev); delete rows are facts and are kept.
 - identities, accounts: one row per (did, seq).
 - sorted by time_us (then the key), zstd `compact_zstd_level`, at most `compact_max_rows` rows per
   file, DIDs and other dictionary columns dictionary-encoded.
@@ -64,9 +65,8 @@ ORPHAN_AGE_S = 3600.0  # a batch file or temp file this old and not live is left
 _LOCK = ".compact.lock"
 DAY_US = 86_400_000_000
 
-# The collection each typed commit table holds (records holds every other collection).
-TABLE_COLLECTION = {table: coll for coll, table in storage.COLLECTION_TABLES.items()}
-COMMIT_TABLES = (*TABLE_COLLECTION, "records")
+TABLE_COLLECTION = storage.TABLE_COLLECTION
+COMMIT_TABLES = storage.COMMIT_TABLES
 
 
 def crash_point(settings: Settings, name: str) -> None:
@@ -114,20 +114,23 @@ def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[
     params: dict[str, Any] = {"files": files}
     columns = ", ".join(storage.SCHEMAS[table].names)
     source = f"(SELECT {columns} FROM read_parquet($files, hive_partitioning = false))"
+    key = ", ".join(storage.KEY_COLUMNS[table])
     if table not in COMMIT_TABLES:
-        first, second = storage.KEY_COLUMNS[table]
         sql = (
             f"SELECT * FROM {source} "
-            f"QUALIFY row_number() OVER (PARTITION BY {first}, {second} ORDER BY time_us) = 1 "
-            f"ORDER BY time_us, {first}, {second}"
+            f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY time_us) = 1 "
+            f"ORDER BY time_us, {key}"
         )
         return sql, params
+    # A record is (did, rkey) in a typed table, (did, collection, rkey) in records.
+    record = storage.RECORD_COLUMNS[table]
     latest = (
         f"SELECT * FROM {source} "
-        "QUALIFY row_number() OVER (PARTITION BY uri ORDER BY rev DESC, time_us) = 1"
+        f"QUALIFY row_number() OVER (PARTITION BY {', '.join(record)} "
+        "ORDER BY rev DESC, time_us) = 1"
     )
     if not deletes:
-        return f"{latest} ORDER BY time_us, uri", params
+        return f"{latest} ORDER BY time_us, {key}", params
     params["deletes"] = deletes
     if table == "records":
         params["typed"] = list(storage.COLLECTION_TABLES)
@@ -135,13 +138,14 @@ def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[
     else:
         params["collection"] = TABLE_COLLECTION[table]
         only = "collection = $collection"
+    same = " AND ".join(f"d.{c} = s.{c}" for c in record)
     sql = (
-        "WITH dels AS (SELECT uri, rev FROM read_parquet($deletes, hive_partitioning = false) "
-        f"WHERE {only}), "
+        "WITH dels AS (SELECT did, collection, rkey, rev "
+        f"FROM read_parquet($deletes, hive_partitioning = false) WHERE {only}), "
         f"latest AS ({latest}) "
         "SELECT * FROM latest s "
-        "WHERE NOT EXISTS (SELECT 1 FROM dels d WHERE d.uri = s.uri AND d.rev > s.rev) "
-        "ORDER BY time_us, uri"
+        f"WHERE NOT EXISTS (SELECT 1 FROM dels d WHERE {same} AND d.rev > s.rev) "
+        f"ORDER BY time_us, {key}"
     )
     return sql, params
 

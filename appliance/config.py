@@ -119,6 +119,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         int, _h("Port of the batcher's /health, /ready, /metrics", ge=0, le=65535)
     ] = 9102
     parquet_zstd_level: Annotated[int, _h("zstd level of Parquet files", ge=1, le=22)] = 3
+    store_cids: Annotated[
+        bool,
+        _h(
+            "Store record CIDs (cid, subject_cid); off, the columns stay but are null: CIDs are "
+            "random hashes, about half the stored bytes, unused by search and export"
+        ),
+    ] = False
     compact_grace_s: Annotated[
         float, _h("Seconds replaced files are kept for queries still reading them", ge=0)
     ] = 120.0

@@ -251,11 +251,14 @@ class Snapshot:
 
 # --- SQL ---------------------------------------------------------------------------------------
 
+# The uri is not stored: it is derived from did and rkey (`storage.uri_sql`), everywhere the
+# same way, so the keyset order, cursors and the visibility index's hash(uri) agree.
+_POST_URI = storage.uri_sql("posts")
 # Candidate rows are tuples in this column order; the visibility index keys on hash(uri).
 _COLUMNS = (
-    "uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, reply_parent, "
-    "reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, hash(uri) AS h, "
-    "hash(did) AS dh"
+    f"{_POST_URI} AS uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, "
+    "reply_parent, reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, "
+    f"hash({_POST_URI}) AS h, hash(did) AS dh"
 )
 URI, DID, REV, TIME_US, URI_HASH, DID_HASH = 0, 1, 2, 3, 15, 16
 _HOST = "lower(regexp_extract({u}, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#:]+)', 1))"
@@ -817,12 +820,12 @@ class QueryEngine:
         bound = dict(params, files=files, lo=lo, hi=hi, fetch=fetch)
         if after is not None:
             op = "<" if latest else ">"
-            where.append(f"(time_us {op} $kt OR (time_us = $kt AND uri {op} $ku))")
+            where.append(f"(time_us {op} $kt OR (time_us = $kt AND {_POST_URI} {op} $ku))")
             bound.update(kt=after.time_us, ku=after.uri)
         order = "DESC" if latest else "ASC"
         sql = (
             f"SELECT {_COLUMNS} FROM read_parquet($files) WHERE {' AND '.join(where)} "
-            f"ORDER BY time_us {order}, uri {order} LIMIT $fetch"
+            f"ORDER BY time_us {order}, {_POST_URI} {order} LIMIT $fetch"
         )
         return cur.execute(sql, bound).fetchall()
 
@@ -904,8 +907,9 @@ class _Handles:
 
 # What each index reads from each file: post deletes and post updates can hide a version.
 _HIDING_SQL = {
-    "deletes": "SELECT hash(uri) AS h, rev FROM read_parquet($files) WHERE collection = $v",
-    "posts": "SELECT hash(uri) AS h, rev FROM read_parquet($files) WHERE operation = $v",
+    "deletes": f"SELECT hash({storage.uri_sql('deletes')}) AS h, rev FROM read_parquet($files) "
+    "WHERE collection = $v",
+    "posts": f"SELECT hash({_POST_URI}) AS h, rev FROM read_parquet($files) WHERE operation = $v",
 }
 _HIDING_VALUE = {"deletes": POST_COLLECTION, "posts": "update"}
 _HANDLES_SQL = (

@@ -62,10 +62,13 @@ _TS = pa.timestamp("us", tz="UTC")
 _DICT = pa.dictionary(pa.int32(), pa.string())
 _STRS = pa.list_(pa.string())
 
-# Columns every commit table shares. `uri` is at://did/collection/rkey; (did, collection, rkey,
-# rev) is the natural key; `operation` tells a create from an update.
+# Columns every commit table shares. (did, collection, rkey, rev) is the natural key; the
+# collection of a typed table is fixed (`TABLE_COLLECTION`), `records` and `deletes` store it.
+# The record's at:// uri is not stored: it is exactly at://{did}/{collection}/{rkey}, derived
+# where needed (`uri_sql`, `uri_array`); storing it cost ~20 B per row after zstd.
+# `operation` tells a create from an update. `cid` (and likes'/reposts' `subject_cid`) are
+# content hashes: null unless APPLIANCE_STORE_CIDS=true (see config.store_cids).
 _COMMIT = [
-    pa.field("uri", pa.string(), nullable=False),
     pa.field("did", pa.string(), nullable=False),
     pa.field("rkey", pa.string(), nullable=False),
     pa.field("rev", pa.string(), nullable=False),
@@ -98,10 +101,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "follows": pa.schema([*_COMMIT, pa.field("subject", pa.string())]),
     "blocks": pa.schema([*_COMMIT, pa.field("subject", pa.string())]),
     # One row per commit delete of any collection; a post is hidden once a delete with a
-    # greater rev exists for its uri (revs are TIDs: they sort in commit order).
+    # greater rev exists for its (did, collection, rkey) (revs are TIDs: they sort in commit
+    # order).
     "deletes": pa.schema(
         [
-            pa.field("uri", pa.string(), nullable=False),
             pa.field("did", pa.string(), nullable=False),
             pa.field("collection", _DICT, nullable=False),
             pa.field("rkey", pa.string(), nullable=False),
@@ -130,13 +133,47 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
     "records": pa.schema(
         [
-            *_COMMIT[:5],
+            *_COMMIT[:4],
             pa.field("collection", _DICT, nullable=False),
-            *_COMMIT[5:],
+            *_COMMIT[4:],
             pa.field("record", pa.string()),  # the record as JSON text
         ]
     ),
 }
+
+
+# The collection each typed commit table holds (`records` holds every other collection).
+TABLE_COLLECTION = {table: coll for coll, table in COLLECTION_TABLES.items()}
+COMMIT_TABLES = (*TABLE_COLLECTION, "records")
+
+
+def at_uri(did: str, collection: str, rkey: str) -> str:
+    """The at:// uri of a record (what the API shows; never stored)."""
+    return f"at://{did}/{collection}/{rkey}"
+
+
+def uri_sql(table: str, prefix: str = "") -> str:
+    """DuckDB expression of a commit row's at:// uri, from its did, collection and rkey columns.
+
+    The one definition every SQL reader shares (query engine, compaction, tests, benchmarks), so
+    that sorting, cursors and hash(uri) keys agree. `prefix` qualifies the columns ("p.").
+    """
+    if table in TABLE_COLLECTION:
+        return f"concat('at://', {prefix}did, '/{TABLE_COLLECTION[table]}/', {prefix}rkey)"
+    if table in ("records", "deletes"):
+        return f"concat('at://', {prefix}did, '/', {prefix}collection, '/', {prefix}rkey)"
+    raise ValueError(f"table {table!r} has no record uri")
+
+
+def uri_array(table: str, data: pa.Table) -> pa.ChunkedArray:
+    """The at:// uri of every row of a commit table (Arrow counterpart of `uri_sql`)."""
+    if table in TABLE_COLLECTION:
+        collection: Any = f"/{TABLE_COLLECTION[table]}/"
+        return pc.binary_join_element_wise("at://", data["did"], collection, data["rkey"], "")
+    if table in ("records", "deletes"):
+        coll = data["collection"].cast(pa.string())
+        return pc.binary_join_element_wise("at://", data["did"], "/", coll, "/", data["rkey"], "")
+    raise ValueError(f"table {table!r} has no record uri")
 
 
 def day_of(time_us: int) -> str:
@@ -266,22 +303,27 @@ def update_manifest(data_dir: str | Path) -> Iterator[Manifest]:
 
 # --- natural keys and streaming atomic writes (batcher, compactor) -----------------------------
 
-# The columns that make a stored row unique (DESIGN invariant 2), per table. For commits the uri
-# carries (did, collection, rkey), so (uri, rev) is the natural key (did, collection, rkey, rev).
-KEY_COLUMNS: dict[str, tuple[str, str]] = {
-    **{t: ("uri", "rev") for t in TABLES if t not in ("identities", "accounts")},
+# The columns that make a stored row unique (DESIGN invariant 2), per table: commits by
+# (did, collection, rkey, rev), where a typed table's collection is fixed and so not a column.
+# Content hashes (cid) are never part of a key: they may be null (store_cids off).
+KEY_COLUMNS: dict[str, tuple[str, ...]] = {
+    **{t: ("did", "rkey", "rev") for t in TABLE_COLLECTION},
+    "records": ("did", "collection", "rkey", "rev"),
+    "deletes": ("did", "collection", "rkey", "rev"),
     "identities": ("did", "seq"),
     "accounts": ("did", "seq"),
 }
-KEY_SEPARATOR = "\x1f"  # cannot occur in a DID, URI or TID
+# The record identity within a commit table (the natural key without rev).
+RECORD_COLUMNS: dict[str, tuple[str, ...]] = {
+    t: cols[:-1] for t, cols in KEY_COLUMNS.items() if t in (*COMMIT_TABLES, "deletes")
+}
+KEY_SEPARATOR = "\x1f"  # cannot occur in a DID, NSID, record key or TID
 
 
 def key_array(table: str, data: pa.Table) -> pa.ChunkedArray:
     """One string per row joining its natural-key columns (for set membership in Arrow)."""
-    first, second = KEY_COLUMNS[table]
-    return pc.binary_join_element_wise(
-        data[first].cast(pa.string()), data[second].cast(pa.string()), KEY_SEPARATOR
-    )
+    columns = [data[c].cast(pa.string()) for c in KEY_COLUMNS[table]]
+    return pc.binary_join_element_wise(*columns, KEY_SEPARATOR)
 
 
 def writer_options(schema: pa.Schema, zstd_level: int) -> dict[str, Any]:

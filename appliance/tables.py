@@ -409,9 +409,12 @@ class TableBuilder:
     key column costs far less than a Python set of keys, and memory stays in Arrow buffers.
     """
 
-    def __init__(self, chunk_rows: int = 65_536, max_bytes: int = 1_000_000) -> None:
+    def __init__(
+        self, chunk_rows: int = 65_536, max_bytes: int = 1_000_000, store_cids: bool = False
+    ) -> None:
         self.chunk_rows = chunk_rows
         self.max_bytes = max_bytes  # frames larger than this are rejected as oversized
+        self.store_cids = store_cids  # else cid / subject_cid are stored as null
         self.rows: dict[str, list[Row]] = {t: [] for t in TABLES}
         self.chunks: dict[str, list[pa.RecordBatch]] = {t: [] for t in TABLES}
         self.converted: dict[str, int] = dict.fromkeys(TABLES, 0)  # rows already in chunks
@@ -482,47 +485,46 @@ class TableBuilder:
 
     def _add_commit(self, ev: CommitEvent) -> None:
         c = ev.commit
-        uri = f"at://{ev.did}/{c.collection}/{c.rkey}"
         if c.operation == "delete":
-            self.rows["deletes"].append((uri, ev.did, c.collection, c.rkey, c.rev, ev.time_us))
+            self.rows["deletes"].append((ev.did, c.collection, c.rkey, c.rev, ev.time_us))
             return
         table = COLLECTION_TABLES.get(c.collection, "records")
         raw = c.record
+        store_cids = self.store_cids
+        cid = c.cid if store_cids else None
         row: Row
         if table == "likes" or table == "reposts":
             try:
                 r = _decode_subject(raw)
                 subject = r.subject
                 row = (
-                    uri,
                     ev.did,
                     c.rkey,
                     c.rev,
-                    c.cid,
+                    cid,
                     c.operation,
                     ev.time_us,
                     r.created_at,
                     subject.uri if subject else None,
-                    subject.cid if subject else None,
+                    subject.cid if subject and store_cids else None,
                 )
             except msgspec.ValidationError:
                 self.lenient_records += 1
                 rec = _decode_json(raw)
                 row = (
-                    uri,
                     ev.did,
                     c.rkey,
                     c.rev,
-                    c.cid,
+                    cid,
                     c.operation,
                     ev.time_us,
                     _str(_get(rec, "createdAt")),
                     _str(_get(rec, "subject", "uri")),
-                    _str(_get(rec, "subject", "cid")),
+                    _str(_get(rec, "subject", "cid")) if store_cids else None,
                 )
             self.rows[table].append(row)
             return
-        head = (uri, ev.did, c.rkey, c.rev, c.cid)
+        head = (ev.did, c.rkey, c.rev, cid)
         if table == "posts":
             try:
                 p = _decode_post(raw)

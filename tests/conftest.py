@@ -257,17 +257,18 @@ class ParquetData:
         self.pending.setdefault("posts", []).append(row)
         return row
 
-    def delete(
-        self, uri: str, *, t: int, rev: str | None = None, collection: str = "app.bsky.feed.post"
-    ) -> dict[str, Any]:
-        """Queue a deletes row for `uri` (rev defaults to a TID of t: later than older revs)."""
+    def delete(self, uri: str, *, t: int, rev: str | None = None) -> dict[str, Any]:
+        """Queue a deletes row for `uri` (rev defaults to a TID of t: later than older revs).
+
+        The row stores the uri's parts (did, collection, rkey); readers derive the uri again.
+        """
         self._clock += 1
-        did, _, rkey = uri.removeprefix("at://").partition("/")
+        did, collection, rkey = uri.removeprefix("at://").split("/")
         row = {
             "uri": uri,
             "did": did,
             "collection": collection,
-            "rkey": rkey.rpartition("/")[2],
+            "rkey": rkey,
             "rev": rev or tid(t, self._clock),
             "time_us": t,
         }

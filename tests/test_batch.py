@@ -64,11 +64,8 @@ def natural_keys(table: str, rows: dict[str, list[Any]]) -> list[tuple[str, ...]
     if table in ("identities", "accounts"):
         kind = "identity" if table == "identities" else "account"
         return [(d, kind, str(s), "") for d, s in zip(rows["did"], rows["seq"], strict=True)]
-    out = []
-    for uri, rev in zip(rows["uri"], rows["rev"], strict=True):
-        _, _, did, collection, rkey = uri.split("/", 4)
-        out.append((did, collection, rkey, rev))
-    return out
+    collections = rows.get("collection") or [storage.TABLE_COLLECTION[table]] * len(rows["did"])
+    return list(zip(rows["did"], collections, rows["rkey"], rows["rev"], strict=True))
 
 
 def stored_digests(data_dir: str | Path) -> dict[str, dict[str, KeyDigest]]:
@@ -82,8 +79,6 @@ def stored_digests(data_dir: str | Path) -> dict[str, dict[str, KeyDigest]]:
         for path in live_files(data_dir, table):
             day = path.parent.name.removeprefix("date=")
             columns = [*storage.KEY_COLUMNS[table], "time_us"]
-            if table not in ("identities", "accounts"):
-                columns = ["uri", "rev", "time_us"]
             rows = pq.read_table(path, columns=columns).to_pydict()
             assert {storage.day_of(t) for t in rows["time_us"]} <= {day}, path
             digest = out.setdefault(table, {}).setdefault(day, KeyDigest())
@@ -154,10 +149,13 @@ def sample(name: str, **labels: str) -> float:
     return metrics.BATCH.get_sample_value(name, labels) or 0.0
 
 
-VISIBLE_POSTS = """
-    SELECT p.uri FROM read_parquet($posts) p
-    WHERE p.rev = (SELECT max(p2.rev) FROM read_parquet($posts) p2 WHERE p2.uri = p.uri)
-      AND NOT EXISTS (SELECT 1 FROM read_parquet($deletes) d WHERE d.uri = p.uri AND d.rev > p.rev)
+# The uri is derived (not stored); a post's delete row has the same derived uri.
+_POSTS = f"(SELECT {storage.uri_sql('posts')} AS uri, rev FROM read_parquet($posts))"
+_DELETES = f"(SELECT {storage.uri_sql('deletes')} AS uri, rev FROM read_parquet($deletes))"
+VISIBLE_POSTS = f"""
+    SELECT p.uri FROM {_POSTS} p
+    WHERE p.rev = (SELECT max(p2.rev) FROM {_POSTS} p2 WHERE p2.uri = p.uri)
+      AND NOT EXISTS (SELECT 1 FROM {_DELETES} d WHERE d.uri = p.uri AND d.rev > p.rev)
 """
 
 
@@ -168,7 +166,9 @@ def visible_posts(data_dir: str | Path) -> set[str]:
     if not deletes:
         return {
             r[0]
-            for r in duckdb.sql("SELECT uri FROM read_parquet($p)", params={"p": posts}).fetchall()
+            for r in duckdb.sql(
+                f"SELECT {storage.uri_sql('posts')} FROM read_parquet($p)", params={"p": posts}
+            ).fetchall()
         }
     rows = duckdb.sql(VISIBLE_POSTS, params={"posts": posts, "deletes": deletes}).fetchall()
     return {r[0] for r in rows}

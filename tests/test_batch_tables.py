@@ -37,8 +37,8 @@ def commit(
     return json.dumps(frame).encode()
 
 
-def build(*frames: bytes) -> tuple[TableBuilder, dict[str, pa.Table]]:
-    builder = TableBuilder()
+def build(*frames: bytes, store_cids: bool = False) -> tuple[TableBuilder, dict[str, pa.Table]]:
+    builder = TableBuilder(store_cids=store_cids)
     for frame in frames:
         builder.add(events.decode(frame))
     return builder, builder.tables()
@@ -87,7 +87,8 @@ def test_post_columns_come_from_text_reply_embed_and_facets() -> None:
             "tags": ["#extra", "Rust"],
         }
     )
-    assert row["uri"] == f"at://{DID}/app.bsky.feed.post/3mptbyoeyc22k"
+    assert "uri" not in row  # derived from did and rkey, not stored
+    assert (row["did"], row["rkey"]) == (DID, "3mptbyoeyc22k")
     assert row["text"] == "see #Rust and @b https://example.org"
     assert row["langs"] == ["en", "de"]
     assert row["reply_root"] == "at://did:plc:r/app.bsky.feed.post/1"
@@ -100,7 +101,21 @@ def test_post_columns_come_from_text_reply_embed_and_facets() -> None:
     assert row["tags"] == ["Rust", "extra"]  # facet tags first, '#' stripped, no repeats
     assert row["created_at"].isoformat() == "2026-07-04T14:38:06.240000+00:00"
     assert row["operation"] == "create"
-    assert row["cid"] == CID
+    assert row["cid"] is None  # APPLIANCE_STORE_CIDS is off by default
+
+
+def test_cids_are_stored_only_when_asked_and_never_change_the_schema() -> None:
+    like = {"subject": {"uri": "at://s/app.bsky.feed.post/1", "cid": CID}}
+    frames = (commit({"text": "p"}), commit(like, collection="app.bsky.feed.like"))
+    for store_cids in (False, True):
+        _, tables = build(*frames, store_cids=store_cids)
+        want = CID if store_cids else None
+        for name in ("posts", "likes"):
+            assert tables[name].schema == storage.SCHEMAS[name]
+        assert tables["posts"].to_pylist()[0]["cid"] == want
+        row = tables["likes"].to_pylist()[0]
+        assert (row["cid"], row["subject_cid"]) == (want, want)
+        assert row["subject_uri"] == "at://s/app.bsky.feed.post/1"  # kept either way
 
 
 @pytest.mark.parametrize(
@@ -223,7 +238,8 @@ def test_every_table_uses_its_storage_schema() -> None:
     assert records["collection"] == "fm.teal.alpha.actor.status"
     assert json.loads(records["record"]) == {"name": "x"}
     deletes = tables["deletes"].to_pylist()[0]
-    assert deletes["uri"] == f"at://{DID}/app.bsky.feed.like/3mptbyoeyc22k"
+    deleted_uri = storage.uri_array("deletes", tables["deletes"]).to_pylist()
+    assert deleted_uri == [f"at://{DID}/app.bsky.feed.like/3mptbyoeyc22k"]
     assert deletes["collection"] == "app.bsky.feed.like"
     assert tables["identities"].to_pylist()[0]["handle"] == "a.b"
     acc = tables["accounts"].to_pylist()[0]

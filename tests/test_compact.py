@@ -38,14 +38,16 @@ def visible_keys(data_dir: str | Path, table: str) -> set[tuple[str, str]]:
     """(uri, rev) of the rows visible under the rule: greatest rev per uri, no later delete."""
     files = [str(p) for p in live_files(data_dir, table)]
     deletes = [str(p) for p in live_files(data_dir, "deletes")]
-    sql = """
-        SELECT uri, rev FROM read_parquet($files) t
+    sql = f"""
+        SELECT uri, rev FROM (SELECT {storage.uri_sql(table)} AS uri, rev FROM read_parquet($files))
         QUALIFY rev = max(rev) OVER (PARTITION BY uri)
     """
     rows = set(duckdb.sql(sql, params={"files": files}).fetchall())
     if deletes:
         dels = duckdb.sql(
-            "SELECT uri, max(rev) FROM read_parquet($d) GROUP BY uri", params={"d": deletes}
+            f"SELECT {storage.uri_sql('deletes')} AS uri, max(rev) FROM read_parquet($d) "
+            "GROUP BY uri",
+            params={"d": deletes},
         ).fetchall()
         latest_delete = dict(dels)
         rows = {(u, r) for u, r in rows if not (u in latest_delete and latest_delete[u] > r)}
@@ -53,8 +55,11 @@ def visible_keys(data_dir: str | Path, table: str) -> set[tuple[str, str]]:
 
 
 def all_keys(data_dir: str | Path, table: str) -> list[tuple[str, str]]:
+    """(uri, rev) of every stored row of a commit table ((did, seq) of identities, accounts)."""
     files = [str(p) for p in live_files(data_dir, table)]
     columns = ", ".join(storage.KEY_COLUMNS[table])
+    if table in (*storage.COMMIT_TABLES, "deletes"):
+        columns = f"{storage.uri_sql(table)}, rev"
     return duckdb.sql(f"SELECT {columns} FROM read_parquet($f)", params={"f": files}).fetchall()
 
 
@@ -106,7 +111,8 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
     posts = live_files(data, "posts")[0]
     times = pq.read_table(posts, columns=["time_us"])["time_us"].to_pylist()
     assert times == sorted(times)
-    encodings = pq.ParquetFile(posts).metadata.row_group(0).column(1).encodings
+    did = storage.SCHEMAS["posts"].get_field_index("did")
+    encodings = pq.ParquetFile(posts).metadata.row_group(0).column(did).encodings
     assert "RLE_DICTIONARY" in encodings or "PLAIN_DICTIONARY" in encodings
     # The replaced files stay for queries still reading them, then go.
     assert sorted(data_dir / p for p, _ in m.retired for data_dir in [Path(data)]) == sorted(

@@ -282,9 +282,7 @@ def test_stats_count_rows_per_day_table_and_collection(
     a = parquet_data.post("one", t=T0_US)
     parquet_data.post("two", t=T0_US + DAY)
     parquet_data.delete(a["uri"], t=T0_US + DAY + SEC)
-    parquet_data.delete(
-        "at://did:plc:x/app.bsky.feed.like/3k", t=T0_US + DAY, collection="app.bsky.feed.like"
-    )
+    parquet_data.delete("at://did:plc:x/app.bsky.feed.like/3k", t=T0_US + DAY)
     parquet_data.identity("did:plc:alice", "alice.example.com", t=T0_US + DAY + 5 * SEC)
     parquet_data.flush()
     stats = engine.stats()

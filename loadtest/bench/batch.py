@@ -7,9 +7,10 @@ Generates the events (loadtest.firehose), then measures:
 2. the whole path through a real redis-server (XADD entries, then `appliance batch` as a
    subprocess: XREADGROUP → files → XACK → trim), from its own log line, with its peak RSS;
 3. storage: Parquet bytes per event against the raw JSON and the same events as zstd JSON lines
-   (level 3), for posts and for all events; the same after compaction; and encoding variants
-   measured on the same rows (zstd levels, the uri column left out, CIDs as binary, CIDs left
-   out) so that the choice of layout rests on numbers.
+   (level 3), for posts and for all events, in the default configuration (CIDs not stored) and,
+   beside it, with APPLIANCE_STORE_CIDS=true (`*_with_cids`, one more child run); the same after
+   compaction; and encoding variants measured on the same rows (zstd levels, the derived uri
+   stored as a column, CIDs as binary) so that the choice of layout rests on numbers.
 """
 
 from __future__ import annotations
@@ -66,13 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- the child: the in-process pipeline ------------------------------------------------------
 
 
-def _child(frames_path: str, data_dir: str, entry_events: int) -> None:
+def _child(frames_path: str, data_dir: str, entry_events: int, store_cids: bool = False) -> None:
     """Run one batch over the frames file; print the figures as JSON (runs in a fresh process)."""
     from appliance import batch as batch_mod
     from appliance.buffer import pack
     from appliance.config import load_settings
+    from appliance.tables import TableBuilder
 
-    settings = load_settings(environ={}, data_dir=data_dir, compact_auto=False)
+    settings = load_settings(
+        environ={}, data_dir=data_dir, compact_auto=False, store_cids=store_cids
+    )
     # Stream entries as XREADGROUP returns them (read line by line: only the entries stay).
     entries: list[tuple[str, dict[bytes, bytes] | None]] = []
     with open(frames_path, "rb") as fh:
@@ -87,7 +91,7 @@ def _child(frames_path: str, data_dir: str, entry_events: int) -> None:
     rss_before = peak_rss_mb()
     started = time.perf_counter()
     cpu_started = time.process_time()
-    batch = batch_mod.Batch("new")
+    batch = batch_mod.Batch("new", TableBuilder(store_cids=settings.store_cids))
     for i in range(0, len(entries), 200):
         batch.add_entries(entries[i : i + 200])
     transformed = time.perf_counter()
@@ -111,10 +115,12 @@ def _child(frames_path: str, data_dir: str, entry_events: int) -> None:
     print(json.dumps(figures))
 
 
-def _run_child(frames_path: Path, data_dir: Path, entry_events: int) -> dict[str, Any]:
+def _run_child(
+    frames_path: Path, data_dir: Path, entry_events: int, store_cids: bool = False
+) -> dict[str, Any]:
     code = (
         "import sys; from loadtest.bench.batch import _child; "
-        f"_child({str(frames_path)!r}, {str(data_dir)!r}, {entry_events})"
+        f"_child({str(frames_path)!r}, {str(data_dir)!r}, {entry_events}, {store_cids!r})"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, check=False, cwd=os.getcwd()
@@ -215,8 +221,7 @@ def _encoded_size(table: pa.Table, level: int) -> int:
     return len(buf.getvalue())
 
 
-def _variants(data_dir: Path, events_n: int) -> dict[str, float]:
-    """Bytes per event of the same rows under other encodings (measured, in memory)."""
+def _read_tables(data_dir: Path) -> dict[str, pa.Table]:
     tables = {}
     for table in storage.TABLES:
         files = list((data_dir / table).glob("date=*/*.parquet"))
@@ -224,9 +229,18 @@ def _variants(data_dir: Path, events_n: int) -> dict[str, float]:
             tables[table] = pa.concat_tables(
                 pq.read_table(f, schema=storage.SCHEMAS[table]) for f in files
             )
+    return tables
+
+
+def _variants(data_dir: Path, cids_dir: Path, events_n: int) -> dict[str, float]:
+    """Bytes per event of the same rows under other encodings (measured, in memory).
+
+    `data_dir` holds the default batch (CIDs null), `cids_dir` the same batch with CIDs.
+    """
+    default, with_cids = _read_tables(data_dir), _read_tables(cids_dir)
     out: dict[str, float] = {}
 
-    def total(transform: Any, level: int = 3) -> float:
+    def total(tables: dict[str, pa.Table], transform: Any, level: int = 3) -> float:
         return sum(_encoded_size(transform(n, t), level) for n, t in tables.items()) / events_n
 
     def same(_: str, t: pa.Table) -> pa.Table:
@@ -235,8 +249,11 @@ def _variants(data_dir: Path, events_n: int) -> dict[str, float]:
     def sorted_by_time(_: str, t: pa.Table) -> pa.Table:
         return t.sort_by("time_us")
 
-    def no_uri(name: str, t: pa.Table) -> pa.Table:
-        return t.drop_columns(["uri"]) if "uri" in t.schema.names and name != "deletes" else t
+    def with_uri(name: str, t: pa.Table) -> pa.Table:
+        # the layout before the uri was derived: at://did/collection/rkey as the first column
+        if name in (*storage.COMMIT_TABLES, "deletes"):
+            return t.add_column(0, "uri", storage.uri_array(name, t))
+        return t
 
     def cid_binary(_: str, t: pa.Table) -> pa.Table:
         for column in ("cid", "subject_cid"):
@@ -245,20 +262,14 @@ def _variants(data_dir: Path, events_n: int) -> dict[str, float]:
                 t = t.set_column(i, column, _cid_binary(t[column]))
         return t
 
-    def no_cids(name: str, t: pa.Table) -> pa.Table:
-        return t.drop_columns([c for c in ("cid", "subject_cid") if c in t.schema.names])
-
-    def no_uri_no_cids(name: str, t: pa.Table) -> pa.Table:
-        return no_cids(name, no_uri(name, t))
-
     for level in (1, 3, 9, 19):
-        out[f"zstd_{level}"] = total(same, level)
-    out["sorted_by_time_zstd_3"] = total(sorted_by_time)
-    out["cids_binary_zstd_3"] = total(cid_binary)
-    out["without_uri_zstd_3"] = total(no_uri)
-    out["without_cids_zstd_3"] = total(no_cids)
-    out["without_uri_and_cids_zstd_3"] = total(no_uri_no_cids)
-    out["without_uri_and_cids_zstd_9"] = total(no_uri_no_cids, 9)
+        out[f"zstd_{level}"] = total(default, same, level)
+    out["sorted_by_time_zstd_3"] = total(default, sorted_by_time)
+    out["with_uri_column_zstd_3"] = total(default, with_uri)
+    out["with_cids_zstd_3"] = total(with_cids, same)
+    out["with_cids_zstd_9"] = total(with_cids, same, 9)
+    out["with_cids_binary_zstd_3"] = total(with_cids, cid_binary)
+    out["with_cids_and_uri_column_zstd_3"] = total(with_cids, with_uri)
     return {k: round(v, 1) for k, v in out.items()}
 
 
@@ -349,8 +360,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
 
+        # The same batch with APPLIANCE_STORE_CIDS=true: the storage trade-off, side by side.
+        cids_dir = workdir / "data-with-cids"
+        with_cids = _run_child(frames_path, cids_dir, args.entry_events, store_cids=True)
+        stored_cids = sum(with_cids["bytes"].values())
+        posts_cids = with_cids["bytes"].get("posts", 0)
+        figures.update(
+            batch_seconds_with_cids=round(with_cids["batch_seconds"], 3),
+            bytes_per_event_all_with_cids=round(stored_cids / n, 1),
+            saving_all_with_cids=round(1 - stored_cids / raw_all, 4),
+            bytes_per_post_with_cids=round(
+                posts_cids / max(1, with_cids["rows_by_table"].get("posts", 0)), 1
+            ),
+            saving_posts_with_cids=round(1 - posts_cids / max(1, raw_by_table.get("posts", 0)), 4),
+        )
+        print(
+            f"storage: {figures['bytes_per_event_all']} B/event, saving_all "
+            f"{figures['saving_all']}, saving_posts {figures['saving_posts']} (CIDs not stored); "
+            f"with CIDs {figures['bytes_per_event_all_with_cids']} B/event, saving_all "
+            f"{figures['saving_all_with_cids']}, saving_posts {figures['saving_posts_with_cids']}",
+            flush=True,
+        )
+
         if not args.skip_variants:
-            figures["variants_bytes_per_event"] = _variants(data_dir, n)
+            figures["variants_bytes_per_event"] = _variants(data_dir, cids_dir, n)
 
         # Compaction of the same rows: sorted by time, zstd level 9.
         from appliance import compact

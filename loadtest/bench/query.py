@@ -194,8 +194,7 @@ def _day_posts(rng: np.random.Generator, pools: _Pools, day: int, n: int) -> pa.
     )
     external = pc.if_else(pa.array(has_external), external, pa.nulls(n, pa.string()))
     embed = pc.if_else(pa.array(has_external), "external", pa.nulls(n, pa.string()))
-    columns: dict[str, pa.Array] = {
-        "uri": uri,
+    columns: dict[str, pa.Array] = {  # the post's own uri is derived, not stored
         "did": did,
         "rkey": rkey,
         "rev": rev,
@@ -228,13 +227,9 @@ def _day_deletes(rng: np.random.Generator, posts: pa.Table, pools: _Pools) -> pa
     like_t = rng.integers(int(time_us[0]), int(time_us[-1]) + 1, size=n_likes)
     like_did = pools.dids.take(pa.array(rng.integers(0, len(pools.dids), size=n_likes)))
     like_rkey = _tids(like_t - 5_000_000, rng.integers(0, 1024, size=n_likes))
-    like_uri = pc.binary_join_element_wise(
-        pc.binary_join_element_wise("at://", like_did, ""), like_rkey, "/app.bsky.feed.like/"
-    )
     take = pa.array(victims)
     table = pa.table(
         {
-            "uri": pa.concat_arrays([posts.column("uri").take(take).combine_chunks(), like_uri]),
             "did": pa.concat_arrays([posts.column("did").take(take).combine_chunks(), like_did]),
             "collection": pa.array(
                 ["app.bsky.feed.post"] * len(victims) + ["app.bsky.feed.like"] * n_likes
@@ -344,7 +339,7 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
 
 FILTERS = ("none", "1d", "7d", "author")
 PLAIN_COLUMNS = (
-    "uri, did, rev, time_us, created_at, text, langs, reply_parent, reply_root, quote_uri, "
+    f"{storage.uri_sql('posts')} AS uri, did, rev, time_us, created_at, text, langs, reply_parent, reply_root, quote_uri, "
     "embed_kind, external_uri, links, mentions, tags"
 )
 
