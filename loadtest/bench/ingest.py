@@ -166,6 +166,10 @@ def _run_ingester(
     env = {**os.environ, **to_environ(settings)}
     cmd = [sys.executable, "-m", "appliance", "ingest"]
     if source is not None:
+        # Only the settings that differ from the defaults: an older tree rejects newer names.
+        defaults = to_environ(load_settings(environ={}))
+        ours = {k: v for k, v in to_environ(settings).items() if defaults.get(k) != v}
+        env = {**os.environ, **ours}
         cmd = [sys.executable, "-c", _BASELINE_LAUNCHER, source, "ingest"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
