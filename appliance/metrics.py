@@ -174,6 +174,17 @@ compact_duration = Histogram(
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
     registry=BATCH,
 )
+compact_index_seconds = Histogram(
+    "appliance_compact_index_seconds",
+    "Seconds to write the token index (textindex) of one compacted posts file",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+    registry=BATCH,
+)
+compact_index_failures = Counter(
+    "appliance_compact_index_failures_total",
+    "Compacted posts files left without a token index because writing it failed",
+    registry=BATCH,
+)
 compact_rows_dropped = Counter(
     "appliance_compact_rows_dropped_total",
     "Rows compaction removed: duplicates, versions superseded by an update, deleted records",
@@ -222,6 +233,12 @@ api_cache = Counter(
 api_query_timeouts = Counter(
     "appliance_api_query_timeouts_total",
     "Queries interrupted after query_timeout_s (answered 504)",
+    registry=API,
+)
+api_text_index = Counter(
+    "appliance_api_text_index_total",
+    "Token-index lookups by outcome: narrowed, not_selective, missing, invalid, error",
+    ["outcome"],
     registry=API,
 )
 api_hidden_rows = Counter(

@@ -30,6 +30,7 @@ import bisect
 import collections
 import hashlib
 import hmac
+import logging
 import os
 import threading
 import time
@@ -46,14 +47,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from appliance import metrics, storage
+from appliance import metrics, storage, textindex
 from appliance.config import Settings
 
+log = logging.getLogger("appliance.query")
 T = TypeVar("T")
 
 FIRST_WINDOW_ROWS = 16_384  # rows the first time window of a walk aims to cover
 WINDOW_GROWTH = 4
 MAX_TERMS = 16
+# A file's token index is used only when it rules out at least half of the file's row groups;
+# a word that common fills a page from the first windows anyway.
+INDEX_MAX_FRACTION = 0.5
+# Consult the token indexes only when, at the hit rate of the first window, the rest of the page
+# would need more rows than this (a common word's page or export is then only a few windows away,
+# and the lookup would cost more than it saves).
+NARROW_ROWS = 1_000_000
+COMPACTED_PREFIX = "c-"  # compact.PREFIX: files that should have a token index
 DAY_US = 86_400 * 1_000_000
 POST_COLLECTION = "app.bsky.feed.post"
 Sort = Literal["latest", "oldest"]
@@ -431,6 +441,7 @@ class QueryEngine:
         self._snapshot: Snapshot | None = None
         self._manifest_stat: tuple[int, int, int] | None = None
         self._row_groups: dict[str, list[Segment]] = {}
+        self._indexed: dict[str, bool] = {}  # posts file -> has a valid token index
         self._cache = _LRU(settings.cache_entries)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
         self._hidden = _PerFileIndex(("deletes", "posts"), _load_hiding, _merge_hiding)
@@ -467,6 +478,7 @@ class QueryEngine:
                 self._manifest_stat = stat_key
                 live = {p for by_day in days.values() for paths in by_day.values() for p in paths}
                 self._row_groups = {p: s for p, s in self._row_groups.items() if p in live}
+                self._indexed = {p: ok for p, ok in self._indexed.items() if p in live}
             return self._snapshot
 
     def _segments(self, path: str, day: str) -> list[Segment]:
@@ -517,7 +529,10 @@ class QueryEngine:
         try:
             self._hidden.current(cur, snap)
             self._handles.current(cur, snap)
-            self._segments_in(snap, None, None, None, None)
+            for day, paths in snap.days.get("posts", {}).items():
+                for path in paths:
+                    self._segments(path, day)
+                    self._has_index(path)
         finally:
             cur.close()
             self.warmed.set()
@@ -755,13 +770,17 @@ class QueryEngine:
         remaining, target = need, float(FIRST_WINDOW_ROWS)
         scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
         seen: set[str] = set()
+        # The first window is walked as is (a common word fills the page there); if the page is
+        # not full after it, the token indexes narrow the rest of the walk to candidate groups.
+        narrow = self.settings.query_text_index and (filters.include or author is not None)
+        restrict: dict[str, list[tuple[int, int]]] = {}
         while remaining > 0 and (window := planner.next(target)) is not None:
             lo, hi, files, rows_in_window = window
             position = after
             while remaining > 0:
                 fetch = remaining + max(8, remaining // 8)
                 rows = self._candidates(
-                    cur, files, clauses, params, lo, hi, position, latest, fetch
+                    cur, files, clauses, params, lo, hi, position, latest, fetch, restrict
                 )
                 hits += len(rows)
                 if not rows:
@@ -783,6 +802,15 @@ class QueryEngine:
                 position = Position(rows[-1][TIME_US], rows[-1][URI])
             scanned += rows_in_window
             target = _next_target(target, remaining, scanned, hits)
+            if narrow and remaining > 0 and (hits == 0 or remaining * scanned / hits > NARROW_ROWS):
+                narrow = False
+                narrowed = self._narrow(cur, segments, filters, author)
+                if narrowed is not None:
+                    segments, restrict = narrowed
+                    if latest:
+                        planner = _WindowPlanner(segments, latest, planner.lo_edge, planner.edge)
+                    else:
+                        planner = _WindowPlanner(segments, latest, planner.edge, planner.hi_edge)
 
     def _segments_in(
         self,
@@ -815,19 +843,131 @@ class QueryEngine:
         after: Position | None,
         latest: bool,
         fetch: int,
+        restrict: dict[str, list[tuple[int, int]]] | None = None,
     ) -> list[tuple[Any, ...]]:
+        """The first `fetch` rows of a window passing the filters, in walk order.
+
+        Files in `restrict` are read only within the time ranges of their candidate row groups
+        (from their token index): DuckDB skips the other row groups by their statistics.
+        """
         where = ["time_us >= $lo", "time_us < $hi", *clauses]
-        bound = dict(params, files=files, lo=lo, hi=hi, fetch=fetch)
+        bound = dict(params, lo=lo, hi=hi, fetch=fetch)
         if after is not None:
             op = "<" if latest else ">"
             where.append(f"(time_us {op} $kt OR (time_us = $kt AND {_POST_URI} {op} $ku))")
             bound.update(kt=after.time_us, ku=after.uri)
         order = "DESC" if latest else "ASC"
-        sql = (
-            f"SELECT {_COLUMNS} FROM read_parquet($files) WHERE {' AND '.join(where)} "
-            f"ORDER BY time_us {order}, {_POST_URI} {order} LIMIT $fetch"
-        )
+        tail = f"ORDER BY time_us {order}, {_POST_URI} {order} LIMIT $fetch"
+        restrict = restrict or {}
+        narrowed = [f for f in files if f in restrict]
+        plain = [f for f in files if f not in restrict]
+        parts = []
+        if plain:
+            bound["files"] = plain
+            parts.append(f"SELECT {_COLUMNS} FROM read_parquet($files) WHERE {' AND '.join(where)}")
+        if narrowed:
+            ranges = sorted(
+                {(a, b) for f in narrowed for a, b in restrict[f] if b >= lo and a < hi}
+            )
+            # integers from our own file metadata, not user input
+            within = " OR ".join(f"time_us BETWEEN {int(a)} AND {int(b)}" for a, b in ranges)
+            bound["nfiles"] = narrowed
+            parts.append(
+                f"SELECT {_COLUMNS} FROM read_parquet($nfiles) "
+                f"WHERE {' AND '.join(where)} AND ({within or 'false'})"
+            )
+        if not parts:
+            return []  # a window between candidate row groups
+        if len(parts) == 1:
+            sql = f"{parts[0]} {tail}"
+        else:
+            sql = (
+                f"SELECT * FROM (({parts[0]} {tail}) UNION ALL ({parts[1]} {tail})) "
+                f"ORDER BY time_us {order}, uri {order} LIMIT $fetch"
+            )
         return cur.execute(sql, bound).fetchall()
+
+    def _has_index(self, path: str) -> bool:
+        """Whether a posts file has a valid token index (checked once per file)."""
+        known = self._indexed.get(path)
+        if known is not None:
+            return known
+        sidecar = textindex.sidecar_path(path)
+        try:
+            ok = textindex.valid_for(sidecar, path)
+        except OSError:
+            ok = False
+            if Path(path).name.startswith(COMPACTED_PREFIX):
+                metrics.api_text_index.labels("missing").inc()
+                log.warning("token index missing; the file is scanned", extra={"file": path})
+        else:
+            if not ok:
+                metrics.api_text_index.labels("invalid").inc()
+                log.warning("token index invalid; the file is scanned", extra={"file": path})
+        self._indexed[path] = ok
+        return ok
+
+    def _narrow(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        segments: list[Segment],
+        filters: Filters,
+        author: str | None,
+    ) -> tuple[list[Segment], dict[str, list[tuple[int, int]]]] | None:
+        """The segments left once token indexes rule row groups out, and per narrowed file the
+        time ranges of its candidate row groups; None if no index applies.
+        """
+        pieces: list[str] = []
+        for term in filters.include:
+            pieces.extend(textindex.pieces(cur, term))
+        pieces = list(dict.fromkeys(pieces))
+        if not pieces and author is None:
+            return None  # terms of emoji or punctuation only: nothing to look up
+        by_file: dict[str, list[Segment]] = {}
+        for seg in segments:
+            by_file.setdefault(seg.path, []).append(seg)
+        indexed = [p for p in by_file if self._has_index(p)]
+        if not indexed:
+            return None
+        sidecars = {str(textindex.sidecar_path(p)): p for p in indexed}
+        try:
+            found = textindex.candidate_groups(cur, list(sidecars), pieces, author)
+        except duckdb.InterruptException:
+            raise
+        except duckdb.Error:
+            metrics.api_text_index.labels("error").inc()
+            log.exception("token index lookup failed; scanning instead")
+            return None
+        if found is None:
+            metrics.api_text_index.labels("not_selective").inc(len(indexed))
+            return None
+        groups = {sidecars[s]: g for s, g in found.items()}
+        kept: list[Segment] = []
+        restrict: dict[str, list[tuple[int, int]]] = {}
+        for path, segs in by_file.items():
+            candidates = groups.get(path)
+            every = self._row_groups.get(path, [])
+            if candidates is None or len(candidates) > INDEX_MAX_FRACTION * len(every):
+                if candidates is not None:
+                    metrics.api_text_index.labels("not_selective").inc()
+                kept.extend(segs)
+                continue
+            metrics.api_text_index.labels("narrowed").inc()
+            wanted = {id(s) for s in segs}
+            ranges: list[tuple[int, int]] = []
+            previous = -2
+            for g in sorted(candidates):
+                if g >= len(every) or id(every[g]) not in wanted:
+                    continue
+                seg = every[g]
+                kept.append(seg)
+                if g == previous + 1:  # adjacent row groups: one range
+                    ranges[-1] = (ranges[-1][0], seg.max_t)
+                else:
+                    ranges.append((seg.min_t, seg.max_t))
+                previous = g
+            restrict[path] = ranges
+        return kept, restrict
 
     def _visible(
         self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, rows: list[tuple[Any, ...]]

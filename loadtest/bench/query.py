@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from appliance import storage
+from appliance import compact, storage
 from loadtest.bench import free_port, median, p95
 
 COMMON_WORD = "today"
@@ -42,7 +42,7 @@ PROBES = {"common": COMMON_WORD, "rare": RARE_WORD, "absent": ABSENT_WORD, "phra
 COMMON_RATE = 0.03
 RARE_RATE = 1e-5
 PHRASE_RATE = 0.004
-STORE_FORMAT = 1  # bump when the generated layout changes, so an old cached store is rebuilt
+STORE_FORMAT = 2  # bump when the generated layout changes, so an old cached store is rebuilt
 START_DAY = datetime(2026, 6, 1, tzinfo=UTC)
 DAY_US = 86_400_000_000
 TID_ALPHABET = np.frombuffer(b"234567abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
@@ -198,7 +198,7 @@ def _day_posts(rng: np.random.Generator, pools: _Pools, day: int, n: int) -> pa.
         "did": did,
         "rkey": rkey,
         "rev": rev,
-        "cid": pc.binary_join_element_wise("bafyrei", _b32(rng, n, 52, B32_ALPHABET), ""),
+        "cid": pa.nulls(n, pa.string()),  # store_cids defaults to false: CIDs are not stored
         "operation": pa.array(["create"] * n),
         "time_us": pa.array(time_us),
         "created_at": pa.array(time_us - 1_000_000, pa.timestamp("us", tz="UTC")),
@@ -272,8 +272,12 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
         )
     if store.exists() and any(store.iterdir()):
         raise SystemExit(f"{store} is not empty and has no bench.json; use another --store")
+    import duckdb
+
     rng = np.random.default_rng(spec.seed)
     pools = _Pools(rng, authors=max(1000, spec.posts // 50))
+    indexer = duckdb.connect(config={"threads": 2})  # as the compactor's connection
+    index_days: list[dict[str, Any]] = []
     began = time.perf_counter()
     files: dict[str, list[str]] = {"posts": [], "deletes": [], "identities": []}
     counts = dict.fromkeys(PROBES, 0)
@@ -299,10 +303,25 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
                     directory,
                     f"compacted-{part:02d}",
                     sorting_columns=sorting,
-                    row_group_size=spec.row_group_size,
+                    row_group_size=(
+                        spec.row_group_size if table_name == "posts" else compact.ROW_GROUP_ROWS
+                    ),
                     zstd_level=spec.zstd_level,
                 )
                 files[table_name].append(str(path.relative_to(store)))
+                if table_name == "posts":
+                    built = compact.index_posts_file(indexer, path)
+                    if built is None:
+                        raise SystemExit(f"the token index of {path} failed; see the log")
+                    index_days.append(
+                        {
+                            "day": date,
+                            "seconds": round(built.seconds, 2),
+                            "index_bytes": built.bytes,
+                            "data_bytes": path.stat().st_size,
+                            "tokens": built.tokens,
+                        }
+                    )
         posts_written += n
         print(
             f"store: day {day + 1}/{spec.days} ({date}) {n:,} posts, "
@@ -329,6 +348,7 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
         "first_day": START_DAY.strftime("%Y-%m-%d"),
         "last_day": (START_DAY + timedelta(days=spec.days - 1)).strftime("%Y-%m-%d"),
         "build_s": round(time.perf_counter() - began, 1),
+        "index_days": index_days,
     }
     meta_path.write_text(json.dumps(meta, indent=2))
     print(f"store: built in {meta['build_s']} s: {json.dumps(counts)}", flush=True)
@@ -347,7 +367,7 @@ PLAIN_COLUMNS = (
 class _Api:
     """A real `appliance serve` subprocess over the store, result cache off."""
 
-    def __init__(self, store: Path, threads: int, workdir: Path) -> None:
+    def __init__(self, store: Path, threads: int, workdir: Path, text_index: bool = True) -> None:
         from appliance.config import load_settings, to_environ
 
         port = free_port()
@@ -359,6 +379,7 @@ class _Api:
             cache_entries=0,  # measure the query, not the cache
             query_timeout_s=600.0,
             duckdb_threads=threads,
+            query_text_index=text_index,
             log_format="json",
             log_level="WARNING",
         )
@@ -436,14 +457,16 @@ def _timed(fn: Any, runs: int) -> tuple[list[float], Any]:
     return times, result
 
 
-def measure(store: Path, meta: dict[str, Any], runs: int, threads: int) -> dict[str, Any]:
+def measure(
+    store: Path, meta: dict[str, Any], runs: int, threads: int, text_index: bool = True
+) -> dict[str, Any]:
     """Every case through the API and as the plain DuckDB query; exports in each format."""
     import duckdb
 
     manifest = storage.read_manifest(store)
     files = [str(store / p) for p in manifest.table_files("posts")]
     plain = duckdb.connect(config={"threads": threads})
-    api = _Api(store, threads, store.parent)
+    api = _Api(store, threads, store.parent, text_index)
     print(
         f"API ready in {api.ready_s:.1f} s (file statistics and visibility index loaded)",
         flush=True,
@@ -523,11 +546,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--days", type=int, default=30, help="days the posts span")
     # the defaults are what `appliance compact` leaves for a closed day
     parser.add_argument("--files-per-day", type=int, default=1, help="Parquet files per day")
-    parser.add_argument("--row-group-size", type=int, default=262_144, help="rows per row group")
+    parser.add_argument(
+        "--row-group-size",
+        type=int,
+        default=compact.POSTS_ROW_GROUP_ROWS,
+        help="rows per row group of the posts files",
+    )
     parser.add_argument("--zstd-level", type=int, default=9, help="zstd level of the files")
     parser.add_argument("--build-only", action="store_true", help="build the store and stop")
     parser.add_argument("--runs", type=int, default=5, help="measured runs per case (>= 5)")
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads, API and plain")
+    parser.add_argument(
+        "--no-text-index",
+        action="store_true",
+        help="run the API with APPLIANCE_QUERY_TEXT_INDEX=false (to compare)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -539,9 +572,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"posts": meta["posts"], "build_s": meta["build_s"]}
     load = os.getloadavg()
     print(f"load average before the run: {load[0]:.2f} (2 shared cores: figures vary)", flush=True)
-    figures = measure(args.store, meta, max(args.runs, 5), args.threads)
+    figures = measure(
+        args.store, meta, max(args.runs, 5), args.threads, text_index=not args.no_text_index
+    )
+    figures["text_index"] = not args.no_text_index
     figures["load_average_before"] = round(load[0], 2)
     figures["load_average_after"] = round(os.getloadavg()[0], 2)
     figures["probe_counts"] = meta["probe_counts"]
+    days = meta.get("index_days", [])
+    if days:
+        figures["index_build_s_per_day_median"] = median([d["seconds"] for d in days])
+        figures["index_build_s_total"] = round(sum(d["seconds"] for d in days), 1)
+        figures["index_bytes_total"] = sum(d["index_bytes"] for d in days)
+        figures["posts_data_bytes_total"] = sum(d["data_bytes"] for d in days)
+        figures["index_over_data"] = round(
+            figures["index_bytes_total"] / figures["posts_data_bytes_total"], 4
+        )
+        figures["index_days"] = days
     figures["store_layout"] = meta["spec"]
     return figures

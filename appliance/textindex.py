@@ -1,0 +1,260 @@
+"""A per-file token index for compacted posts files: which row groups can hold a word or author.
+
+A search for a rare or absent word would otherwise decompress and match every day's text. The
+compactor writes, beside each posts file `<name>.parquet`, a sidecar `<name>.tidx` (a Parquet file
+no `*.parquet` glob matches) that maps
+
+- every token of the lower-cased text (runs of letters and digits, `[\\p{L}\\p{N}]+`; in
+  scripts written without spaces -- Han, kana, Thai, ... -- each character), and
+- every author DID (a stable 64-bit hash of it: a collision only adds candidates)
+
+to the sorted list of the file's row groups that contain it. The query engine turns a search into
+candidate row groups and reads only those (by their time_us ranges, which DuckDB prunes on).
+
+Why the index can only narrow, never change, an answer: a row matches a term when lower(term) is
+a substring of lower(text). Split lower(term) by the same rule into pieces; each piece is a run
+of letters/digits (or one character of a spaceless script) inside lower(text), so it lies inside
+one token of that row. The candidates
+of a term are therefore the row groups of every token containing each piece (a substring scan of
+the vocabulary), intersected over pieces, terms and the author. Classification is per code point
+and DuckDB's lower() is per code point too, so a case-sensitive search (exact=true) uses the
+lower-case index as a superset. A term without letters or digits (emoji, punctuation) gives no
+piece and no narrowing. The exact predicate is applied to the candidate rows as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+
+from appliance import storage
+
+log = logging.getLogger("appliance.textindex")
+
+SUFFIX = ".tidx"
+FORMAT = "2"
+# Token separators: everything but letters and digits (RE2 Unicode classes, as DuckDB runs them).
+SEPARATORS = r"[^\p{L}\p{N}]+"
+# Scripts written without spaces: each of their characters is a token of its own, or a
+# Japanese post would be one huge token and the vocabulary as large as the text.
+SINGLE_CHARS = r"([\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}])"
+# DIDs are kept as a stable 64-bit hash (md5), sorted: a lookup reads one small row group.
+DID_HASH = "(md5_number({}) >> 64)::UBIGINT"
+
+
+def tokens_sql(expr: str) -> str:
+    """SQL splitting the text expression `expr` into tokens, exactly as the index does."""
+    spaced = f"regexp_replace(lower({expr}), '{SINGLE_CHARS}', ' \\1 ', 'g')"
+    return f"regexp_split_to_array({spaced}, '{SEPARATORS}')"
+
+
+FIELD_TOKEN = 0
+MAX_ENTRIES_PER_FILE = 1000  # vocabulary entries a piece may match and still be looked up
+FIELD_DID = 1
+
+
+def sidecar_path(data_file: str | Path) -> Path:
+    """The index of a data file: the same name with .tidx instead of .parquet."""
+    path = Path(data_file)
+    return path.with_name(path.name.removesuffix(".parquet") + SUFFIX)
+
+
+def data_path(sidecar: str | Path) -> Path:
+    """The data file an index belongs to."""
+    path = Path(sidecar)
+    return path.with_name(path.name.removesuffix(SUFFIX) + ".parquet")
+
+
+@dataclass
+class Built:
+    path: Path
+    bytes: int
+    tokens: int
+    seconds: float
+
+
+def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
+    """Write the sidecar index of a posts file, atomically (temp name, fsync, rename, dir fsync).
+
+    Run by the compactor for every posts file it writes (and by the query benchmark's store
+    builder, so that it measures what production does). Uses the caller's DuckDB connection
+    (its threads and memory limit).
+    """
+    began = time.perf_counter()
+    data_file = Path(data_file)
+    meta = pq.read_metadata(data_file)
+    starts, acc = [], 0
+    for i in range(meta.num_row_groups):
+        starts.append(acc)
+        acc += meta.row_group(i).num_rows
+    kv = ", ".join(f"{k}: '{v}'" for k, v in identity(data_file, meta).items())
+    final = sidecar_path(data_file)
+    tmp = final.with_name(f".{final.name}.tmp")  # neither *.parquet nor *.tidx
+    params: dict[str, Any] = {"file": str(data_file), "starts": starts or [0]}
+    # Row number -> row group through an ASOF join on the groups' first rows.
+    sql = f"""
+        COPY (
+            WITH grp AS (
+                SELECT unnest(range(len($starts))) AS g, unnest($starts) AS start
+            ),
+            src AS (
+                SELECT grp.g, s.text, s.did
+                FROM read_parquet($file, file_row_number = true, hive_partitioning = false) s
+                ASOF JOIN grp ON s.file_row_number >= grp.start
+            ),
+            tokens AS (
+                SELECT DISTINCT g, unnest({tokens_sql("text")}) AS key
+                FROM src WHERE text IS NOT NULL
+            )
+            SELECT {FIELD_TOKEN}::UTINYINT AS field, key, NULL::UBIGINT AS h,
+                   list(g::USMALLINT ORDER BY g) AS groups
+            FROM tokens WHERE key <> '' GROUP BY key
+            UNION ALL
+            SELECT {FIELD_DID}::UTINYINT, NULL, {DID_HASH.format("did")},
+                   list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
+            FROM src GROUP BY {DID_HASH.format("did")}
+            ORDER BY field, key, h
+        ) TO '{_sql_path(tmp)}' (
+            FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384,
+            KV_METADATA {{{kv}}}
+        )
+    """
+    if meta.num_row_groups > 65_535:
+        raise ValueError(f"{data_file}: too many row groups for the index")
+    try:
+        con.execute(sql, params)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    storage.fsync_dir(final.parent)
+    tokens = pq.read_metadata(final).num_rows
+    return Built(final, final.stat().st_size, tokens, time.perf_counter() - began)
+
+
+def _sql_path(path: Path) -> str:
+    # COPY TO takes no bound parameter for its target; our own paths, quotes doubled anyway
+    return str(path).replace("'", "''")
+
+
+def identity(data_file: str | Path, meta: pq.FileMetaData | None = None) -> dict[str, str]:
+    """What ties an index to its data file: name, size, rows, row groups, time_us range."""
+    path = Path(data_file)
+    meta = meta if meta is not None else pq.read_metadata(path)
+    column = meta.schema.names.index("time_us")
+    times = [
+        (stats.min, stats.max)
+        for i in range(meta.num_row_groups)
+        if (stats := meta.row_group(i).column(column).statistics) is not None and stats.has_min_max
+    ]
+    return {
+        "textindex": FORMAT,
+        "file": "".join(c for c in path.name if c.isalnum() or c in "-_."),
+        "bytes": str(path.stat().st_size),
+        "rows": str(meta.num_rows),
+        "row_groups": str(meta.num_row_groups),
+        "time_us": f"{min(t[0] for t in times)}-{max(t[1] for t in times)}" if times else "",
+    }
+
+
+def valid_for(sidecar: str | Path, data_file: str | Path) -> bool:
+    """True if the sidecar is a readable index of exactly this data file.
+
+    Raises FileNotFoundError if there is no sidecar; False if it is unreadable, not an index, or
+    the index of another (or an older) file.
+    """
+    try:
+        kv = pq.read_metadata(sidecar).metadata or {}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError):
+        return False
+    want = identity(data_file)
+    return all(kv.get(k.encode()) == v.encode() for k, v in want.items())
+
+
+def pieces(con: duckdb.DuckDBPyConnection, term: str) -> list[str]:
+    """The letter/digit runs of lower(term), split exactly as the index splits text."""
+    row = con.execute(
+        f"SELECT list_filter({tokens_sql('$t')}, lambda x: x <> '')", {"t": term}
+    ).fetchone()
+    return list(row[0]) if row and row[0] else []
+
+
+def candidate_groups(
+    con: duckdb.DuckDBPyConnection,
+    sidecars: list[str],
+    term_pieces: list[str],
+    did: str | None,
+) -> dict[str, set[int]] | None:
+    """Row groups per sidecar that can hold a row containing every piece (and by `did`).
+
+    A piece found in too many vocabulary entries (a letter or two, a common syllable) is left
+    out: its groups would be nearly all, and collecting them costs more than it saves. Leaving a
+    piece out only widens the candidates. None if nothing selective is left to look up.
+
+    Tokens and DIDs are looked up in separate scans: each filters on `field` alone first, so
+    DuckDB skips the other half of the (field, key)-sorted sidecar by its statistics, and the DID
+    lookup (an equality) reads a single row group per file. A sidecar with no candidate maps to
+    an empty set.
+    """
+    if not term_pieces and did is None:
+        raise ValueError("nothing to look up")
+    source = "read_parquet($files, filename = true, hive_partitioning = false)"
+    found: list[dict[str, set[int]]] = []
+    if term_pieces:
+        term_pieces = _selective(con, sidecars, term_pieces)
+    if not term_pieces and did is None:
+        return None
+    if term_pieces:
+        params: dict[str, Any] = {"files": sidecars}
+        aggregates, any_piece = [], []
+        for i, piece in enumerate(term_pieces):
+            params[f"p{i}"] = piece
+            any_piece.append(f"contains(key, $p{i})")
+            aggregates.append(f"flatten(list(groups) FILTER (WHERE contains(key, $p{i})))")
+        sql = (
+            f"SELECT filename, {', '.join(aggregates)} FROM {source} "
+            f"WHERE field = {FIELD_TOKEN} AND ({' OR '.join(any_piece)}) GROUP BY filename"
+        )
+        found.append(_per_file(con.execute(sql, params).fetchall()))
+    if did is not None:
+        sql = (
+            f"SELECT filename, groups FROM {source} "
+            f"WHERE field = {FIELD_DID} AND h = {DID_HASH.format('$did')}"
+        )
+        found.append(_per_file(con.execute(sql, {"files": sidecars, "did": did}).fetchall()))
+    return {path: set.intersection(*(f.get(path, set()) for f in found)) for path in sidecars}
+
+
+def _selective(con: duckdb.DuckDBPyConnection, sidecars: list[str], pieces: list[str]) -> list[str]:
+    """The pieces that match at most MAX_ENTRIES_PER_FILE vocabulary entries per file."""
+    params: dict[str, Any] = {"files": sidecars}
+    counts = []
+    for i, piece in enumerate(pieces):
+        params[f"p{i}"] = piece
+        counts.append(f"count(*) FILTER (WHERE contains(key, $p{i}))")
+    sql = (
+        f"SELECT {', '.join(counts)} FROM read_parquet($files, hive_partitioning = false) "
+        f"WHERE field = {FIELD_TOKEN}"
+    )
+    row = con.execute(sql, params).fetchone()
+    limit = MAX_ENTRIES_PER_FILE * len(sidecars)
+    return [p for p, n in zip(pieces, row or (), strict=True) if n <= limit]
+
+
+def _per_file(rows: list[tuple[Any, ...]]) -> dict[str, set[int]]:
+    """filename -> the row groups holding every looked-up key (one list per key in a row)."""
+    return {row[0]: set.intersection(*(set(g or ()) for g in row[1:])) for row in rows}
