@@ -40,6 +40,7 @@ import logging
 import random
 import re
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -87,6 +88,8 @@ _NSID_OR_WILDCARD = re.compile(
     r"[a-zA-Z](?:[a-zA-Z0-9-]{0,62})(?:\.[a-zA-Z0-9-]{1,63})*(?:\.[a-zA-Z][a-zA-Z0-9]{0,62}|\.\*)"
 )
 _DID = re.compile(r"did:[a-z]+:[A-Za-z0-9._:%-]{1,2048}")
+# A frame header with a 16-bit payload length: (FIN/RSV/opcode byte, mask/length byte), length.
+_HEAD16 = struct.Struct(">HH")
 _KIND_KEY = {events.IdentityEvent: "identity", events.AccountEvent: "account"}
 
 
@@ -255,7 +258,24 @@ class FrameConnection(ClientConnection):
         start = 0
         taken = 0
         needed = 0  # the size of the incomplete frame at the end, once its header is there
+        unpack_head = _HEAD16.unpack_from
+        fast = max_size is None or max_size >= 0xFFFF
         while size - start >= 2:
+            if fast:
+                # The usual frame: final, unmasked text or binary, no reserved bits, a 16-bit
+                # length. One header read each; any other frame takes the general path below.
+                while size - start >= 4:
+                    head, length = unpack_head(data, start)
+                    if head != 0x817E and head != 0x827E:
+                        break
+                    end = start + 4 + length
+                    if end > size:
+                        break
+                    frames.append(data[start + 4 : end])
+                    taken += length
+                    start = end
+                if size - start < 2:
+                    break
             b0 = data[start]
             b1 = data[start + 1]
             length = b1 & 0x7F
@@ -657,28 +677,39 @@ class Ingester:
         per_entry = self.settings.ingest_entry_events
         first = resume is not None
         while True:
-            for frame in await recv_frames():
+            received = await recv_frames()
+            now = self._now_us
+            # The open batch changes only here or in a task that runs while this one awaits, so
+            # its parts are held in locals and top (its max_time_us) stored back before an await.
+            batch = self._open
+            frames, counts, top = batch.frames, batch.counts, batch.max_time_us
+            for frame in received:
                 try:
-                    event = decode(frame, self._now_us, max_bytes)
+                    event = decode(frame, now, max_bytes)
                 except rejected as exc:
+                    batch.max_time_us = top
                     if self._hold_rejected(exc, frame) and self._over_limit():
                         await self._wait_for_space()
+                    batch = self._open
+                    frames, counts, top = batch.frames, batch.counts, batch.max_time_us
                     continue
                 t = event.time_us
                 if first:
                     first = False
                     self._check_gap(resume, t)
-                batch = self._open
-                batch.frames.append(frame)
-                if t > batch.max_time_us:
-                    batch.max_time_us = t
+                frames.append(frame)
+                if t > top:
+                    top = t
                 key = event.commit.collection if type(event) is commit_type else kinds[type(event)]
-                counts = batch.counts
                 counts[key] = counts.get(key, 0) + 1
-                if len(batch.frames) >= per_entry:
+                if len(frames) >= per_entry:
+                    batch.max_time_us = top
                     self._seal()
                     if self._over_limit():
                         await self._wait_for_space()
+                    batch = self._open
+                    frames, counts, top = batch.frames, batch.counts, batch.max_time_us
+            batch.max_time_us = top
 
     def _hold_rejected(self, exc: events.Rejected, frame: bytes) -> bool:
         """Keep a rejected frame for the dead-letter stream; True if the batch was sealed."""

@@ -42,6 +42,7 @@ import io
 import logging
 import re
 import signal
+import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -65,6 +66,20 @@ log = logging.getLogger("loadtest.serve")
 
 MAX_WANTED_COLLECTIONS = 100
 _BATCH = 64  # frames written to the socket at once at full speed
+_HEAD16 = struct.Struct(">BBH").pack
+_HEAD64 = struct.Struct(">BBQ").pack
+
+
+def _text_head(frame: bytes) -> bytes:
+    """The header of an unmasked, final text frame carrying `frame` (RFC 6455 5.2)."""
+    n = len(frame)
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return _HEAD16(0x81, 126, n)
+    return _HEAD64(0x81, 127, n)
+
+
 MAX_WANTED_DIDS = 10_000
 _NSID_PREFIX = re.compile(r"[a-zA-Z][a-zA-Z0-9-]*(?:\.[a-zA-Z0-9-]+)*\.\*")
 _DID = re.compile(r"did:[a-z]+:[A-Za-z0-9._:%-]{1,2048}")
@@ -482,9 +497,16 @@ class ReplayServer:
             return
         protocol = ws.protocol
         if protocol.state is State.OPEN and ws.send_in_progress is None:
-            for frame in batch:
-                protocol.send_text(frame)
-            chunks = protocol.data_to_send()
+            if protocol.extensions:
+                for frame in batch:
+                    protocol.send_text(frame)
+                chunks = protocol.data_to_send()
+            else:
+                # What send_text() would queue, without building a Frame object per message
+                # (2-3 µs of this server's CPU each, on the cores the client under test uses):
+                # a server frame is unmasked and, without extensions, the header is fixed.
+                chunks = protocol.data_to_send()  # anything queued first (a pong) goes first
+                chunks.append(b"".join([part for f in batch for part in (_text_head(f), f)]))
             if all(chunks):
                 ws.transport.write(b"".join(chunks))
             else:

@@ -90,6 +90,8 @@ def test_valid_events_decode() -> None:
     web = like(did="did:web:example.com", cursor=12345)
     assert ev.decode(json.dumps(web).encode(), now=NOW)
     assert ev.decode(json.dumps(like(rkey="a" * 512)).encode(), now=NOW)
+    assert ev.decode(json.dumps(like(rkey="A.b:c~d-e_F9")).encode(), now=NOW)
+    assert ev.decode(json.dumps(like(rkey="." * 3)).encode(), now=NOW)
 
 
 @pytest.mark.parametrize("frame", [b"", b"not json", b"{", b'{"did":', b"\xff\xfe{}"])
@@ -136,6 +138,18 @@ def test_unknown_kind(kind: str) -> None:
         like(did="did:plc:WQ4AAJAMMJTXDOMZ3E23667T"),
         like(did="plc:wq4aajammjtxdomz3e23667t"),
         like(did=""),
+        # each one character off a valid did:plc: (24 base32 characters: a-z, 2-7)
+        like(did="did:plc:wq4aajammjtxdomz3e23667"),
+        like(did="did:plc:wq4aajammjtxdomz3e23667tt"),
+        like(did="did:plc:wq4aajammjtxdomz3e236671"),
+        like(did="did:plc:wq4aajammjtxdomz3e236678"),
+        like(did="did:plc:wq4aajammjtxdomz3e23667T"),
+        like(did="did:plc:wq4aajammjtxdomz3e23667\u00e9"),
+        like(did="did:plc:wq4aajammjtxdomz3e2366\n"),
+        like(did="did:plc;wq4aajammjtxdomz3e23667t"),
+        like(did="did:plcxwq4aajammjtxdomz3e2367t"),
+        like(did="did:plc::q4aajammjtxdomz3e23667t"),
+        like(did="did:web:"),
         identity(did="did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"),
         account(did="did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"),
     ],
@@ -151,7 +165,9 @@ def test_bad_collection(collection: str) -> None:
     assert reason(like(collection=collection)) == "bad_collection"
 
 
-@pytest.mark.parametrize("rkey", ["", ".", "..", "has space", "a/b", "a" * 513, "é"])
+@pytest.mark.parametrize(
+    "rkey", ["", ".", "..", "has space", "a/b", "a" * 513, "é", "3mp\u00b2", "ab\u0660", "\uff41"]
+)
 def test_bad_rkey(rkey: str) -> None:
     assert reason(like(rkey=rkey)) == "bad_rkey"
 

@@ -31,7 +31,7 @@ from websockets.protocol import Protocol, Side, State
 from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
-from appliance import ingest
+from appliance import buffer, ingest
 from appliance.cli import build_parser
 from appliance.config import Settings, to_environ
 from tests.conftest import RedisProcess, free_port, make_settings, stop_process
@@ -159,6 +159,17 @@ def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx", "did:web:example.com"),
     )
     ingest.validate_subscription(settings)
+
+
+@pytest.mark.parametrize("newline_in", [None, 0, 2])
+def test_a_stream_entry_holds_its_frames_one_per_line(newline_in: int | None) -> None:
+    """A frame with newline whitespace is kept as the same JSON, its newlines made spaces."""
+    frames = [b'{"a": 1}', b'{"b": [1, 2]}', b'{"c": "x"}']
+    if newline_in is not None:
+        frames[newline_in] = frames[newline_in].replace(b" ", b"\n ")
+    got = buffer.unpack(buffer.pack(frames))
+    assert got == [f.replace(b"\n", b" ") for f in frames]
+    assert buffer.pack(frames)[buffer.FIELD_COUNT] == b"3"
 
 
 def test_redis_errors_are_classified() -> None:
@@ -373,9 +384,13 @@ def _client_frames(written: bytes) -> list[Frame]:
     return [e for e in server.events_received() if isinstance(e, Frame)]
 
 
-def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_protocol() -> None:
-    """Frames split anywhere come out whole and in order; pings are answered; fragmented
-    messages (websockets' own parser) are assembled; a server close ends recv_frames cleanly."""
+@pytest.mark.parametrize("chunk", [1, 3, 130, 4096, 1 << 20])
+def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_protocol(
+    chunk: int,
+) -> None:
+    """Frames split anywhere (socket reads of `chunk` bytes) come out whole and in order; pings
+    are answered; fragmented messages (websockets' own parser) are assembled; a server close
+    ends recv_frames cleanly."""
 
     async def scenario() -> None:
         protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=1 << 20)
@@ -390,13 +405,17 @@ def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_pro
             f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
         ).encode()
         messages = [b"a", b"x" * 125, b"y" * 126, b"z" * 70_000, b'{"k": 1}', b""]
+        messages[5:5] = [bytes([i]) * (126 + i) for i in range(5)]  # 16-bit lengths in a row
+        messages += [b"b" * 65_535, b"c" * 300]
         wire = head + _server_frame(Opcode.TEXT, messages[0])
         wire += _server_frame(Opcode.PING, b"hi")
         wire += b"".join(_server_frame(Opcode.TEXT, m) for m in messages[1:3])
         wire += _server_frame(Opcode.BINARY, messages[3])
-        wire += b"".join(_server_frame(Opcode.TEXT, m) for m in messages[4:])
-        for i in range(len(wire)):
-            conn.data_received(wire[i : i + 1])
+        wire += b"".join(_server_frame(Opcode.TEXT, m) for m in messages[4:8])
+        wire += _server_frame(Opcode.PING, b"again")
+        wire += b"".join(_server_frame(Opcode.BINARY, m) for m in messages[8:])
+        for i in range(0, len(wire), chunk):
+            conn.data_received(wire[i : i + chunk])
         assert protocol.state is State.OPEN
         got: list[bytes] = []
         while len(got) < len(messages):
@@ -404,7 +423,10 @@ def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_pro
         assert got == messages
         assert not transport.paused  # the reader took everything: reading resumed
         pongs = _client_frames(bytes(transport.written))
-        assert [(f.opcode, f.data) for f in pongs] == [(Opcode.PONG, b"hi")]
+        assert [(f.opcode, f.data) for f in pongs] == [
+            (Opcode.PONG, b"hi"),
+            (Opcode.PONG, b"again"),
+        ]
 
         # A fragmented message goes through websockets' parser, whole and in order.
         conn.data_received(
@@ -423,6 +445,42 @@ def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_pro
         conn.connection_lost(None)
         with pytest.raises(ConnectionClosedOK):
             await asyncio.wait_for(conn.recv_frames(), 1)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("first_byte_or", "second_byte_or"), [(0x40, 0), (0, 0x80)], ids=["rsv1", "masked"]
+)
+def test_frame_connection_fails_a_bad_16_bit_frame_with_1002_as_websockets_does(
+    first_byte_or: int, second_byte_or: int
+) -> None:
+    """A frame with a 16-bit length and a reserved bit set, or masked, after good ones: the good
+    frames come out, then the protocol error closes the connection (1002)."""
+
+    async def scenario() -> None:
+        protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=1 << 20)
+        conn = ingest.FrameConnection(protocol, ping_interval=None)
+        transport = _Transport()
+        conn.connection_made(transport)
+        request = protocol.connect()
+        protocol.send_request(request)
+        protocol.data_to_send()
+        head = (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
+        ).encode()
+        bad = bytearray(_server_frame(Opcode.TEXT, b"q" * 200))
+        bad[0] |= first_byte_or
+        bad[1] |= second_byte_or
+        if second_byte_or:
+            bad[4:4] = b"\0\0\0\0"  # a masking key (zero: the payload is unchanged)
+        good = [b"g" * 126, b"h" * 300]
+        conn.data_received(head + b"".join(_server_frame(Opcode.TEXT, m) for m in good) + bad)
+        assert await asyncio.wait_for(conn.recv_frames(), 1) == good
+        closes = _client_frames(bytes(transport.written))
+        assert [f.opcode for f in closes] == [Opcode.CLOSE]
+        assert Close.parse(closes[0].data).code == CloseCode.PROTOCOL_ERROR
 
     asyncio.run(scenario())
 

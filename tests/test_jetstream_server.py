@@ -16,6 +16,7 @@ import pytest
 import zstandard
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from appliance import events as ev
@@ -27,9 +28,16 @@ from loadtest.jetstream_server import (
     PreloadedSource,
     ReplayServer,
     Source,
+    _text_head,
 )
 
 NOW = 1_900_000_000_000_000
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65_535, 65_536, 70_000])
+def test_the_servers_frame_header_is_what_websockets_would_send(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert _text_head(data) + data == Frame(Opcode.TEXT, data).serialize(mask=False)
 
 
 async def take(ws: ClientConnection, n: int, timeout: float = 20.0) -> list[bytes]:

@@ -10,6 +10,11 @@ Starts a redis-server (our redis.conf, temp dir, random password) and the replay
     the cursor; its peak RSS (VmHWM) and CPU time per event.
 
 The figure is the ratio (b)/(a), medians over the repeats. Figures are printed, never asserted.
+
+`--baseline DIR` also runs, in each repeat right after (b), the ingester of another source tree
+(DIR holds its `appliance` package, e.g. `git archive <commit> appliance | tar -x -C DIR`) on the
+same servers, so that a change is compared with what it replaces in one session on this shared
+machine, alternating, rather than across runs minutes apart.
 """
 
 from __future__ import annotations
@@ -46,6 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the ingester of the `appliance` package in DIR (an older commit), "
+        "alternating with this one, for the headline micro-batch size",
+    )
+
+
+# Runs `python -m appliance ...` from the source tree in argv[1] instead of the installed package
+# (first on sys.path, before the working directory), and makes sure that it did.
+_BASELINE_LAUNCHER = """
+import runpy, sys
+src = sys.argv[1]
+sys.path.insert(0, src)
+import appliance
+if not appliance.__file__.startswith(src):
+    sys.exit(f"baseline: appliance imported from {appliance.__file__}, not from {src}")
+sys.argv = ["appliance", *sys.argv[2:]]
+runpy.run_module("appliance", run_name="__main__", alter_sys=True)
+"""
 
 
 def _free_port() -> int:
@@ -125,17 +150,29 @@ def _run_bare(url: str, events: int, timeout: float) -> tuple[float, float]:
 
 
 def _run_ingester(
-    settings: Settings, cfg: FirehoseConfig, log_path: Path, timeout: float
+    settings: Settings,
+    cfg: FirehoseConfig,
+    log_path: Path,
+    timeout: float,
+    source: str | None = None,
 ) -> dict[str, float]:
-    """One ingester run into an empty Redis; rate from the first saved cursor to the last."""
+    """One ingester run into an empty Redis; rate from the first saved cursor to the last.
+
+    `source`: a directory holding another `appliance` package to run instead (--baseline).
+    """
     client = redis.Redis(port=settings.redis_port, password=settings.redis_password)
     client.flushall()
     last_us = time_at(cfg, cfg.events - 1)
     env = {**os.environ, **to_environ(settings)}
+    cmd = [sys.executable, "-m", "appliance", "ingest"]
+    if source is not None:
+        # Only the settings that differ from the defaults: an older tree rejects newer names.
+        defaults = to_environ(load_settings(environ={}))
+        ours = {k: v for k, v in to_environ(settings).items() if defaults.get(k) != v}
+        env = {**os.environ, **ours}
+        cmd = [sys.executable, "-c", _BASELINE_LAUNCHER, source, "ingest"]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "ingest"], env=env, stdout=log, stderr=log
-        )
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + timeout
         first: tuple[float, int] | None = None
@@ -179,6 +216,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(x) for x in str(args.entry_events).split(",") if x.strip()]
     if args.events < 1000 or not sizes or min(sizes) < 1:
         raise SystemExit("--events must be >= 1000 and --entry-events positive integers")
+    baseline = None
+    if args.baseline:
+        baseline = str(Path(args.baseline).resolve())
+        if not (Path(baseline) / "appliance" / "__main__.py").is_file():
+            raise SystemExit(f"--baseline {args.baseline}: no appliance/__main__.py in it")
     cfg = FirehoseConfig(seed=args.seed, events=args.events)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     base = load_settings(
@@ -199,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bare_cpu: list[float] = []
     server_cpu: list[float] = []
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
+    baseline_runs: list[dict[str, float]] = []
     redis_proc = start_redis(base)
     replay: subprocess.Popen[bytes] | None = None
     try:
@@ -230,6 +273,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"peak RSS {result['peak_rss_mb']:.1f} MB, {result['entries']:,} entries",
                     flush=True,
                 )
+                if baseline is not None and n == sizes[0]:
+                    result = _run_ingester(
+                        settings_for[n], cfg, tmp / "baseline.log", args.timeout, baseline
+                    )
+                    baseline_runs.append(result)
+                    print(
+                        f"[{repeat + 1}/{args.repeats}] baseline ingester, {n} events/entry: "
+                        f"{result['events_per_s']:,.0f} events/s, "
+                        f"{result['cpu_us_per_event']:.1f} µs CPU/event, "
+                        f"peak RSS {result['peak_rss_mb']:.1f} MB",
+                        flush=True,
+                    )
     finally:
         if replay is not None:
             _stop(replay)
@@ -253,6 +308,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures[f"peak_rss_mb{suffix}"] = round(max(r["peak_rss_mb"] for r in runs[n]), 1)
         figures[f"cpu_us_per_event{suffix}"] = round(
             median([r["cpu_us_per_event"] for r in runs[n]]), 2
+        )
+    if baseline_runs:
+        rate = median([r["events_per_s"] for r in baseline_runs])
+        figures["baseline_events_per_s"] = round(rate)
+        figures["baseline_ratio"] = round(rate / bare_rate, 3)
+        figures["baseline_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in baseline_runs), 1)
+        figures["baseline_cpu_us_per_event"] = round(
+            median([r["cpu_us_per_event"] for r in baseline_runs]), 2
         )
     load = os.getloadavg()
     figures["load_average_after"] = round(load[0], 2)
