@@ -384,6 +384,25 @@ def _client_frames(written: bytes) -> list[Frame]:
     return [e for e in server.events_received() if isinstance(e, Frame)]
 
 
+def _open_frame_connection(
+    max_size: int = 1 << 20,
+) -> tuple[ClientProtocol, ingest.FrameConnection, _Transport, bytes]:
+    """A client FrameConnection on a fake transport, after its opening handshake request; also
+    the server's 101 response to feed it."""
+    protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=max_size)
+    conn = ingest.FrameConnection(protocol, ping_interval=None)
+    transport = _Transport()
+    conn.connection_made(transport)
+    request = protocol.connect()
+    protocol.send_request(request)
+    protocol.data_to_send()
+    head = (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
+    ).encode()
+    return protocol, conn, transport, head
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 130, 4096, 1 << 20])
 def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_protocol(
     chunk: int,
@@ -393,17 +412,7 @@ def test_frame_connection_splits_frames_at_every_byte_boundary_and_keeps_the_pro
     ends recv_frames cleanly."""
 
     async def scenario() -> None:
-        protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=1 << 20)
-        conn = ingest.FrameConnection(protocol, ping_interval=None)
-        transport = _Transport()
-        conn.connection_made(transport)
-        request = protocol.connect()
-        protocol.send_request(request)
-        protocol.data_to_send()
-        head = (
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
-        ).encode()
+        protocol, conn, transport, head = _open_frame_connection()
         messages = [b"a", b"x" * 125, b"y" * 126, b"z" * 70_000, b'{"k": 1}', b""]
         messages[5:5] = [bytes([i]) * (126 + i) for i in range(5)]  # 16-bit lengths in a row
         messages += [b"b" * 65_535, b"c" * 300]
@@ -459,17 +468,7 @@ def test_frame_connection_fails_a_bad_16_bit_frame_with_1002_as_websockets_does(
     frames come out, then the protocol error closes the connection (1002)."""
 
     async def scenario() -> None:
-        protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=1 << 20)
-        conn = ingest.FrameConnection(protocol, ping_interval=None)
-        transport = _Transport()
-        conn.connection_made(transport)
-        request = protocol.connect()
-        protocol.send_request(request)
-        protocol.data_to_send()
-        head = (
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
-        ).encode()
+        _protocol, conn, transport, head = _open_frame_connection()
         bad = bytearray(_server_frame(Opcode.TEXT, b"q" * 200))
         bad[0] |= first_byte_or
         bad[1] |= second_byte_or
@@ -487,17 +486,7 @@ def test_frame_connection_fails_a_bad_16_bit_frame_with_1002_as_websockets_does(
 
 def test_frame_connection_fails_an_oversized_frame_with_1009_as_websockets_does() -> None:
     async def scenario() -> None:
-        protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=1000)
-        conn = ingest.FrameConnection(protocol, ping_interval=None)
-        transport = _Transport()
-        conn.connection_made(transport)
-        request = protocol.connect()
-        protocol.send_request(request)
-        protocol.data_to_send()
-        head = (
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept_key(request.headers['Sec-WebSocket-Key'])}\r\n\r\n"
-        ).encode()
+        _protocol, conn, transport, head = _open_frame_connection(max_size=1000)
         conn.data_received(
             head + _server_frame(Opcode.TEXT, b"ok") + _server_frame(Opcode.TEXT, b"x" * 1001)
         )
