@@ -643,39 +643,29 @@ class TableBuilder:
         store_cids = self.store_cids
         cid = c.cid if store_cids else None
         row: Row
+        head = (ev.did, c.rkey, c.rev, cid)
         if table == "likes" or table == "reposts":
             try:
                 r = _decode_subject(raw)
                 subject = r.subject
-                row = (
-                    ev.did,
-                    c.rkey,
-                    c.rev,
-                    cid,
-                    c.operation,
-                    ev.time_us,
-                    r.created_at,
-                    subject.uri if subject else None,
-                    subject.cid if subject and store_cids else None,
-                )
+                created = r.created_at
+                subject_uri = subject.uri if subject else None
+                subject_cid = subject.cid if subject else None
             except msgspec.ValidationError:
                 self.lenient_records += 1
                 rec = _decode_json(raw)
-                row = (
-                    ev.did,
-                    c.rkey,
-                    c.rev,
-                    cid,
-                    c.operation,
-                    ev.time_us,
-                    _str(_get(rec, "createdAt")),
-                    _str(_get(rec, "subject", "uri")),
-                    _str(_get(rec, "subject", "cid")) if store_cids else None,
-                )
-            self.rows[table].append(row)
-            return
-        head = (ev.did, c.rkey, c.rev, cid)
-        if table == "posts":
+                created = _str(_get(rec, "createdAt"))
+                subject_uri = _str(_get(rec, "subject", "uri"))
+                subject_cid = _str(_get(rec, "subject", "cid"))
+            row = (
+                *head,
+                c.operation,
+                ev.time_us,
+                created,
+                subject_uri,
+                subject_cid if store_cids else None,
+            )
+        elif table == "posts":
             try:
                 p = _decode_post(raw)
                 text, created, fields = p.text, p.created_at, post_fields(p)
