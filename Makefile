@@ -23,11 +23,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,deploy]'
 	touch $(STAMP)
 
-# redis-server is a real component of the appliance; install it from Debian when it is missing.
+# redis-server is a real component of the appliance; Prometheus (with promtool), Alertmanager
+# (with amtool) and the node and Redis exporters are what monitoring/ is tested against.
+# Install from Debian whatever is missing (--no-install-recommends: no extra services).
+SYSTEM_TOOLS := redis-server:redis-server prometheus:prometheus promtool:prometheus \
+	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
+	prometheus-node-exporter:prometheus-node-exporter prometheus-redis-exporter:prometheus-redis-exporter
+
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null; fi
 
 lint: venv
 	$(BIN)/ruff check .
