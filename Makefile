@@ -23,12 +23,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,deploy]'
 	touch $(STAMP)
 
-# redis-server is a real component of the appliance; Prometheus (with promtool), Alertmanager
-# (with amtool) and the node and Redis exporters are what monitoring/ is tested against.
-# Install from Debian whatever is missing (--no-install-recommends: no extra services).
+# Real components the tests run against, installed from Debian when their command is missing
+# (--no-install-recommends: no extra services): redis-server; Prometheus (with promtool),
+# Alertmanager (with amtool) and the node and Redis exporters, which monitoring/ is tested
+# against; and what the system tests (tests/system) boot a Debian 12 container with:
+# debootstrap, systemd-nspawn, ip, losetup, ssh and apt-ftparchive.
 SYSTEM_TOOLS := redis-server:redis-server prometheus:prometheus promtool:prometheus \
 	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
-	prometheus-node-exporter:prometheus-node-exporter prometheus-redis-exporter:prometheus-redis-exporter
+	prometheus-node-exporter:prometheus-node-exporter prometheus-redis-exporter:prometheus-redis-exporter \
+	debootstrap:debootstrap systemd-nspawn:systemd-container ip:iproute2 losetup:mount \
+	ssh:openssh-client ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
