@@ -7,8 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
+# The site deploy: `make deploy HOSTS=203.0.113.10` (see README, "Deploy").
+WHEELHOUSE ?= dist/wheelhouse
+INVENTORY  ?= inventory/hosts.py
+PYINFRA_ARGS ?=
 
-.PHONY: run test lint typecheck pytest system-deps venv bench clean
+.PHONY: run test lint typecheck pytest system-deps venv bench clean wheelhouse deploy deploy-dry
 
 run: venv system-deps
 	$(BIN)/appliance up $(ARGS)
@@ -51,6 +55,18 @@ typecheck: venv
 
 pytest: venv system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The wheels the host installs from (it needs no package index): this project's and its
+# dependencies', built here.
+wheelhouse: venv
+	$(BIN)/python -m deploys.wheelhouse $(WHEELHOUSE)
+
+deploy: wheelhouse
+	APPLIANCE_HOSTS=$(HOSTS) $(BIN)/pyinfra $(INVENTORY) deploys/site.py -y $(PYINFRA_ARGS)
+
+# What a deploy would change, without changing anything.
+deploy-dry: wheelhouse
+	APPLIANCE_HOSTS=$(HOSTS) $(BIN)/pyinfra $(INVENTORY) deploys/site.py --dry $(PYINFRA_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
