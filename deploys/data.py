@@ -12,10 +12,11 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
+from pyinfra.api.exceptions import PyinfraError
 
 from appliance import config as appliance_config
 
@@ -37,6 +38,8 @@ _HOSTNAME = re.compile(
 _DEVICE = re.compile(r"^/dev/[A-Za-z0-9._:/-]+$")
 _UNSAFE_IN_SECRETS = frozenset("'\"\\$` \t\r\n")
 _ABS_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
+_Data = TypeVar("_Data", bound=msgspec.Struct)
+_SSH_KEY_TYPE = re.compile(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)|sk-[a-z0-9@.-]+)$")
 
 # Settings the site sets itself from the values above; an operator override of one is refused
 # so that the two never disagree.
@@ -62,8 +65,9 @@ SITE_OWNED_SETTINGS = frozenset(
 )
 
 
-class InventoryError(ValueError):
-    """An inventory value is missing or malformed; the message names it."""
+class InventoryError(PyinfraError, ValueError):
+    """An inventory value is missing or malformed; the message names it (pyinfra prints it as
+    one line, without a traceback)."""
 
 
 class AlertReceiver(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -257,6 +261,63 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return env
 
 
+class ProvisionData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every tunable of the Hetzner Cloud provisioning. Defaults: inventory/group_data/all.py."""
+
+    appliance_name: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9-]{0,39}$")]
+    hcloud_server_type: Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,30}$")]
+    hcloud_location: Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,20}$")]
+    hcloud_image: Annotated[str, Meta(pattern=r"^[a-z0-9.-]{1,60}$")]
+    hcloud_volume_size_gb: Annotated[int, Meta(ge=10, le=10240)]
+    hcloud_ssh_public_key: str
+    hcloud_ssh_key_name: str
+    hcloud_ipv6: bool
+    hcloud_poll_interval_s: Annotated[float, Meta(gt=0, le=60)]
+    hcloud_rate_limit_wait_s: Annotated[int, Meta(ge=0, le=3600)]
+    rebuild_ssh_wait_s: Annotated[int, Meta(ge=0, le=3600)]
+    admin_ssh_addresses: Annotated[tuple[str, ...], Meta(min_length=1)]
+    ssh_port: Annotated[int, Meta(ge=1, le=65535)]
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.hcloud_ssh_key_name or _HOSTNAME.match(self.hcloud_ssh_key_name),
+            "hcloud_ssh_key_name",
+            f"{self.hcloud_ssh_key_name!r} must be lower-case letters, digits, dots and dashes",
+        )
+        for cidr in self.admin_ssh_addresses:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise InventoryError(
+                    f"admin_ssh_addresses: {cidr!r} is not an IP address or network"
+                ) from None
+
+    @property
+    def ssh_key_name(self) -> str:
+        return self.hcloud_ssh_key_name or f"{self.appliance_name}-admin"
+
+    def public_key(self) -> str:
+        """The operator's public key (one `type base64 [comment]` line) from its file."""
+        path = Path(self.hcloud_ssh_public_key).expanduser()
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise InventoryError(
+                f"hcloud_ssh_public_key: cannot read {path} ({exc.strerror}): point it at your "
+                "public key, e.g. ~/.ssh/id_ed25519.pub (make one with ssh-keygen -t ed25519)"
+            ) from None
+        parts = text.split()
+        _check(
+            len(parts) >= 2
+            and _SSH_KEY_TYPE.match(parts[0])
+            and len(text.splitlines()) == 1
+            and "PRIVATE" not in text,
+            "hcloud_ssh_public_key",
+            f"{path} is not one OpenSSH public key line (ssh-ed25519 AAAA... comment)",
+        )
+        return text
+
+
 def _check(ok: object, name: str, message: str) -> None:
     if not ok:
         raise InventoryError(f"{name}: {message}")
@@ -272,7 +333,16 @@ def _is_ip(text: str) -> bool:
 
 def site_data(data: Any) -> SiteData:
     """Validate a pyinfra host's data (its `host.data`) into SiteData."""
-    fields = {f.name for f in msgspec.structs.fields(SiteData)}
+    return _validated(SiteData, data)
+
+
+def provision_data(data: Any) -> ProvisionData:
+    """Validate the provisioning run's data (`host.data` of @local) into ProvisionData."""
+    return _validated(ProvisionData, data)
+
+
+def _validated(kind: type[_Data], data: Any) -> _Data:
+    fields = {f.name for f in msgspec.structs.fields(kind)}
     values = {name: data.get(name) for name in fields if data.get(name) is not None}
     missing = sorted(fields - set(values))
     if missing:
@@ -281,7 +351,7 @@ def site_data(data: Any) -> SiteData:
             "inventory/group_data/all.py: is the inventory file inside inventory/?)"
         )
     try:
-        return msgspec.convert(values, SiteData, strict=False)
+        return msgspec.convert(values, kind, strict=False)
     except msgspec.ValidationError as exc:
         text, _, path = str(exc).partition(" - at `$.")
         where = path.rstrip("`") or "inventory"

@@ -3,15 +3,20 @@
     HCLOUD_TOKEN=... pyinfra inventory/hetzner.py deploys/site.py
 
 Every server labelled `appliance=<appliance_name>` (as deploys/provision.py labels them) becomes
-a host, reached at its public IPv4 as root. HCLOUD_ENDPOINT points at another API endpoint (a test
-server speaking the same JSON). The token is read from the environment only.
+a host, reached at its public IPv4 as root, with the device of its data volume (the one named
+<appliance_name>-data attached to it) as `volume_device`. appliance_name is the one in
+inventory/group_data/all.py, or APPLIANCE_NAME when set. HCLOUD_ENDPOINT points at another API
+endpoint (a test server speaking the same JSON). The token is read from the environment only.
 """
 
 import os
+import runpy
+from pathlib import Path
 
 from hcloud import Client
 
-_NAME = os.environ.get("APPLIANCE_NAME", "bluesky-appliance")
+_DEFAULTS = Path(__file__).resolve().parent / "group_data" / "all.py"
+_NAME = os.environ.get("APPLIANCE_NAME") or str(runpy.run_path(str(_DEFAULTS))["appliance_name"])
 
 
 def _servers() -> list[tuple[str, dict[str, object]]]:
@@ -20,14 +25,25 @@ def _servers() -> list[tuple[str, dict[str, object]]]:
         raise SystemExit("inventory/hetzner.py: set HCLOUD_TOKEN (a Hetzner Cloud API token)")
     endpoint = os.environ.get("HCLOUD_ENDPOINT", "https://api.hetzner.cloud/v1")
     client = Client(token=token, api_endpoint=endpoint, application_name=_NAME)
+    selector = f"appliance={_NAME}"
+    volumes = {
+        volume.server.id: volume.linux_device
+        for volume in client.volumes.get_all(label_selector=selector)
+        if volume.server is not None and volume.name == f"{_NAME}-data"
+    }
     hosts = []
-    for server in client.servers.get_all(label_selector=f"appliance={_NAME}"):
+    for server in client.servers.get_all(label_selector=selector):
         ipv4 = server.public_net.ipv4.ip if server.public_net and server.public_net.ipv4 else None
         if ipv4 is None:
             continue  # no public address: not reachable for the deploy
-        hosts.append(
-            (ipv4, {"ssh_user": "root", "hcloud_server": server.name, "hcloud_id": server.id})
-        )
+        data: dict[str, object] = {
+            "ssh_user": "root",
+            "hcloud_server": server.name,
+            "hcloud_id": server.id,
+        }
+        if server.id in volumes:
+            data["volume_device"] = volumes[server.id]
+        hosts.append((ipv4, data))
     return hosts
 
 

@@ -61,3 +61,17 @@ grafana_apt_key_fingerprint = "B53AE77BADB630A683046005963FA27710458545"
 wheelhouse = "dist/wheelhouse"
 keep_releases = 3
 apt_cache_time = 3600
+
+# --- Hetzner Cloud (deploys/provision.py, rebuild.py, teardown.py; token: HCLOUD_TOKEN) ------------
+# Every resource is named after appliance_name and labelled appliance=<appliance_name>: the server
+# <name>, the volume <name>-data, the firewall <name>, the primary IPv4 <name>-ipv4.
+hcloud_server_type = "cx22"  # 2 vCPU, 4 GB RAM, 40 GB disk
+hcloud_location = "fsn1"  # fsn1, nbg1, hel1 (EU); the volume and the IP live there too
+hcloud_image = "debian-12"
+hcloud_volume_size_gb = 100  # the data volume; grows in place when raised, never shrinks
+hcloud_ssh_public_key = "~/.ssh/id_ed25519.pub"  # the key root logs in with
+hcloud_ssh_key_name = ""  # "" = <appliance_name>-admin
+hcloud_ipv6 = True  # an IPv6 /64 besides the primary IPv4 (free)
+hcloud_poll_interval_s = 1.0  # between looks at a running Hetzner action
+hcloud_rate_limit_wait_s = 60  # wait this long for the API's rate limit, longer stops the run
+rebuild_ssh_wait_s = 300  # deploys/rebuild.py waits this long for SSH on the rebuilt server
