@@ -12,7 +12,8 @@ WHEELHOUSE ?= dist/wheelhouse
 INVENTORY  ?= inventory/hosts.py
 PYINFRA_ARGS ?=
 
-.PHONY: run test lint typecheck pytest system-deps venv bench clean wheelhouse deploy deploy-dry
+.PHONY: run test lint typecheck pytest system-deps venv bench clean wheelhouse deploy deploy-dry \
+	provision provision-dry rebuild teardown
 
 run: venv system-deps
 	$(BIN)/appliance up $(ARGS)
@@ -28,7 +29,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Real components the tests run against, installed from Debian when their command is missing
-# (--no-install-recommends: no extra services): redis-server; Prometheus (with promtool),
+# (--no-install-recommends: no extra services): redis-server; docker-compose (1.29, validates
+# docker-compose.yml; no Docker engine is installed); Prometheus (with promtool),
 # Alertmanager (with amtool) and the node and Redis exporters, which monitoring/ is tested
 # against; and what the system tests (tests/system) boot a Debian 12 container with:
 # debootstrap, systemd-nspawn, ip, losetup, ssh and apt-ftparchive.
@@ -36,7 +38,8 @@ SYSTEM_TOOLS := redis-server:redis-server prometheus:prometheus promtool:prometh
 	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
 	prometheus-node-exporter:prometheus-node-exporter prometheus-redis-exporter:prometheus-redis-exporter \
 	debootstrap:debootstrap systemd-nspawn:systemd-container ip:iproute2 losetup:mount \
-	ssh:openssh-client ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux
+	ssh:openssh-client ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux \
+	docker-compose:docker-compose
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -67,6 +70,28 @@ deploy: wheelhouse
 # What a deploy would change, without changing anything.
 deploy-dry: wheelhouse
 	APPLIANCE_HOSTS=$(HOSTS) $(BIN)/pyinfra $(INVENTORY) deploys/site.py --dry $(PYINFRA_ARGS)
+
+# Hetzner Cloud (README, "Deploy to Hetzner"): HCLOUD_TOKEN in the environment.
+CLOUD := $(BIN)/pyinfra inventory/cloud.py
+
+provision: venv
+	$(CLOUD) deploys/provision.py -y $(PYINFRA_ARGS)
+
+provision-dry: venv
+	$(CLOUD) deploys/provision.py --dry $(PYINFRA_ARGS)
+
+# Rebuild the server from its image (volume and IP kept), forget its old host key, configure it.
+rebuild: venv wheelhouse
+	$(CLOUD) deploys/rebuild.py -y $(PYINFRA_ARGS)
+	for ip in $$($(BIN)/python -c 'import runpy; print(" ".join(h for h, _ in runpy.run_path("inventory/hetzner.py")["appliance"]))'); do \
+	  ssh-keygen -R $$ip >/dev/null 2>&1 || true; done
+	$(BIN)/pyinfra inventory/hetzner.py deploys/site.py -y --data ssh_strict_host_key_checking=accept-new $(PYINFRA_ARGS)
+
+# Deletes the server, firewall, IP and SSH key: CONFIRM=<appliance_name>; the volume too only
+# with DELETE_VOLUME=<appliance_name>.
+teardown: venv
+	$(CLOUD) deploys/teardown.py -y --data teardown_confirm=$(CONFIRM) \
+	  $(if $(DELETE_VOLUME),--data teardown_volume=$(DELETE_VOLUME)) $(PYINFRA_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
