@@ -227,6 +227,7 @@ def test_caddy_uses_its_internal_ca_without_a_domain(
     assert "reverse_proxy 127.0.0.1:8080" in caddyfile
     assert "reverse_proxy 127.0.0.1:3000" in caddyfile
     assert "max_size 1MB" in caddyfile
+    assert "handle @metrics {\n\t\trespond 404" in caddyfile
     assert "Strict-Transport-Security" not in caddyfile
 
 
@@ -351,3 +352,13 @@ def test_grafana_is_pinned_provisioned_private_and_behind_caddy(
     assert dashboards
     for dashboard in dashboards:
         assert f"/var/lib/grafana/dashboards/{dashboard.name}" in run.uploads
+
+
+def test_in_a_container_chrony_is_enabled_but_not_started(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    responses = {"systemd-detect-virt --container": "systemd-nspawn"}
+    run = run_fake(SITE, data=data, responses=responses, monkeypatch=monkeypatch)
+    assert any("chrony (enabled only" in name for name in run.op_names)
+    assert "systemctl enable chrony.service" in run.commands
+    assert not [c for c in run.commands if c.startswith("systemctl start chrony")]
