@@ -362,3 +362,19 @@ def test_in_a_container_chrony_is_enabled_but_not_started(
     assert any("chrony (enabled only" in name for name in run.op_names)
     assert "systemctl enable chrony.service" in run.commands
     assert not [c for c in run.commands if c.startswith("systemctl start chrony")]
+
+
+def test_every_package_the_site_installs_is_declared_by_its_role(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system test's offline apt repository holds `roles.debian_packages()`: nothing the
+    deploy installs may be missing from it (grafana comes from Grafana's own repository)."""
+    from roles import debian_packages
+
+    run = run_fake(SITE, data=data, monkeypatch=monkeypatch)
+    installed: set[str] = set()
+    for command in run.commands:
+        if "apt-get" in command and " install " in command:
+            words = command.split(" install ", 1)[1].split()
+            installed.update(w for w in words if not w.startswith("-"))
+    assert installed - {"grafana"} == set(debian_packages())

@@ -253,3 +253,17 @@ def test_a_reboot_brings_everything_back_with_the_volume_mounted(
     assert report.returncode == 0, report.stdout + report.stderr
     states = inside(debian_host, "systemctl is-active " + " ".join(UNITS)).split()
     assert states == ["active"] * len(UNITS)
+
+
+def test_no_secret_in_the_deploy_output_or_the_journal(
+    debian_host: BootedHost, first: Deploy
+) -> None:
+    kept = inside(debian_host, "head -qn1 /etc/appliance/secrets/*").split()
+    assert len(kept) == 3  # redis_password, api_cursor_secret, grafana_admin_password
+    journal = inside(debian_host, "journalctl --no-pager -q -o cat")
+    for secret in kept:
+        assert len(secret) >= 32
+        assert secret not in first.output
+        assert secret not in journal
+    modes = inside(debian_host, "stat -c '%a %U' /etc/appliance/secrets /etc/appliance/secrets/*")
+    assert set(modes.split("\n")[:-1]) == {"700 root", "600 root"}
