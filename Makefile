@@ -9,6 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 # The site deploy: `make deploy HOSTS=203.0.113.10` (see README, "Deploy").
 WHEELHOUSE ?= dist/wheelhouse
+WHEEL_ARCH ?= x86_64
 INVENTORY  ?= inventory/hosts.py
 PYINFRA_ARGS ?=
 
@@ -62,7 +63,7 @@ pytest: venv system-deps
 # The wheels the host installs from (it needs no package index): this project's and its
 # dependencies', built here.
 wheelhouse: venv
-	$(BIN)/python -m deploys.wheelhouse $(WHEELHOUSE)
+	$(BIN)/python -m deploys.wheelhouse $(WHEELHOUSE) --arch $(WHEEL_ARCH)
 
 deploy: wheelhouse
 	APPLIANCE_HOSTS=$(HOSTS) $(BIN)/pyinfra $(INVENTORY) deploys/site.py -y $(PYINFRA_ARGS)

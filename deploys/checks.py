@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Generator
 from typing import Any
 
-from pyinfra import host, state
+from pyinfra import host, logger, state
 from pyinfra.api import StringCommand, operation
 from pyinfra.api.exceptions import OperationError
 
@@ -30,5 +30,6 @@ def doctor(
     lines = output.stdout_lines + output.stderr_lines
     if not ok:
         raise OperationError("appliance doctor failed:\n" + "\n".join(lines))
-    host.noop("appliance doctor: " + (lines[-1] if lines else "passed"))
+    for line in lines:  # the report is the point of this step: show it at any verbosity
+        logger.info(f"{host.print_prefix}{line}")
     yield from ()

@@ -29,6 +29,7 @@ BARE_DEBIAN: dict[str | re.Pattern[str], Any] = {
     re.compile(r"date \+"): "2026-12-02T12:00:00+0000",
     "blkid -o value": "block",
     "uname -s": "Linux",
+    "systemd-detect-virt --container": "none",
     re.compile(r"command -v (useradd|groupadd)(?! >)"): "/usr/sbin/useradd",
     "os-release": ["ID=debian", "VERSION_ID=12"],
 }

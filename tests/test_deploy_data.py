@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deploys.data import InventoryError, SiteData, site_data, supplied_secrets
-from deploys.wheelhouse import WheelhouseError, project_wheel, release_id
+from deploys.wheelhouse import WheelhouseError, missing_requirements, project_wheel, release_id
 from tests.pyinfra_fake import group_defaults
 from tests.test_deploy_site import make_wheelhouse
 
@@ -97,3 +98,36 @@ def test_the_release_names_the_code_not_the_build(tmp_path: Path) -> None:
 def test_a_missing_wheelhouse_says_how_to_build_it(tmp_path: Path) -> None:
     with pytest.raises(WheelhouseError, match="make wheelhouse"):
         project_wheel(tmp_path / "nothing")
+
+
+def _wheel(directory: Path, name: str, version: str, requires: list[str]) -> None:
+    dist = f"{name.replace('-', '_')}-{version}"
+    lines = [f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
+    with zipfile.ZipFile(directory / f"{dist}-py3-none-any.whl", "w") as archive:
+        archive.writestr(f"{dist}.dist-info/METADATA", "Metadata-Version: 2.1\n" + "\n".join(lines))
+
+
+def test_dependencies_are_chosen_for_the_hosts_python_not_this_one(tmp_path: Path) -> None:
+    """redis needs async-timeout on Python < 3.11.3 (Debian 12 has 3.11.2): pip, evaluating
+    markers against the builder's interpreter, would leave it out of the wheelhouse."""
+    _wheel(tmp_path, "bluesky-appliance", "0.1.0", ["redis[hiredis]>=5.0", "rich>=13"])
+    _wheel(
+        tmp_path,
+        "redis",
+        "8.1.0",
+        [
+            'async-timeout>=4.0.3; python_full_version < "3.11.3"',
+            'hiredis>=3.0.0; extra == "hiredis"',
+            'cryptography>=36; extra == "ocsp"',
+            'pywin32; sys_platform == "win32"',
+        ],
+    )
+    _wheel(tmp_path, "rich", "15.0.0", [])
+    missing = {str(r) for r in missing_requirements(tmp_path, "x86_64")}
+    assert missing == {
+        'async-timeout>=4.0.3; python_full_version < "3.11.3"',
+        'hiredis>=3.0.0; extra == "hiredis"',
+    }
+    _wheel(tmp_path, "async-timeout", "5.0.1", [])
+    _wheel(tmp_path, "hiredis", "3.5.0", [])
+    assert missing_requirements(tmp_path, "x86_64") == []

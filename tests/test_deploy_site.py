@@ -227,6 +227,7 @@ def test_caddy_uses_its_internal_ca_without_a_domain(
     assert "reverse_proxy 127.0.0.1:8080" in caddyfile
     assert "reverse_proxy 127.0.0.1:3000" in caddyfile
     assert "max_size 1MB" in caddyfile
+    assert "handle @metrics {\n\t\trespond 404" in caddyfile
     assert "Strict-Transport-Security" not in caddyfile
 
 
@@ -351,3 +352,29 @@ def test_grafana_is_pinned_provisioned_private_and_behind_caddy(
     assert dashboards
     for dashboard in dashboards:
         assert f"/var/lib/grafana/dashboards/{dashboard.name}" in run.uploads
+
+
+def test_in_a_container_chrony_is_enabled_but_not_started(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    responses = {"systemd-detect-virt --container": "systemd-nspawn"}
+    run = run_fake(SITE, data=data, responses=responses, monkeypatch=monkeypatch)
+    assert any("chrony (enabled only" in name for name in run.op_names)
+    assert "systemctl enable chrony.service" in run.commands
+    assert not [c for c in run.commands if c.startswith("systemctl start chrony")]
+
+
+def test_every_package_the_site_installs_is_declared_by_its_role(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The system test's offline apt repository holds `roles.debian_packages()`: nothing the
+    deploy installs may be missing from it (grafana comes from Grafana's own repository)."""
+    from roles import debian_packages
+
+    run = run_fake(SITE, data=data, monkeypatch=monkeypatch)
+    installed: set[str] = set()
+    for command in run.commands:
+        if "apt-get" in command and " install " in command:
+            words = command.split(" install ", 1)[1].split()
+            installed.update(w for w in words if not w.startswith("-"))
+    assert installed - {"grafana"} == set(debian_packages())

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.server import Command
 from pyinfra.operations import apt, files, server, systemd
 
 from roles.ops import beside, secret_file
@@ -35,10 +37,14 @@ def base(*, ssh_port: int, apt_cache_time: int) -> None:
         dest="/etc/apt/apt.conf.d/20auto-upgrades",
         mode="644",
     )
+    # chrony's unit needs CAP_SYS_TIME: in a container it is skipped (the container shares the
+    # machine's clock), so there it is only enabled, never counted as "to start" on every run.
+    in_container = host.get_fact(Command, "systemd-detect-virt --container || true") != "none"
     systemd.service(
-        name="Keep the clock in sync with chrony",
+        name="Keep the clock in sync with chrony"
+        + (" (enabled only: a container keeps its machine's clock)" if in_container else ""),
         service="chrony",
-        running=True,
+        running=not in_container,
         enabled=True,
     )
     sshd = files.template(

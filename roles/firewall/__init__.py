@@ -12,6 +12,7 @@ from pyinfra.operations import apt, files, server, systemd
 from roles.ops import beside
 
 RULESET = "/etc/nftables.conf"
+PACKAGES = ["nftables"]
 
 
 def split_addresses(addresses: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -29,7 +30,7 @@ def firewall(
     if not admin_addresses:
         raise ValueError("admin_addresses is empty: nobody could reach SSH after the deploy")
     v4, v6 = split_addresses(admin_addresses)
-    apt.packages(name="Install nftables", packages=["nftables"], no_recommends=True)
+    apt.packages(name="Install nftables", packages=PACKAGES, no_recommends=True)
     rules = files.template(
         name="Write the nftables ruleset",
         src=beside(__file__, "nftables.conf.j2"),

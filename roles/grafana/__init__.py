@@ -16,6 +16,8 @@ KEY_URL = "https://apt.grafana.com/gpg.key"
 KEYRING = "/etc/apt/keyrings/grafana.gpg"
 REPO = f"deb [signed-by={KEYRING}] https://apt.grafana.com stable main"
 PORT = 3000
+# From Debian, to fetch and check the key of Grafana's own repository (grafana comes from there).
+PACKAGES = ["gnupg", "curl", "ca-certificates"]
 DASHBOARDS = "/var/lib/grafana/dashboards"
 ADMIN_PASSWORD_FILE = "/etc/grafana/admin_password"
 
@@ -24,7 +26,7 @@ ADMIN_PASSWORD_FILE = "/etc/grafana/admin_password"
 def grafana(*, key_fingerprint: str, admin_password: str, root_url: str) -> None:
     apt.packages(
         name="Install what fetches and checks Grafana's signing key",
-        packages=["gnupg", "curl", "ca-certificates"],
+        packages=PACKAGES,
         no_recommends=True,
     )
     if host.get_fact(File, path=KEYRING) is None:

@@ -10,6 +10,7 @@ from pyinfra.operations import apt, files, server, systemd
 from roles.ops import beside
 
 CADDYFILE = "/etc/caddy/Caddyfile"
+PACKAGES = ["caddy"]
 
 
 @deploy("Put Caddy in front of the API")
@@ -24,7 +25,7 @@ def proxy(
 ) -> None:
     if not site_names:
         raise ValueError("site_names is empty: Caddy needs a name or address to serve")
-    apt.packages(name="Install Caddy", packages=["caddy"], no_recommends=True)
+    apt.packages(name="Install Caddy", packages=PACKAGES, no_recommends=True)
     config = files.template(
         name="Write the Caddyfile",
         src=beside(__file__, "Caddyfile.j2"),

@@ -10,6 +10,7 @@ from appliance.redis_server import render_template
 from roles.ops import beside, secret_file
 
 CONFIG = "/etc/redis/redis.conf"
+PACKAGES = ["redis-server", "redis-tools"]
 DROPIN = "/etc/systemd/system/redis-server.service.d/appliance.conf"
 
 
@@ -30,7 +31,7 @@ def redis_conf(*, port: int, password: str, directory: str, maxmemory: str) -> s
 @deploy("Set up Redis")
 def redis(*, port: int, password: str, directory: str, maxmemory: str, mount_point: str) -> None:
     apt.packages(
-        name="Install redis-server", packages=["redis-server", "redis-tools"], no_recommends=True
+        name="Install redis-server", packages=PACKAGES, no_recommends=True
     )
     files.directory(
         name=f"Keep Redis's AOF on the data volume, in {directory}",

@@ -24,12 +24,13 @@ degraded (the state is kept in `host.system_state`).
 
 How it is made:
 
-- Rootfs: `debootstrap --variant=minbase` of bookworm with BASE_PACKAGES, stored as a tarball in
-  the cache directory ($BLUESKY_APPLIANCE_TEST_CACHE, default /var/cache/bluesky-appliance-test),
-  keyed by a hash of everything that went into it. Built by the first session that misses it.
-  Every session extracts a fresh copy, so a deploy always starts from a bare host.
+- Rootfs: `debootstrap --variant=minbase` of bookworm with BASE_PACKAGES, kept as a directory in
+  the cache ($BLUESKY_APPLIANCE_TEST_CACHE, default /var/cache/bluesky-appliance-test), named by a
+  hash of everything that went into it, built by the first session that misses it and never
+  written afterwards. Every session boots an overlayfs over it with an empty upper layer of its own
+  (instant, unlike extracting a copy), so a deploy always starts from a bare host.
 - Local apt repository: the packages a deploy will install are resolved and downloaded
-  (`apt-get install --download-only`, without Recommends) inside a throw-away copy of the rootfs
+  (`apt-get install --download-only`, without Recommends) inside a throw-away overlay of the rootfs
   with Debian's normal sources, then indexed with apt-ftparchive; cached, keyed by the rootfs and
   the package list. The container sees it read-only at /srv/local-apt and it is its ONLY apt source
   (`deb [trusted=yes] file:/srv/local-apt ./`), so `apt-get update` / `apt-get install` work for
@@ -42,9 +43,12 @@ How it is made:
 - Boot: `systemd-nspawn -b --register=no --keep-unit --network-namespace-path=/run/netns/bsat-N`
   with CAP_NET_ADMIN (nftables inside), the volume bound at its Hetzner-like path and the repo
   bound read-only. The console goes to `<session dir>/console.log`.
-- Sessions: each takes a free slot N (a lock file under <cache>/run/) so several test runs on one
-  machine do not clash; leftovers of a crashed run (container process, netns, veth, loop device,
-  files) are removed when a later session finds their slot unlocked.
+- Sessions: each takes a free slot N (a lock and a state file in <cache>/run/; a slot whose
+  addresses are in use, e.g. by a session of another cache, is skipped) so several test runs on
+  one machine do not clash; its files live in <cache>/run/slot-N. Leftovers of a crashed run (container process, overlay mount, netns, veth,
+  loop device, files) are removed when a later session finds their slot unlocked. Set
+  BLUESKY_APPLIANCE_TEST_KEEP=1 to keep a session's files (rootfs upper layer, console.log) after
+  it stops.
 
 pyinfra (3.10) against it, strict host key checking with the session's known_hosts:
 
@@ -99,7 +103,7 @@ class HarnessError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where rootfs tarballs and apt repositories are kept between runs."""
+    """Where the rootfs and the apt repositories are kept between runs."""
     value = os.environ.get(CACHE_ENV, "")
     path = Path(value) if value else DEFAULT_CACHE
     if not path.is_absolute():
@@ -145,6 +149,7 @@ def _build_lock(cache: Path) -> Iterator[None]:
     with (cache / "build.lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         for stale in cache.glob("build-*"):
+            unmount(stale / "root")
             shutil.rmtree(stale, ignore_errors=True)
         try:
             yield
@@ -161,19 +166,22 @@ def _log(message: str) -> None:
 
 
 def rootfs_key(base_packages: Sequence[str] = BASE_PACKAGES) -> str:
-    """Hash of everything that goes into the rootfs tarball."""
+    """Hash of everything that goes into the rootfs."""
     return _digest(RECIPE, SUITE, MIRROR, SECURITY_MIRROR, sorted(base_packages), HOSTNAME)
 
 
 def ensure_rootfs(cache: Path, base_packages: Sequence[str] = BASE_PACKAGES) -> Path:
-    """Return the cached rootfs tarball, building it with debootstrap when missing."""
-    tarball = cache / f"rootfs-{SUITE}-{rootfs_key(base_packages)}.tar"
-    if tarball.exists():
-        return tarball
+    """Return the cached rootfs directory, debootstrapping it when missing.
+
+    Nothing writes to it afterwards: every session boots an overlay with its own upper layer.
+    """
+    rootfs = cache / f"rootfs-{SUITE}-{rootfs_key(base_packages)}"
+    if rootfs.is_dir():
+        return rootfs
     with _build_lock(cache):
-        if tarball.exists():  # another session built it while we waited
-            return tarball
-        _log(f"building {tarball.name} with debootstrap (about a minute)")
+        if rootfs.is_dir():  # another session built it while we waited
+            return rootfs
+        _log(f"building {rootfs.name} with debootstrap (1-3 minutes)")
         with tempfile.TemporaryDirectory(dir=cache, prefix="build-rootfs-") as tmp:
             root = Path(tmp) / "root"
             _run(
@@ -188,10 +196,8 @@ def ensure_rootfs(cache: Path, base_packages: Sequence[str] = BASE_PACKAGES) -> 
                 timeout=1200,
             )
             _configure_rootfs(root)
-            partial = Path(tmp) / "rootfs.tar"
-            _run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(partial), "."])
-            partial.rename(tarball)
-    return tarball
+            root.rename(rootfs)
+    return rootfs
 
 
 def _configure_rootfs(root: Path) -> None:
@@ -216,17 +222,32 @@ def _configure_rootfs(root: Path) -> None:
         unit.unlink()
 
 
-def repo_key(rootfs_tarball: Path, packages: Sequence[str]) -> str:
+def repo_key(rootfs: Path, packages: Sequence[str]) -> str:
     """Hash of the rootfs the repository extends and the package list it holds."""
-    return _digest(RECIPE, rootfs_tarball.name, sorted(set(packages)))
+    return _digest(RECIPE, rootfs.name, sorted(set(packages)))
 
 
-def ensure_apt_repo(cache: Path, rootfs_tarball: Path, packages: Sequence[str]) -> Path:
+def mount_overlay(lower: Path, base: Path) -> Path:
+    """Mount a writable overlay of lower at base/root; its changes go to base/upper."""
+    merged, upper, work = base / "root", base / "upper", base / "work"
+    for path in (merged, upper, work):
+        path.mkdir(parents=True, exist_ok=True)
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], timeout=30)
+    return merged
+
+
+def unmount(path: Path) -> None:
+    if _run(["mountpoint", "-q", str(path)], check=False).returncode == 0:
+        _run(["umount", str(path)], timeout=60)
+
+
+def ensure_apt_repo(cache: Path, rootfs: Path, packages: Sequence[str]) -> Path:
     """Return the cached local apt repository holding packages and their dependencies."""
     for name in packages:
         if not name or not all(c.isalnum() or c in "+-.:=" for c in name):
             raise HarnessError(f"not a Debian package name: {name!r}")
-    repo = cache / f"apt-{repo_key(rootfs_tarball, packages)}"
+    repo = cache / f"apt-{repo_key(rootfs, packages)}"
     if (repo / "Release").exists():
         return repo
     with _build_lock(cache):
@@ -234,41 +255,13 @@ def ensure_apt_repo(cache: Path, rootfs_tarball: Path, packages: Sequence[str]) 
             return repo
         _log(f"building local apt repository {repo.name} for {len(packages)} packages")
         with tempfile.TemporaryDirectory(dir=cache, prefix="build-apt-") as tmp:
-            root = Path(tmp) / "root"
-            root.mkdir()
-            _run(
-                ["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-xf", str(rootfs_tarball)]
-            )
-            # nspawn without --boot: host network, its own /proc, /dev and a copy of resolv.conf.
-            script = (
-                "set -e; export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; "
-                "apt-get install -y -qq --download-only --no-install-recommends "
-                + shlex.join(sorted(set(packages)))
-            )
-            _run(
-                [
-                    "systemd-nspawn",
-                    "--quiet",
-                    "--register=no",
-                    "--keep-unit",
-                    "--as-pid2",
-                    "--resolv-conf=copy-host",
-                    "--link-journal=no",
-                    "-D",
-                    str(root),
-                    "sh",
-                    "-c",
-                    script,
-                ],
-                timeout=1500,
-            )
             partial = Path(tmp) / "repo"
-            partial.mkdir()
-            debs = sorted((root / "var/cache/apt/archives").glob("*.deb"))
-            if not debs:
-                raise HarnessError(f"apt downloaded nothing for {packages}")
-            for deb in debs:
-                shutil.move(deb, partial / deb.name)
+            partial.mkdir(mode=0o755)
+            root = mount_overlay(rootfs, Path(tmp))
+            try:
+                _download_debs(root, packages, partial)
+            finally:
+                unmount(root)
             index = _run(["apt-ftparchive", "packages", "."], timeout=300, cwd=partial)
             (partial / "Packages").write_text(index.stdout)
             release = _run(["apt-ftparchive", "release", "."], timeout=60, cwd=partial)
@@ -276,6 +269,37 @@ def ensure_apt_repo(cache: Path, rootfs_tarball: Path, packages: Sequence[str]) 
             partial.chmod(0o755)
             partial.rename(repo)
     return repo
+
+
+def _download_debs(root: Path, packages: Sequence[str], into: Path) -> None:
+    """Let apt in root resolve packages against Debian's sources and move the .debs into into."""
+    # nspawn without --boot: host network, its own /proc and /dev, a copy of resolv.conf.
+    script = (
+        "set -e; export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; "
+        "apt-get install -y -qq --download-only --no-install-recommends "
+        + shlex.join(sorted(set(packages)))
+    )
+    _run(
+        [
+            "systemd-nspawn",
+            "--quiet",
+            "--register=no",
+            "--keep-unit",
+            "--as-pid2",
+            "--resolv-conf=copy-host",
+            "--link-journal=no",
+            f"--directory={root}",
+            "sh",
+            "-c",
+            script,
+        ],
+        timeout=1500,
+    )
+    debs = sorted((root / "var/cache/apt/archives").glob("*.deb"))
+    if not debs:
+        raise HarnessError(f"apt downloaded nothing for {list(packages)}")
+    for deb in debs:
+        shutil.move(deb, into / deb.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,13 +312,13 @@ class Slot:
     def __init__(self, cache: Path, index: int, lock: IO[str]) -> None:
         self.index = index
         self.lock = lock
-        self.dir = cache / "run" / f"slot-{index}"
+        self.dir = cache / "run" / f"slot-{index}"  # the session's files (large: keep on disk)
         self.netns = f"bsat-{index}"
         self.veth_host = f"bsat-{index}-h"
         self.veth_container = f"bsat-{index}-c"
         self.gateway = f"{SUBNET}.{index}.1"
         self.address = f"{SUBNET}.{index}.2"
-        self.state_file = self.dir / "state.json"
+        self.state_file = cache / "run" / f"slot-{index}.json"
 
     def release(self) -> None:
         fcntl.flock(self.lock, fcntl.LOCK_UN)
@@ -311,35 +335,46 @@ def _process_cmdline(pid: int) -> list[str]:
 
 def _clean_slot(slot: Slot) -> None:
     """Remove whatever a previous (crashed) session of this slot left behind."""
-    if slot.state_file.exists():
-        state = json.loads(slot.state_file.read_text())
-        pid = int(state.get("nspawn_pid", 0))
-        cmdline = _process_cmdline(pid) if pid else []
-        # Only a systemd-nspawn running our slot's rootfs is ours to stop.
-        if (
-            cmdline
-            and cmdline[0].endswith("systemd-nspawn")
-            and any(arg.endswith(str(slot.dir / "rootfs")) for arg in cmdline)
-        ):
-            _log(f"stopping leftover container of slot {slot.index} (pid {pid})")
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                for _ in range(100):
-                    if not Path(f"/proc/{pid}").exists():
-                        break
-                    time.sleep(0.1)
-                else:
-                    continue
-                break
+    if not slot.state_file.exists():
+        if slot.dir.exists():  # the lock is ours, so nobody uses these files
+            unmount(slot.dir / "root")
+            shutil.rmtree(slot.dir)
+        return
+    state = json.loads(slot.state_file.read_text())
+    workdir = Path(state["workdir"])
+    rootfs = workdir / "root"
+    pid = int(state.get("nspawn_pid", 0))
+    cmdline = _process_cmdline(pid) if pid else []
+    # Only a systemd-nspawn running this slot's rootfs is ours to stop.
+    if cmdline and cmdline[0].endswith("systemd-nspawn") and f"--directory={rootfs}" in cmdline:
+        _log(f"stopping leftover container of slot {slot.index} (pid {pid})")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.1)
+            else:
+                continue
+            break
+    _release_resources(slot, workdir, keep_files=False)
+
+
+def _release_resources(slot: Slot, workdir: Path, *, keep_files: bool) -> None:
+    """Remove network, loop device, overlay and files of the slot's session (in that order)."""
     _remove_network(slot)
-    volume = slot.dir / "volume.img"
+    volume = workdir / "volume.img"
     if volume.exists():
         attached = _run(["losetup", "-j", str(volume), "-O", "NAME", "-n"], check=False)
         for device in attached.stdout.split():
             _run(["losetup", "-d", device], check=False)
-    if slot.dir.exists():
-        shutil.rmtree(slot.dir)
+    unmount(workdir / "root")
+    if keep_files:
+        _log(f"keeping {workdir} ({KEEP_ENV} is set)")
+    elif workdir.exists():
+        shutil.rmtree(workdir)
+    slot.state_file.unlink(missing_ok=True)
 
 
 def _remove_network(slot: Slot) -> None:
@@ -412,7 +447,7 @@ class BootedHost:
         self.address = slot.address
         self.gateway = slot.gateway
         self.workdir = slot.dir
-        self.rootfs = slot.dir / "rootfs"
+        self.rootfs = slot.dir / "root"  # overlay: cached rootfs below, slot.dir/upper above
         self.ssh_key = slot.dir / "id_ed25519"
         self.known_hosts = slot.dir / "known_hosts"
         self.console_log = slot.dir / "console.log"
@@ -489,22 +524,12 @@ class BootedHost:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def prepare(self, rootfs_tarball: Path) -> None:
+    def prepare(self, rootfs: Path) -> None:
         """Fresh rootfs, per-session keys and ids, the volume, the network namespace."""
         started = time.monotonic()
         self.workdir.mkdir(parents=True)
-        self.rootfs.mkdir()
-        _run(
-            [
-                "tar",
-                "--numeric-owner",
-                "--xattrs",
-                "-C",
-                str(self.rootfs),
-                "-xf",
-                str(rootfs_tarball),
-            ]
-        )
+        self._save_state()
+        mount_overlay(rootfs, self.workdir)
         root = self.rootfs
         (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
         # Only the local repository: nothing else is reachable from inside anyway.
@@ -551,6 +576,7 @@ class BootedHost:
 
     def _save_state(self) -> None:
         state: dict[str, Any] = {
+            "workdir": str(self.workdir),
             "nspawn_pid": self._proc.pid if self._proc else 0,
             "loop_device": self.loop_device,
         }
@@ -666,13 +692,7 @@ class BootedHost:
                     os.kill(self._proc.pid, signal.SIGKILL)
                     self._proc.wait(10)
             self._close_console()
-            _remove_network(self._slot)
-            if self.loop_device:
-                _run(["losetup", "-d", self.loop_device], check=False)
-            if os.environ.get(KEEP_ENV):
-                _log(f"keeping {self.workdir} ({KEEP_ENV} is set)")
-            elif self.workdir.exists():
-                shutil.rmtree(self.workdir)
+            _release_resources(self._slot, self.workdir, keep_files=bool(os.environ.get(KEEP_ENV)))
         finally:
             self._slot.release()
 
@@ -699,16 +719,16 @@ def boot_debian_host(
     cache.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.monotonic()
-    tarball = ensure_rootfs(cache, base_packages)
+    rootfs = ensure_rootfs(cache, base_packages)
     timings["rootfs"] = time.monotonic() - started
     started = time.monotonic()
-    repo = ensure_apt_repo(cache, tarball, packages)
+    repo = ensure_apt_repo(cache, rootfs, packages)
     timings["apt_repo"] = time.monotonic() - started
     slot = acquire_slot(cache)
     host = BootedHost(slot, repo, packages)
     host.timings.update(timings)
     try:
-        host.prepare(tarball)
+        host.prepare(rootfs)
         host.start()
     except BaseException:
         host.stop()
