@@ -169,13 +169,7 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "site_addresses",
                 f"{name!r} is not an IP address or DNS name",
             )
-        for cidr in self.admin_ssh_addresses:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise InventoryError(
-                    f"admin_ssh_addresses: {cidr!r} is not an IP address or network"
-                ) from None
+        _check_networks("admin_ssh_addresses", self.admin_ssh_addresses)
         ports = {
             "redis_port": self.redis_port,
             "api_port": self.api_port,
@@ -284,13 +278,7 @@ class ProvisionData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "hcloud_ssh_key_name",
             f"{self.hcloud_ssh_key_name!r} must be lower-case letters, digits, dots and dashes",
         )
-        for cidr in self.admin_ssh_addresses:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise InventoryError(
-                    f"admin_ssh_addresses: {cidr!r} is not an IP address or network"
-                ) from None
+        _check_networks("admin_ssh_addresses", self.admin_ssh_addresses)
 
     @property
     def ssh_key_name(self) -> str:
@@ -321,6 +309,14 @@ class ProvisionData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 def _check(ok: object, name: str, message: str) -> None:
     if not ok:
         raise InventoryError(f"{name}: {message}")
+
+
+def _check_networks(name: str, values: tuple[str, ...]) -> None:
+    for cidr in values:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InventoryError(f"{name}: {cidr!r} is not an IP address or network") from None
 
 
 def _is_ip(text: str) -> bool:

@@ -25,7 +25,7 @@ names = Names(appliance=data.appliance_name, ssh_key=data.ssh_key_name)
 cloud = Cloud.from_environment(
     poll_interval_s=data.hcloud_poll_interval_s, rate_limit_wait_s=data.hcloud_rate_limit_wait_s
 )
-preflight(
+price = preflight(
     cloud,
     names,
     server_type=data.hcloud_server_type,
@@ -33,6 +33,7 @@ preflight(
     image=data.hcloud_image,
     volume_size_gb=data.hcloud_volume_size_gb,
 )
+host.log(f"Hetzner: {price}; the volume and the IPv4 cost extra (see docs/operations.md)")
 provision(
     cloud=cloud,
     names=names,

@@ -157,6 +157,8 @@ class FakeHetzner:
     per_page_cap: int = 50
     # The public IPv4 the next primary IP gets (the end-to-end test: the booted host's address).
     next_ipv4: Callable[[], str] | None = None
+    # The id of the next volume (the end-to-end test: the booted host's /dev/disk/by-id/...).
+    next_volume_id: int | None = None
     state: dict[str, dict[int, dict[str, Any]]] = field(
         default_factory=lambda: {name: {} for name in [*RESOURCES, "actions"]}
     )
@@ -662,6 +664,8 @@ class FakeHetzner:
                 "status": "available",
             },
         )
+        if self.next_volume_id is not None:
+            volume["id"], self.next_volume_id = self.next_volume_id, None
         volume["linux_device"] = f"/dev/disk/by-id/scsi-0HC_Volume_{volume['id']}"
         self.state["volumes"][volume["id"]] = volume
         return {

@@ -220,22 +220,29 @@ def test_the_image_is_multi_stage_non_root_and_installs_the_wheel() -> None:
     assert "COPY --from=build /wheels" in final
 
 
-def test_the_config_step_renders_what_redis_and_alertmanager_accept(tmp_path: Path) -> None:
-    env = {
-        "PATH": os.environ["PATH"],
-        "CONFIG_DIR": str(tmp_path / "config"),
-        "MONITORING_DIR": str(REPO / "monitoring"),
-        "APPLIANCE_REDIS_PASSWORD": "a-Redis-Secret-1234",
-        "ALERT_RECEIVER": "webhook",
-        "ALERT_WEBHOOK_URL": "https://hooks.example.org/alerts",
-        "ALERT_CREDENTIAL": "a-Webhook-Token-5678",
-    }
-    done = subprocess.run(
+def render_config(config_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the compose stack's config step here, writing into `config_dir`."""
+    return subprocess.run(
         [sys.executable, str(REPO / "compose" / "render_config.py")],
-        env=env,
+        env={
+            "PATH": os.environ["PATH"],
+            "CONFIG_DIR": str(config_dir),
+            "MONITORING_DIR": str(REPO / "monitoring"),
+            "APPLIANCE_REDIS_PASSWORD": "a-Redis-Secret-1234",
+            **env,
+        },
         capture_output=True,
         text=True,
         check=False,
+    )
+
+
+def test_the_config_step_renders_what_redis_and_alertmanager_accept(tmp_path: Path) -> None:
+    done = render_config(
+        tmp_path / "config",
+        ALERT_RECEIVER="webhook",
+        ALERT_WEBHOOK_URL="https://hooks.example.org/alerts",
+        ALERT_CREDENTIAL="a-Webhook-Token-5678",
     )
     assert done.returncode == 0, done.stderr
     assert "Secret" not in done.stdout + done.stderr
@@ -273,20 +280,7 @@ def test_the_config_step_renders_what_redis_and_alertmanager_accept(tmp_path: Pa
 
 
 def test_the_config_step_names_a_missing_webhook_url(tmp_path: Path) -> None:
-    env = {
-        "PATH": os.environ["PATH"],
-        "CONFIG_DIR": str(tmp_path),
-        "MONITORING_DIR": str(REPO / "monitoring"),
-        "APPLIANCE_REDIS_PASSWORD": "a-Redis-Secret-1234",
-        "ALERT_RECEIVER": "webhook",
-    }
-    done = subprocess.run(
-        [sys.executable, str(REPO / "compose" / "render_config.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = render_config(tmp_path, ALERT_RECEIVER="webhook")
     assert done.returncode == 1
     assert done.stderr.strip() == "ALERT_RECEIVER=webhook needs ALERT_WEBHOOK_URL in .env"
 

@@ -21,7 +21,7 @@ from hcloud.server_types import ServerType
 
 from deploys.data import InventoryError, ProvisionData, provision_data
 from roles.hetzner import preflight
-from roles.hetzner.cloud import Cloud, CloudError, Names
+from roles.hetzner.cloud import Cloud, CloudError, Names, fingerprint
 from tests.hcloud_fake import TOKEN, FakeHetzner
 from tests.pyinfra_fake import REPO, group_defaults
 
@@ -123,7 +123,7 @@ def pyinfra(
     token: str = TOKEN,
 ) -> Run:
     group_data = tmp_path / "group_data"
-    group_data.mkdir(exist_ok=True)
+    group_data.mkdir(parents=True, exist_ok=True)
     (group_data / "all.py").write_text(
         "".join(f"{name} = {value!r}\n" for name, value in settings.items())
     )
@@ -171,7 +171,9 @@ def test_dry_run_shows_the_plan_and_changes_nothing(
 ) -> None:
     run = provision(fake, settings, tmp_path, "--dry")
     assert run.returncode == 0, run.output[-3000:]
-    assert run.hetzner_lines()[:5] == [
+    assert run.hetzner_lines()[:6] == [
+        "Hetzner: a cx22 in fsn1 costs 3.79 EUR a month before VAT (4.51 with it), by Hetzner's "
+        "price list; the volume and the IPv4 cost extra (see docs/operations.md)",
         "Hetzner plan: upload the SSH key bluesky-appliance-admin",
         "Hetzner plan: create the firewall bluesky-appliance (SSH from 1 admin address(es), 80/443 public)",
         "Hetzner plan: reserve the primary IPv4 bluesky-appliance-ipv4 in fsn1",
@@ -208,7 +210,7 @@ def test_first_run_creates_everything_labelled_and_attached_and_a_second_changes
         "fsn1",
         "debian-12",
     )
-    assert server["ssh_keys"] == ["bluesky-appliance-admin"]
+    assert server["ssh_keys"] == [key["id"]]
     assert key["public_key"] == public_key.read_text().strip()
     assert volume["server"] == server["id"] and volume["size"] == 40
     assert ipv4["assignee_id"] == server["id"] and ipv4["auto_delete"] is False
@@ -326,6 +328,20 @@ def test_teardown_needs_a_confirmation_naming_the_project_and_keeps_the_volume(
     )
     assert run.returncode == 0, run.output[-3000:]
     assert fake.state["volumes"] == {}
+
+
+def test_a_key_already_in_the_project_under_another_name_is_used_as_it_is(
+    fake: FakeHetzner, settings: dict[str, Any], tmp_path: Path, public_key: Path
+) -> None:
+    text = public_key.read_text().strip()
+    laptop = fake.add("ssh_keys", name="laptop", public_key=text, fingerprint=fingerprint(text))
+    run = provision(fake, settings, tmp_path)
+    assert run.returncode == 0, run.output[-3000:]
+    assert names_of(fake, "ssh_keys") == ["laptop"]
+    assert ours(fake)["ssh_keys"] == [laptop["id"]]
+    confirmed = ["-y", "--data", f"teardown_confirm={NAME}"]
+    assert pyinfra("teardown", fake, settings, tmp_path, *confirmed).returncode == 0
+    assert names_of(fake, "ssh_keys") == ["laptop"]  # not the appliance's: never deleted
 
 
 # --- errors: one line naming the fix ----------------------------------------------------------

@@ -10,6 +10,7 @@ anything changes. A failure stops the run with one line naming the fix and one s
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import time
@@ -93,6 +94,24 @@ def _stop(host: Host, cloud: Cloud, names: Names, message: str) -> None:
     )
 
 
+def _stops_cleanly(
+    op: Callable[..., Generator[FunctionCommand, None, None]],
+) -> Callable[..., Generator[FunctionCommand, None, None]]:
+    """A CloudError while an operation looks at the project stops the run at that operation
+    with its one line (and what exists), instead of a traceback."""
+
+    @functools.wraps(op)
+    def looking(
+        cloud: Cloud, names: Names, *args: Any, **kwargs: Any
+    ) -> Generator[FunctionCommand, None, None]:
+        try:
+            yield from op(cloud, names, *args, **kwargs)
+        except CloudError as exc:
+            yield _refuse(cloud, names, str(exc))
+
+    return looking
+
+
 def _plan(what: str) -> None:
     """Say what a change will do when pyinfra only looks for changes (`--dry`, no `-y`)."""
     if not host.state.is_executing:
@@ -116,8 +135,9 @@ def preflight(
     location: str,
     image: str,
     volume_size_gb: int,
-) -> None:
-    """Check the token, the catalogue and every change Hetzner cannot make, before any change."""
+) -> str:
+    """Check the token, the catalogue and every change Hetzner cannot make, before any change.
+    Returns the server type's monthly price in the location, from Hetzner's price list."""
     client = cloud.client
     with cloud.doing("read the project (checking the token)"):
         found = {
@@ -184,18 +204,23 @@ def preflight(
             f"the server {server.name} does not use the primary IP {ipv4.name}: assign it in the "
             "Hetzner Console (server powered off), or tear down and provision again"
         )
+    for price in known_type.prices or []:
+        if price.get("location") == location:
+            monthly = price["price_monthly"]
+            return (
+                f"a {server_type} in {location} costs {float(monthly['net']):.2f} EUR a month "
+                f"before VAT ({float(monthly['gross']):.2f} with it), by Hetzner's price list"
+            )
+    return f"Hetzner lists no price for a {server_type} in {location}"
 
 
 @operation()
+@_stops_cleanly
 def ssh_key(cloud: Cloud, names: Names, public_key: str) -> Generator[FunctionCommand, None, None]:
     """The operator's public key in the project, for the server's root login."""
     client = cloud.client
-    try:
-        with cloud.doing(f"look up the SSH key {names.ssh_key}"):
-            key = cloud.find("ssh_keys", names.ssh_key)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the SSH key {names.ssh_key}"):
+        key = cloud.operator_key(names, public_key)
     if key is not None:
         if key.public_key.split()[:2] != public_key.split()[:2]:
             yield _refuse(
@@ -216,18 +241,15 @@ def ssh_key(cloud: Cloud, names: Names, public_key: str) -> Generator[FunctionCo
 
 
 @operation()
+@_stops_cleanly
 def firewall(
     cloud: Cloud, names: Names, admin_addresses: tuple[str, ...], ssh_port: int
 ) -> Generator[FunctionCommand, None, None]:
     """The Hetzner firewall: SSH from the admin addresses, 80/443 public, nothing else."""
     client = cloud.client
     rules = firewall_rules(admin_addresses, ssh_port)
-    try:
-        with cloud.doing(f"look up the firewall {names.firewall}"):
-            current = cloud.find("firewalls", names.firewall)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the firewall {names.firewall}"):
+        current = cloud.find("firewalls", names.firewall)
     if current is None:
         what = f"create the firewall {names.firewall} (SSH from {len(admin_addresses)} admin address(es), 80/443 public)"
         _plan(what)
@@ -252,14 +274,11 @@ def firewall(
 
 
 @operation()
+@_stops_cleanly
 def primary_ip(cloud: Cloud, names: Names, location: str) -> Generator[FunctionCommand, None, None]:
     """A primary IPv4 of the project's own, kept when the server is rebuilt or re-created."""
-    try:
-        with cloud.doing(f"look up the primary IP {names.ipv4}"):
-            current = cloud.find("primary_ips", names.ipv4)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the primary IP {names.ipv4}"):
+        current = cloud.find("primary_ips", names.ipv4)
     if current is not None:
         return
     what = f"reserve the primary IPv4 {names.ipv4} in {location}"
@@ -279,6 +298,7 @@ def primary_ip(cloud: Cloud, names: Names, location: str) -> Generator[FunctionC
 
 
 @operation()
+@_stops_cleanly
 def server(
     cloud: Cloud,
     names: Names,
@@ -286,16 +306,13 @@ def server(
     location: str,
     image: str,
     ipv6: bool,
+    public_key: str,
 ) -> Generator[FunctionCommand, None, None]:
     """The server, with the SSH key, the firewall and the primary IPv4; started."""
     client = cloud.client
-    try:
-        with cloud.doing(f"look up the server {names.server}"):
-            current = cloud.find("servers", names.server)
-            fw = cloud.find("firewalls", names.firewall)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the server {names.server}"):
+        current = cloud.find("servers", names.server)
+        fw = cloud.find("firewalls", names.firewall)
     if current is None:
         what = f"create the server {names.server} ({server_type} in {location}, {image})"
         _plan(what)
@@ -303,12 +320,13 @@ def server(
         def create() -> None:
             firewall = cloud.find("firewalls", names.firewall)
             ipv4 = cloud.find("primary_ips", names.ipv4)
+            key = cloud.operator_key(names, public_key)
             response = client.servers.create(
                 name=names.server,
                 server_type=ServerType(name=server_type),
                 image=Image(name=image),
                 location=Location(name=location),
-                ssh_keys=[SSHKey(name=names.ssh_key)],
+                ssh_keys=[SSHKey(id=key.id)] if key else None,
                 firewalls=[firewall] if firewall else None,
                 labels=names.labels,
                 public_net=ServerCreatePublicNetwork(
@@ -336,18 +354,15 @@ def server(
 
 
 @operation()
+@_stops_cleanly
 def volume(
     cloud: Cloud, names: Names, size_gb: int, location: str
 ) -> Generator[FunctionCommand, None, None]:
     """The data volume of `size_gb`, attached to the server (the site deploy formats and mounts it)."""
     client = cloud.client
-    try:
-        with cloud.doing(f"look up the volume {names.volume}"):
-            current = cloud.find("volumes", names.volume)
-            srv = cloud.find("servers", names.server)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the volume {names.volume}"):
+        current = cloud.find("volumes", names.volume)
+        srv = cloud.find("servers", names.server)
     if current is None:
         what = f"create the {size_gb} GB volume {names.volume} attached to {names.server}"
         _plan(what)
@@ -393,15 +408,12 @@ def volume(
 
 
 @operation()
+@_stops_cleanly
 def report(cloud: Cloud, names: Names) -> Generator[FunctionCommand, None, None]:
     """Say where the server is and which volume device holds the data (changes nothing)."""
-    try:
-        with cloud.doing(f"look up the server {names.server}"):
-            srv = cloud.find("servers", names.server)
-            vol = cloud.find("volumes", names.volume)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the server {names.server}"):
+        srv = cloud.find("servers", names.server)
+        vol = cloud.find("volumes", names.volume)
     if srv is None:
         host.log(f"Hetzner: the server {names.server} does not exist yet")
         return
@@ -416,16 +428,13 @@ def report(cloud: Cloud, names: Names) -> Generator[FunctionCommand, None, None]
 
 
 @operation(is_idempotent=False)
+@_stops_cleanly
 def rebuilt(
     cloud: Cloud, names: Names, image: str, ssh_port: int, ssh_wait_s: int
 ) -> Generator[FunctionCommand, None, None]:
     """Rebuild the server from `image`: its disk is replaced, the volume and the IP stay."""
-    try:
-        with cloud.doing(f"look up the server {names.server}"):
-            current = cloud.find("servers", names.server)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the server {names.server}"):
+        current = cloud.find("servers", names.server)
     if current is None:
         yield _refuse(
             cloud,
@@ -462,16 +471,13 @@ def _wait_for_port(address: str, port: int, timeout_s: float) -> None:
 
 
 @operation(is_idempotent=False)
+@_stops_cleanly
 def deleted(
     cloud: Cloud, names: Names, kind: str, resource: str
 ) -> Generator[FunctionCommand, None, None]:
     """Delete the appliance's resource of `kind` called `resource`, if there is one."""
-    try:
-        with cloud.doing(f"look up the {kind} {resource}"):
-            current = cloud.find(kind, resource)
-    except CloudError as exc:
-        yield _refuse(cloud, names, str(exc))
-        return
+    with cloud.doing(f"look up the {kind} {resource}"):
+        current = cloud.find(kind, resource)
     if current is None or (current.labels or {}).get(LABEL) != names.appliance:
         return  # gone already, or not this appliance's: never deleted
     label = kind.rstrip("s").replace("_", " ")
@@ -529,6 +535,7 @@ def provision(
         location=location,
         image=image,
         ipv6=ipv6,
+        public_key=public_key,
     )
     volume(
         name=f"Attach a {volume_size_gb} GB data volume to the server",

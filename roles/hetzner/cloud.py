@@ -7,7 +7,9 @@ HCLOUD_ENDPOINT points the client at another endpoint speaking the same JSON (th
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -182,6 +184,13 @@ class Cloud:
         """The resource of `kind` (servers, volumes, ...) called `name`, or None."""
         return getattr(self.client, kind).get_by_name(name)
 
+    def operator_key(self, names: Names, public_key: str) -> Any:
+        """The operator's key in the project: by its name, else by its fingerprint (a key
+        uploaded earlier under another name is used as it is), or None."""
+        return self.find("ssh_keys", names.ssh_key) or self.client.ssh_keys.get_by_fingerprint(
+            fingerprint(public_key)
+        )
+
     def labelled(self, names: Names) -> dict[str, list[Any]]:
         """Every resource carrying the appliance's label, by kind."""
         return {
@@ -243,6 +252,12 @@ def explain(what: str, exc: APIException, retry_after: float | None = None) -> s
     if code in ("service_error", "maintenance", "unavailable", 502, 503, 504):
         return f"{head}: a problem on Hetzner's side; run again later"
     return head
+
+
+def fingerprint(public_key: str) -> str:
+    """The MD5 fingerprint Hetzner lists an SSH key by (aa:bb:...)."""
+    digest = hashlib.md5(base64.b64decode(public_key.split()[1])).hexdigest()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
 def _retry_after(response: requests.Response) -> float | None:

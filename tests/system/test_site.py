@@ -81,11 +81,23 @@ def inventory(
     debian_host: BootedHost, replay: ServerHandle, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """group_data for the booted host on top of inventory/group_data/all.py."""
+    return write_group_data(
+        tmp_path_factory.mktemp("group_data"),
+        debian_host,
+        replay,
+        volume_device=debian_host.volume_device,
+    )
+
+
+def write_group_data(
+    directory: Path, host: BootedHost, replay: ServerHandle, *, volume_device: str | None
+) -> Path:
+    """Write the test's all.py into `directory`: the booted host's admin address and replay
+    server, no Grafana, small memory; volume_device None leaves it to the inventory."""
     wheelhouse = build(cache_dir() / "wheelhouse")
-    group_data = tmp_path_factory.mktemp("group_data")
-    values = {
-        "admin_ssh_addresses": [debian_host.gateway],
-        "volume_device": debian_host.volume_device,
+    directory.mkdir(parents=True, exist_ok=True)
+    values: dict[str, object] = {
+        "admin_ssh_addresses": [host.gateway],
         "jetstream_urls": [replay.url],
         "grafana_enabled": False,
         "wheelhouse": str(wheelhouse.parent),
@@ -96,23 +108,32 @@ def inventory(
             "APPLIANCE_DUCKDB_MEMORY_LIMIT": "512MB",
         },
     }
-    (group_data / "all.py").write_text(
+    if volume_device is not None:
+        values["volume_device"] = volume_device
+    (directory / "all.py").write_text(
         "".join(f"{name} = {value!r}\n" for name, value in values.items())
     )
-    return group_data
+    return directory
 
 
-def run_deploy(host: BootedHost, group_data: Path) -> Deploy:
+def run_deploy(
+    host: BootedHost,
+    group_data: Path,
+    *,
+    inventory: str = "inventory/hosts.py",
+    environment: dict[str, str] | None = None,
+) -> Deploy:
+    """Run the site deploy onto `host`; by default through the static inventory naming it."""
     command = [
         str(Path(sys.executable).parent / "pyinfra"),
-        "inventory/hosts.py",
+        inventory,
         "deploys/site.py",
         "-y",
         "--group-data",
         str(group_data),
         *host.pyinfra_args(),
     ]
-    env = {**os.environ, "APPLIANCE_HOSTS": host.address}
+    env = {**os.environ, **(environment or {"APPLIANCE_HOSTS": host.address})}
     for name in list(env):
         if name.startswith("DEPLOY_SECRET_"):
             del env[name]
@@ -190,6 +211,21 @@ def _https(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def assert_search_finds_posts(base: str, timeout_s: float = 120) -> None:
+    """Poll `base`/v1/search through Caddy until it returns posts."""
+    deadline = time.monotonic() + timeout_s
+    posts: list[object] = []
+    status, body = 0, b""
+    while time.monotonic() < deadline:
+        status, body = _https(f"{base}/v1/search?limit=5")
+        if status == 200:
+            posts = json.loads(body)["posts"]
+            if posts:
+                return
+        time.sleep(2)
+    raise AssertionError(f"no posts searchable through Caddy: {status} {body[:300]!r}")
+
+
 def test_caddy_serves_the_api_over_https_and_a_search_finds_replayed_posts(
     debian_host: BootedHost, first: Deploy
 ) -> None:
@@ -197,16 +233,7 @@ def test_caddy_serves_the_api_over_https_and_a_search_finds_replayed_posts(
     status, body = _https(f"{base}/health")
     assert status == 200, body
     # The replay went through the host's ingester and batcher into Parquet on the volume.
-    deadline = time.monotonic() + 120
-    posts: list[object] = []
-    while time.monotonic() < deadline:
-        status, body = _https(f"{base}/v1/search?limit=5")
-        if status == 200:
-            posts = json.loads(body)["posts"]
-            if posts:
-                break
-        time.sleep(2)
-    assert posts, f"no posts searchable through Caddy: {status} {body[:300]!r}"
+    assert_search_finds_posts(base)
     status, _ = _https(f"{base}/metrics")
     assert status == 404  # metrics stay on the host
     files = inside(debian_host, "find /srv/appliance/data -name '*.parquet' | head -3")
