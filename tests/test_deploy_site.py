@@ -290,6 +290,19 @@ def test_a_volume_with_a_filesystem_is_mounted_and_never_formatted(
     assert "systemctl start srv-appliance.mount" in run.commands
 
 
+@pytest.mark.parametrize(
+    ("sizes", "grown"), [("4294967296 2147483648", True), ("2147483648 2147483648", False)]
+)
+def test_a_volume_grown_on_hetzner_gets_its_filesystem_grown(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch, sizes: str, grown: bool
+) -> None:
+    responses = {"blkid -o value": "block ext4", "blockdev --getsize64": sizes}
+    run = run_fake(SITE, data=data, responses=responses, monkeypatch=monkeypatch)
+    assert [c for c in run.commands if c.startswith("resize2fs")] == (
+        [f"resize2fs {VOLUME}"] if grown else []
+    )
+
+
 def test_a_blank_volume_is_formatted_once(
     data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,6 +32,28 @@ class BlockDevice(FactBase[dict[str, str | bool] | None]):
         return {"block": True, "fstype": words[1] if len(words) > 1 else ""}
 
 
+class FilesystemSlack(FactBase[int]):
+    """Bytes of `device` the ext4 filesystem on it does not use yet (a volume grown on Hetzner
+    keeps its filesystem's size until resize2fs)."""
+
+    def command(self, device: str) -> str:
+        dev = shlex.quote(device)
+        return (
+            f"echo $(blockdev --getsize64 {dev}) $(dumpe2fs -h {dev} 2>/dev/null | "
+            "awk -F: '/^Block count:/{c=$2} /^Block size:/{s=$2} END{printf \"%d\", c*s}')"
+        )
+
+    def process(self, output: list[str]) -> int:
+        words = " ".join(output).split()
+        if len(words) != 2 or not all(w.isdigit() for w in words):
+            return 0
+        return int(words[0]) - int(words[1])
+
+
+# Hetzner sizes volumes in whole GB: less slack than this is ext4's own rounding.
+GROWN_BYTES = 64 * 1024**2
+
+
 def mount_unit_name(path: str) -> str:
     """systemd's name for the mount unit of `path` (what `systemd-escape -p --suffix=mount` says)."""
     parts = [p for p in path.strip("/").split("/") if p]
@@ -83,6 +105,11 @@ def volume(*, device: str, mount_point: str, directories: dict[str, str]) -> Non
             enabled=True,
             daemon_reload=unit.will_change,
         )
+        if fstype and (host.get_fact(FilesystemSlack, device=device) or 0) > GROWN_BYTES:
+            server.shell(
+                name="Grow the data volume's filesystem to the volume's new size (online)",
+                commands=[f"resize2fs {shlex.quote(device)}"],
+            )
     for path, owner in directories.items():
         files.directory(
             name=f"Create {path} for {owner}",
