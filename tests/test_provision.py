@@ -516,9 +516,13 @@ def test_the_hetzner_inventory_lists_the_provisioned_server_with_its_volume(
     provisioned: FakeHetzner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = provisioned
+    # Labelled servers without a public IPv4 (unreachable: left out), so the list spans pages.
+    for i in range(4):
+        fake.add("servers", name=f"spare-{i}", labels=LABELS, ipv4_id=None)
     monkeypatch.setenv("HCLOUD_TOKEN", TOKEN)
     monkeypatch.setenv("HCLOUD_ENDPOINT", fake.url)
     hosts = runpy.run_path(str(REPO / "inventory" / "hetzner.py"))["appliance"]
+    assert fake.requests.count(("GET", "/servers")) == 3  # five servers, two per page
     (ipv4,) = fake.state["primary_ips"].values()
     (volume,) = fake.state["volumes"].values()
     assert hosts == [
