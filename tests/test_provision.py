@@ -399,6 +399,8 @@ def test_a_failed_action_ends_the_run_with_its_error(
         "bluesky-appliance: its action create_volume failed (volume_create_failed: could not "
         "create the volume); run again"
     )
+    exists = next(line for line in run.hetzner_lines() if "stopped half-way" in line)
+    assert "server bluesky-appliance (id" in exists and "firewall bluesky-appliance" in exists
 
 
 def test_a_long_rate_limit_stops_with_the_time_to_come_back(
