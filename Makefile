@@ -24,19 +24,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # redis-server is a real component of the appliance; Prometheus (with promtool), Alertmanager
-# (with amtool) and the node and Redis exporters are what monitoring/ is tested against.
-# Install from Debian whatever is missing (--no-install-recommends: no extra services).
-SYSTEM_TOOLS := redis-server:redis-server prometheus:prometheus promtool:prometheus \
+# (with amtool) and the node and Redis exporters are what monitoring/ is tested against; the
+# system tests (tests/system) boot a Debian 12 container: debootstrap, systemd-nspawn, ip,
+# losetup, ssh and apt-ftparchive. Each is installed from Debian when its command is missing.
+SYSTEM_COMMANDS := redis-server:redis-server debootstrap:debootstrap \
+	systemd-nspawn:systemd-container ip:iproute2 losetup:mount ssh:openssh-client \
+	ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux \
+	prometheus:prometheus promtool:prometheus \
 	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
-	prometheus-node-exporter:prometheus-node-exporter prometheus-redis-exporter:prometheus-redis-exporter
-
+	prometheus-node-exporter:prometheus-node-exporter \
+	prometheus-redis-exporter:prometheus-redis-exporter
 system-deps:
-	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	@missing=""; for pair in $(SYSTEM_COMMANDS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends $$missing >/dev/null; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 lint: venv
 	$(BIN)/ruff check .
