@@ -30,9 +30,7 @@ def redis_conf(*, port: int, password: str, directory: str, maxmemory: str) -> s
 
 @deploy("Set up Redis")
 def redis(*, port: int, password: str, directory: str, maxmemory: str, mount_point: str) -> None:
-    apt.packages(
-        name="Install redis-server", packages=PACKAGES, no_recommends=True
-    )
+    apt.packages(name="Install redis-server", packages=PACKAGES, no_recommends=True)
     files.directory(
         name=f"Keep Redis's AOF on the data volume, in {directory}",
         path=directory,
