@@ -110,7 +110,7 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     domain: str
     acme_email: str
     site_addresses: tuple[str, ...]
-    admin_ssh_addresses: Annotated[tuple[str, ...], Meta(min_length=1)]
+    admin_ssh_addresses: tuple[str, ...]
     ssh_port: Annotated[int, Meta(ge=1, le=65535)]
     prometheus_retention: str
     jetstream_urls: Annotated[tuple[str, ...], Meta(min_length=1)]
@@ -165,6 +165,12 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "site_addresses",
                 f"{name!r} is not an IP address or DNS name",
             )
+        _check(
+            self.admin_ssh_addresses,
+            "admin_ssh_addresses",
+            'is empty: list who may SSH in (e.g. your own address, "198.51.100.7/32"); '
+            "the firewall admits nobody else",
+        )
         for cidr in self.admin_ssh_addresses:
             try:
                 ipaddress.ip_network(cidr, strict=False)
