@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
-from pyinfra.api.exceptions import PyinfraError
 
 from appliance import config as appliance_config
 
@@ -65,9 +64,8 @@ SITE_OWNED_SETTINGS = frozenset(
 )
 
 
-class InventoryError(PyinfraError, ValueError):
-    """An inventory value is missing or malformed; the message names it (pyinfra prints it as
-    one line, without a traceback)."""
+class InventoryError(ValueError):
+    """An inventory value is missing or malformed; the message names it."""
 
 
 class AlertReceiver(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -114,7 +112,7 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     domain: str
     acme_email: str
     site_addresses: tuple[str, ...]
-    admin_ssh_addresses: Annotated[tuple[str, ...], Meta(min_length=1)]
+    admin_ssh_addresses: tuple[str, ...]
     ssh_port: Annotated[int, Meta(ge=1, le=65535)]
     prometheus_retention: str
     jetstream_urls: Annotated[tuple[str, ...], Meta(min_length=1)]
@@ -169,6 +167,12 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "site_addresses",
                 f"{name!r} is not an IP address or DNS name",
             )
+        _check(
+            self.admin_ssh_addresses,
+            "admin_ssh_addresses",
+            'is empty: list who may SSH in (e.g. your own address, "198.51.100.7/32"); '
+            "the firewall admits nobody else",
+        )
         _check_networks("admin_ssh_addresses", self.admin_ssh_addresses)
         ports = {
             "redis_port": self.redis_port,
@@ -269,10 +273,16 @@ class ProvisionData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     hcloud_poll_interval_s: Annotated[float, Meta(gt=0, le=60)]
     hcloud_rate_limit_wait_s: Annotated[int, Meta(ge=0, le=3600)]
     rebuild_ssh_wait_s: Annotated[int, Meta(ge=0, le=3600)]
-    admin_ssh_addresses: Annotated[tuple[str, ...], Meta(min_length=1)]
+    admin_ssh_addresses: tuple[str, ...]
     ssh_port: Annotated[int, Meta(ge=1, le=65535)]
 
     def __post_init__(self) -> None:
+        _check(
+            self.admin_ssh_addresses,
+            "admin_ssh_addresses",
+            'is empty: list who may SSH in (e.g. your own address, "198.51.100.7/32"); '
+            "the Hetzner firewall admits nobody else",
+        )
         _check(
             not self.hcloud_ssh_key_name or _HOSTNAME.match(self.hcloud_ssh_key_name),
             "hcloud_ssh_key_name",

@@ -15,24 +15,28 @@ from __future__ import annotations
 
 from pyinfra import host
 
-from deploys.data import provision_data
+from deploys.data import InventoryError, provision_data
 from roles.hetzner import preflight, provision
-from roles.hetzner.cloud import Cloud, Names
+from roles.hetzner.cloud import Cloud, CloudError, Names
 
-data = provision_data(host.data)
-public_key = data.public_key()
-names = Names(appliance=data.appliance_name, ssh_key=data.ssh_key_name)
-cloud = Cloud.from_environment(
-    poll_interval_s=data.hcloud_poll_interval_s, rate_limit_wait_s=data.hcloud_rate_limit_wait_s
-)
-price = preflight(
-    cloud,
-    names,
-    server_type=data.hcloud_server_type,
-    location=data.hcloud_location,
-    image=data.hcloud_image,
-    volume_size_gb=data.hcloud_volume_size_gb,
-)
+try:
+    data = provision_data(host.data)
+    public_key = data.public_key()
+    names = Names(appliance=data.appliance_name, ssh_key=data.ssh_key_name)
+    cloud = Cloud.from_environment(
+        poll_interval_s=data.hcloud_poll_interval_s,
+        rate_limit_wait_s=data.hcloud_rate_limit_wait_s,
+    )
+    price = preflight(
+        cloud,
+        names,
+        server_type=data.hcloud_server_type,
+        location=data.hcloud_location,
+        image=data.hcloud_image,
+        volume_size_gb=data.hcloud_volume_size_gb,
+    )
+except (InventoryError, CloudError) as exc:
+    raise SystemExit(f"provision: {exc}") from None
 host.log(f"Hetzner: {price}; the volume and the IPv4 cost extra (see docs/operations.md)")
 provision(
     cloud=cloud,

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 from pyinfra import host
 
-from deploys.data import provision_data
+from deploys.data import InventoryError, provision_data
 from roles.hetzner import rebuild
-from roles.hetzner.cloud import Cloud, Names
+from roles.hetzner.cloud import Cloud, CloudError, Names
 
-data = provision_data(host.data)
-names = Names(appliance=data.appliance_name, ssh_key=data.ssh_key_name)
-cloud = Cloud.from_environment(
-    poll_interval_s=data.hcloud_poll_interval_s, rate_limit_wait_s=data.hcloud_rate_limit_wait_s
-)
+try:
+    data = provision_data(host.data)
+    names = Names(appliance=data.appliance_name, ssh_key=data.ssh_key_name)
+    cloud = Cloud.from_environment(
+        poll_interval_s=data.hcloud_poll_interval_s,
+        rate_limit_wait_s=data.hcloud_rate_limit_wait_s,
+    )
+except (InventoryError, CloudError) as exc:
+    raise SystemExit(f"rebuild: {exc}") from None
 rebuild(
     cloud=cloud,
     names=names,

@@ -17,8 +17,8 @@ from pathlib import Path
 from pyinfra import host
 
 from deploys import checks
-from deploys.data import SECRET_NAMES, SECRETS_DIR, site_data, supplied_secrets
-from deploys.wheelhouse import project_wheel, release_id
+from deploys.data import SECRET_NAMES, SECRETS_DIR, InventoryError, site_data, supplied_secrets
+from deploys.wheelhouse import WheelhouseError, project_wheel, release_id
 from roles.appliance import appliance
 from roles.base import base, keep_secrets
 from roles.firewall import firewall
@@ -32,8 +32,12 @@ from roles.volume import volume
 
 REPO = Path(__file__).resolve().parent.parent
 
-site = site_data(host.data)
-supplied = supplied_secrets()
+try:
+    site = site_data(host.data)
+    supplied = supplied_secrets()
+    wheel = project_wheel(REPO / site.wheelhouse)  # an absolute wheelhouse path stays as it is
+except (InventoryError, WheelhouseError) as exc:
+    raise SystemExit(f"{host.name}: {exc}") from None
 
 
 def _secret(name: str, generate: bool = True) -> str | None:
@@ -51,8 +55,6 @@ kept_secrets = dict(secret)
 if alert_credential:
     kept_secrets["alert_credential"] = alert_credential
 
-wheelhouse = REPO / site.wheelhouse  # an absolute wheelhouse path stays as it is
-wheel = project_wheel(wheelhouse)
 # Caddy serves these names; localhost lets `appliance doctor` on the host go through Caddy too.
 site_names = list(dict.fromkeys([site.domain or host.name, *site.site_addresses, "localhost"]))
 public_url = f"https://{site_names[0]}"
@@ -77,7 +79,7 @@ redis(
     mount_point=site.volume_mount,
 )
 appliance(
-    wheelhouse=str(wheelhouse),
+    wheelhouse=str(wheel.parent),
     project_wheel=wheel.name,
     release=release_id(wheel),
     environment=site.appliance_environment(),

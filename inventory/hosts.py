@@ -21,13 +21,18 @@ def _hosts(spec: str) -> list[tuple[str, dict[str, object]]]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         match = _HOST.match(item)
         if match is None:
-            raise ValueError(f"APPLIANCE_HOSTS: {item!r} is not [user@]host[:port]")
+            raise SystemExit(
+                f"inventory/hosts.py: APPLIANCE_HOSTS: {item!r} is not [user@]host[:port]"
+            )
         data: dict[str, object] = {"ssh_user": match["user"] or "root"}
         if match["port"]:
             data["ssh_port"] = int(match["port"])
         out.append((match["host"], data))
     if not out:
-        raise ValueError("APPLIANCE_HOSTS is empty: name the host(s) to deploy, e.g. 203.0.113.10")
+        raise SystemExit(
+            "inventory/hosts.py: APPLIANCE_HOSTS is empty: name the host(s) to deploy, "
+            "e.g. make deploy HOSTS=203.0.113.10"
+        )
     return out
 
 

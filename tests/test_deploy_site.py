@@ -391,3 +391,45 @@ def test_every_package_the_site_installs_is_declared_by_its_role(
             words = command.split(" install ", 1)[1].split()
             installed.update(w for w in words if not w.startswith("-"))
     assert installed - {"grafana"} == set(debian_packages())
+
+
+def test_rollback_steps_back_one_release_at_a_time(tmp_path: Path) -> None:
+    """The rendered appliance-rollback script, run for real on a release tree made here (with a
+    stand-in systemctl that records what it was asked)."""
+    import os
+    import subprocess
+
+    import jinja2
+
+    releases, current = tmp_path / "releases", tmp_path / "current"
+    for age, name in enumerate(["new", "old", "older"]):
+        (releases / name).mkdir(parents=True)
+        stamp = releases / name / ".installed"
+        stamp.touch()
+        os.utime(stamp, (1_000_000 - age * 100, 1_000_000 - age * 100))
+    current.symlink_to(releases / "new")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    template = (REPO / "roles" / "appliance" / "rollback.sh.j2").read_text()
+    script = tmp_path / "appliance-rollback"
+    script.write_text(
+        jinja2.Template(template).render(
+            releases=str(releases), current=str(current), units=["appliance-api"]
+        )
+    )
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert current.resolve() == releases / "old"
+    assert calls.read_text() == "restart appliance-api\n"
+    assert "rolled back from new to old" in done.stdout
+    again = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True)
+    assert "rolled back from old to older" in again.stdout
+    assert current.resolve() == releases / "older"
+    last = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True)
+    assert last.returncode == 1
+    assert "no release older than older" in last.stderr
+    assert current.resolve() == releases / "older"
