@@ -659,7 +659,8 @@ class BootedHost:
             raise HarnessError("reboot() of a host that is not running")
         started = time.monotonic()
         # The SSH session may be cut while systemd goes down; the exit code of nspawn tells.
-        self.ssh("systemctl reboot", check=False, timeout=30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.ssh("systemctl reboot", check=False, timeout=30)
         try:
             code = self._proc.wait(timeout)
         except subprocess.TimeoutExpired as exc:
