@@ -382,6 +382,7 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
             assert sample("appliance_batch_failures_total", cause="disk_full") > before
             ready, details = await batcher.ready()
             assert not ready and details["failing"] == "disk_full"
+            assert sample("appliance_batch_failing") == 1
             # Nothing acknowledged, nothing visible, no temporary file left behind.
             assert (await asyncio.to_thread(group_state, settings))[0] == 30
             assert not list(Path(settings.data_dir).rglob("*.parquet"))
@@ -399,6 +400,7 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
 
     asyncio.run(scenario())
     assert group_state(settings) == (0, 0)
+    assert sample("appliance_batch_failing") == 0
     assert_stored_equals(settings.data_dir, truth_of(frames))
 
 
