@@ -155,6 +155,7 @@ def test_a_crashed_session_is_cleaned_up_by_the_next_one() -> None:
         check=False,
         cwd=Path(__file__).parents[2],
     )
+    assert proc.stdout.strip(), f"the crashing session did not boot:\n{proc.stderr[-3000:]}"
     left = json.loads(proc.stdout.strip().splitlines()[-1])
     netns = Path(f"/run/netns/bsat-{left['slot']}")
     assert Path(f"/proc/{left['pid']}").exists()  # the container outlived its session
