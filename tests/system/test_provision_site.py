@@ -21,6 +21,7 @@ from tests.system.test_site import (
     EVENTS,
     assert_search_finds_posts,
     run_deploy,
+    session_wheelhouse,
     write_group_data,
 )
 from tests.test_provision import base_settings, pyinfra
@@ -76,7 +77,14 @@ def test_provision_then_site_deploy_then_a_search_through_caddy(
         f"{fresh_host.volume_device}" in provisioned.hetzner_lines()
     )
 
-    group_data = write_group_data(tmp_path / "site", fresh_host, replay, volume_device=None)
+    (tmp_path / "wheelhouse").mkdir()
+    group_data = write_group_data(
+        tmp_path / "site",
+        fresh_host,
+        replay,
+        wheelhouse=session_wheelhouse(tmp_path / "wheelhouse"),
+        volume_device=None,
+    )
     deploy = run_deploy(
         fresh_host,
         group_data,

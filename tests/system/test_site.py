@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -85,16 +86,22 @@ def inventory(
         tmp_path_factory.mktemp("group_data"),
         debian_host,
         replay,
+        wheelhouse=session_wheelhouse(tmp_path_factory.mktemp("wheelhouse")),
         volume_device=debian_host.volume_device,
     )
 
 
 def write_group_data(
-    directory: Path, host: BootedHost, replay: ServerHandle, *, volume_device: str | None
+    directory: Path,
+    host: BootedHost,
+    replay: ServerHandle,
+    *,
+    wheelhouse: Path,
+    volume_device: str | None,
 ) -> Path:
     """Write the test's all.py into `directory`: the booted host's admin address and replay
-    server, no Grafana, small memory; volume_device None leaves it to the inventory."""
-    wheelhouse = build(cache_dir() / "wheelhouse")
+    server, the project wheel `wheelhouse`, no Grafana, small memory; volume_device None leaves
+    it to the inventory."""
     directory.mkdir(parents=True, exist_ok=True)
     values: dict[str, object] = {
         "admin_ssh_addresses": [host.gateway],
@@ -114,6 +121,23 @@ def write_group_data(
         "".join(f"{name} = {value!r}\n" for name, value in values.items())
     )
     return directory
+
+
+def session_wheelhouse(directory: Path) -> Path:
+    """This checkout's wheelhouse in a directory of this session's own (concurrent sessions of
+    other checkouts must not swap the project wheel between two deploys), with the dependency
+    wheels taken from, and added to, a cache shared between sessions."""
+    cache = cache_dir() / "wheels"
+    cache.mkdir(parents=True, exist_ok=True)
+    for wheel in cache.glob("*.whl"):
+        shutil.copy2(wheel, directory / wheel.name)
+    project = build(directory)
+    for wheel in directory.glob("*.whl"):
+        if wheel != project and not (cache / wheel.name).exists():
+            partial = cache / f".{wheel.name}.part"
+            shutil.copy2(wheel, partial)
+            partial.rename(cache / wheel.name)
+    return project
 
 
 def run_deploy(
