@@ -55,7 +55,11 @@ def start_server(settings: Settings, tmp_path: Path, workers: int) -> Server:
     cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port),
            "--workers", str(workers), "--data-dir", settings.data_dir]  # fmt: skip
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Its own session: Sanic answers a second SIGTERM by killing its whole process group,
+        # which would otherwise be pytest's (seen twice in full runs on a loaded machine).
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -139,7 +139,10 @@ def override_copy(dest: Path, ports: dict[str, int]) -> Path:
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Own session: Sanic kills its process group on a second signal; never pytest's.
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 @pytest.fixture
