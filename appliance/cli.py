@@ -35,6 +35,7 @@ SERVICES = {
     "batch": ("appliance.batch", "Redis Stream buffer -> date-partitioned Parquet"),
     "compact": ("appliance.compact", "Merge a day's small Parquet files into large sorted ones"),
     "serve": ("appliance.api", "The REST API over DuckDB"),
+    "doctor": ("appliance.doctor", "Check an installed appliance end to end; name what fails"),
 }
 
 
