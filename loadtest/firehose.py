@@ -36,7 +36,7 @@ from typing import IO, Any, NamedTuple
 import msgspec
 
 from appliance import events as ev
-from appliance.storage import day_of, table_for
+from appliance.store.layout import day_of, table_for
 
 DAY_US = 86_400_000_000
 DEFAULT_START_US = 1_782_864_000_000_000  # 2026-07-01T00:00:00Z

@@ -207,7 +207,7 @@ class ParquetData:
     """Rows we choose, written as live Parquet files the way the batcher does it.
 
     `post()`, `delete()` and `identity()` queue rows; `flush()` writes each table's rows of a day
-    to one new file with `storage.write_atomic` and registers the files in one manifest update.
+    to one new file with `write_atomic` and registers the files in one manifest update.
     Every test therefore knows exactly which rows exist and what a query must return.
     """
 
@@ -291,25 +291,27 @@ class ParquetData:
         """Write the queued rows (one file per table and day) and publish them in the manifest."""
         import pyarrow as pa
 
-        from appliance import storage
+        from appliance.store import layout
+        from appliance.store.manifest import update_manifest
+        from appliance.store.writer import write_atomic
 
         self.flushes += 1
         written: dict[str, list[str]] = {}
         for table, rows in self.pending.items():
             by_day: dict[str, list[dict[str, Any]]] = {}
             for row in rows:
-                by_day.setdefault(storage.day_of(row["time_us"]), []).append(row)
+                by_day.setdefault(layout.day_of(row["time_us"]), []).append(row)
             for day, day_rows in by_day.items():
                 day_rows.sort(key=lambda r: r["time_us"])
-                arrow = pa.Table.from_pylist(day_rows, schema=storage.SCHEMAS[table])
-                path = storage.write_atomic(
+                arrow = pa.Table.from_pylist(day_rows, schema=layout.SCHEMAS[table])
+                path = write_atomic(
                     arrow,
-                    storage.partition_dir(self.data_dir, table, day),
+                    layout.partition_dir(self.data_dir, table, day),
                     f"test-{self.flushes:04d}",
                 )
                 written.setdefault(table, []).append(str(path.relative_to(self.data_dir)))
         self.pending = {}
-        with storage.update_manifest(self.data_dir) as manifest:
+        with update_manifest(self.data_dir) as manifest:
             for table, paths in written.items():
                 manifest.files.setdefault(table, []).extend(paths)
             manifest.last_batch = {"time": time.time(), "events": sum(map(len, written.values()))}

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from sanic_testing.reusable import ReusableClient
 
-from appliance.api import create_app
+from appliance.api.app import create_app
 from appliance.config import Settings
-from appliance.query import QueryEngine, QueryTimeout
+from appliance.query.engine import QueryEngine, QueryTimeout
 from tests.conftest import T0_US, ParquetData, free_port, make_settings
 
 SEC = 1_000_000

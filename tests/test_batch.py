@@ -20,9 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from appliance import batch as batch_mod
-from appliance import buffer, metrics, storage
+from appliance import buffer, metrics
+from appliance.batch import batcher as batch_mod
 from appliance.config import Settings
+from appliance.store import layout
+from appliance.store.manifest import read_manifest
 from loadtest.firehose import FirehoseConfig, GroundTruth, KeyDigest, generate
 from tests.conftest import RedisProcess, make_settings
 
@@ -54,7 +56,7 @@ def truth_of(frames: Sequence[bytes]) -> GroundTruth:
 
 
 def live_files(data_dir: str | Path, table: str | None = None) -> list[Path]:
-    m = storage.read_manifest(data_dir)
+    m = read_manifest(data_dir)
     tables = [table] if table else list(m.files)
     return [Path(data_dir) / p for t in tables for p in m.files.get(t, [])]
 
@@ -64,7 +66,7 @@ def natural_keys(table: str, rows: dict[str, list[Any]]) -> list[tuple[str, ...]
     if table in ("identities", "accounts"):
         kind = "identity" if table == "identities" else "account"
         return [(d, kind, str(s), "") for d, s in zip(rows["did"], rows["seq"], strict=True)]
-    collections = rows.get("collection") or [storage.TABLE_COLLECTION[table]] * len(rows["did"])
+    collections = rows.get("collection") or [layout.TABLE_COLLECTION[table]] * len(rows["did"])
     return list(zip(rows["did"], collections, rows["rkey"], rows["rev"], strict=True))
 
 
@@ -74,13 +76,13 @@ def stored_digests(data_dir: str | Path) -> dict[str, dict[str, KeyDigest]]:
     Also checks that every row sits in the partition of its time_us and no key is stored twice.
     """
     out: dict[str, dict[str, KeyDigest]] = {}
-    for table in storage.TABLES:
+    for table in layout.TABLES:
         seen: set[tuple[str, ...]] = set()
         for path in live_files(data_dir, table):
             day = path.parent.name.removeprefix("date=")
-            columns = [*storage.KEY_COLUMNS[table], "time_us"]
+            columns = [*layout.KEY_COLUMNS[table], "time_us"]
             rows = pq.read_table(path, columns=columns).to_pydict()
-            assert {storage.day_of(t) for t in rows["time_us"]} <= {day}, path
+            assert {layout.day_of(t) for t in rows["time_us"]} <= {day}, path
             digest = out.setdefault(table, {}).setdefault(day, KeyDigest())
             for key in natural_keys(table, rows):
                 assert key not in seen, f"{table} {key} stored twice"
@@ -150,8 +152,8 @@ def sample(name: str, **labels: str) -> float:
 
 
 # The uri is derived (not stored); a post's delete row has the same derived uri.
-_POSTS = f"(SELECT {storage.uri_sql('posts')} AS uri, rev FROM read_parquet($posts))"
-_DELETES = f"(SELECT {storage.uri_sql('deletes')} AS uri, rev FROM read_parquet($deletes))"
+_POSTS = f"(SELECT {layout.uri_sql('posts')} AS uri, rev FROM read_parquet($posts))"
+_DELETES = f"(SELECT {layout.uri_sql('deletes')} AS uri, rev FROM read_parquet($deletes))"
 VISIBLE_POSTS = f"""
     SELECT p.uri FROM {_POSTS} p
     WHERE p.rev = (SELECT max(p2.rev) FROM {_POSTS} p2 WHERE p2.uri = p.uri)
@@ -167,7 +169,7 @@ def visible_posts(data_dir: str | Path) -> set[str]:
         return {
             r[0]
             for r in duckdb.sql(
-                f"SELECT {storage.uri_sql('posts')} FROM read_parquet($p)", params={"p": posts}
+                f"SELECT {layout.uri_sql('posts')} FROM read_parquet($p)", params={"p": posts}
             ).fetchall()
         }
     rows = duckdb.sql(VISIBLE_POSTS, params={"posts": posts, "deletes": deletes}).fetchall()
@@ -210,7 +212,7 @@ def test_generated_events_land_exactly_once_in_their_day_partitions(
 
     assert_stored_equals(settings.data_dir, truth)
     assert {len(days) for days in truth.tables.values()} == {2}
-    m = storage.read_manifest(settings.data_dir)
+    m = read_manifest(settings.data_dir)
     assert m.version >= 4  # one update per batch
     assert m.last_batch["rows"] and m.last_batch["stream"][0] <= m.last_batch["stream"][1]
     # Every live file is named by its batch's stream range and opens; nothing else is on disk.
@@ -386,7 +388,7 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
             assert (await asyncio.to_thread(group_state, settings))[0] == 30
             assert not list(Path(settings.data_dir).rglob("*.parquet"))
             assert not list(Path(settings.data_dir).rglob("*.tmp"))
-            assert not storage.read_manifest(settings.data_dir).files
+            assert not read_manifest(settings.data_dir).files
             filler.unlink()  # space is back: the retry succeeds
             for _ in range(100):
                 await asyncio.sleep(0.1)

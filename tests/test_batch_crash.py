@@ -2,7 +2,7 @@
 nothing is stored twice, and every *.parquet file opens.
 
 The kill is deterministic: APPLIANCE_BATCH_CRASH_AT names the point where the batcher sends
-itself SIGKILL (appliance/batch.py CRASH_POINTS).
+itself SIGKILL (appliance/store/crash.py CRASH_POINTS).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from appliance import storage
 from appliance.config import Settings, to_environ
+from appliance.store.manifest import read_manifest
 from loadtest.firehose import FirehoseConfig, generate
 from tests.conftest import REPO_ROOT, RedisProcess, make_settings, stop_process
 from tests.test_batch import (
@@ -140,7 +140,7 @@ def test_the_service_serves_probes_and_exits_cleanly_on_sigterm(
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     written = [line for line in lines if line["msg"] == "batch written"]
     assert written and written[-1]["rows"]["posts"] >= 0
-    assert storage.read_manifest(settings.data_dir).last_batch["events"] > 0
+    assert read_manifest(settings.data_dir).last_batch["events"] > 0
 
 
 def processes_with_env(marker: str) -> list[int]:

@@ -8,8 +8,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from appliance import events, storage
-from appliance.tables import TableBuilder, parse_time_us, timestamps
+from appliance import events
+from appliance.batch.tables import TableBuilder, parse_time_us, timestamps
+from appliance.store import layout
 
 DID = "did:plc:" + "a" * 24
 OTHER = "did:plc:" + "b" * 24
@@ -111,7 +112,7 @@ def test_cids_are_stored_only_when_asked_and_never_change_the_schema() -> None:
         _, tables = build(*frames, store_cids=store_cids)
         want = CID if store_cids else None
         for name in ("posts", "likes"):
-            assert tables[name].schema == storage.SCHEMAS[name]
+            assert tables[name].schema == layout.SCHEMAS[name]
         assert tables["posts"].to_pylist()[0]["cid"] == want
         row = tables["likes"].to_pylist()[0]
         assert (row["cid"], row["subject_cid"]) == (want, want)
@@ -228,9 +229,9 @@ def test_every_table_uses_its_storage_schema() -> None:
         json.dumps(identity).encode(),
         json.dumps(account).encode(),
     )
-    assert set(tables) == set(storage.TABLES)
+    assert set(tables) == set(layout.TABLES)
     for name, table in tables.items():
-        assert table.schema == storage.SCHEMAS[name], name
+        assert table.schema == layout.SCHEMAS[name], name
         assert table.num_rows == 1, name
     assert tables["likes"].to_pylist()[0]["subject_uri"] == "at://s/app.bsky.feed.post/1"
     assert tables["follows"].to_pylist()[0]["subject"] == OTHER
@@ -238,7 +239,7 @@ def test_every_table_uses_its_storage_schema() -> None:
     assert records["collection"] == "fm.teal.alpha.actor.status"
     assert json.loads(records["record"]) == {"name": "x"}
     deletes = tables["deletes"].to_pylist()[0]
-    deleted_uri = storage.uri_array("deletes", tables["deletes"]).to_pylist()
+    deleted_uri = layout.uri_array("deletes", tables["deletes"]).to_pylist()
     assert deleted_uri == [f"at://{DID}/app.bsky.feed.like/3mptbyoeyc22k"]
     assert deletes["collection"] == "app.bsky.feed.like"
     assert tables["identities"].to_pylist()[0]["handle"] == "a.b"
@@ -278,7 +279,7 @@ def test_rows_convert_in_chunks_without_changing_the_result() -> None:
 
 
 def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
-    from appliance.tables import decode_frames, decode_joined
+    from appliance.batch.tables import decode_frames, decode_joined
 
     good = [commit({"text": str(i)}, rkey=f"3aaaaaaaaa{i:03d}") for i in range(3)]
     bad_did = commit({"text": "x"}, did="did:plc:short")  # schema-valid, fails validation
@@ -297,7 +298,7 @@ def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
 
 
 def test_an_event_the_schema_cannot_hold_is_rejected_not_stored() -> None:
-    from appliance.tables import decode_frames, decode_joined
+    from appliance.batch.tables import decode_frames, decode_joined
 
     def identity(seq: int) -> bytes:
         body = {"did": DID, "seq": seq, "time": "2026-07-04T14:38:07Z"}

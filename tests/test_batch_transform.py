@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance import batch as batch_mod
-from appliance import buffer, events, storage
-from appliance.tables import check_storable, columns_valid
+from appliance import buffer, events
+from appliance.batch import batcher as batch_mod
+from appliance.batch.tables import check_storable, columns_valid
+from appliance.store import layout
 from loadtest.firehose import FirehoseConfig, generate
 from tests.test_batch_tables import DID, T0, commit
 
@@ -92,7 +93,7 @@ def entries_of(frames: list[bytes], per_entry: int) -> list[tuple[str, dict[byte
 
 
 def rows_by_key(batch: batch_mod.Batch) -> dict[str, set[str]]:
-    return {t: set(storage.key_array(t, data).to_pylist()) for t, data in batch.tables().items()}
+    return {t: set(layout.key_array(t, data).to_pylist()) for t, data in batch.tables().items()}
 
 
 @pytest.mark.parametrize("bad", BAD, ids=range(len(BAD)))

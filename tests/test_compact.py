@@ -15,9 +15,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from appliance import compact, storage
 from appliance.cli import main as cli_main
 from appliance.config import Settings, to_environ
+from appliance.store import compact, layout
+from appliance.store.manifest import read_manifest, update_manifest
 from loadtest.firehose import FirehoseConfig, generate
 from tests.conftest import REPO_ROOT, RedisProcess, make_settings
 from tests.test_batch import (
@@ -39,13 +40,13 @@ def visible_keys(data_dir: str | Path, table: str) -> set[tuple[str, str]]:
     files = [str(p) for p in live_files(data_dir, table)]
     deletes = [str(p) for p in live_files(data_dir, "deletes")]
     sql = f"""
-        SELECT uri, rev FROM (SELECT {storage.uri_sql(table)} AS uri, rev FROM read_parquet($files))
+        SELECT uri, rev FROM (SELECT {layout.uri_sql(table)} AS uri, rev FROM read_parquet($files))
         QUALIFY rev = max(rev) OVER (PARTITION BY uri)
     """
     rows = set(duckdb.sql(sql, params={"files": files}).fetchall())
     if deletes:
         dels = duckdb.sql(
-            f"SELECT {storage.uri_sql('deletes')} AS uri, max(rev) FROM read_parquet($d) "
+            f"SELECT {layout.uri_sql('deletes')} AS uri, max(rev) FROM read_parquet($d) "
             "GROUP BY uri",
             params={"d": deletes},
         ).fetchall()
@@ -57,9 +58,9 @@ def visible_keys(data_dir: str | Path, table: str) -> set[tuple[str, str]]:
 def all_keys(data_dir: str | Path, table: str) -> list[tuple[str, str]]:
     """(uri, rev) of every stored row of a commit table ((did, seq) of identities, accounts)."""
     files = [str(p) for p in live_files(data_dir, table)]
-    columns = ", ".join(storage.KEY_COLUMNS[table])
-    if table in (*storage.COMMIT_TABLES, "deletes"):
-        columns = f"{storage.uri_sql(table)}, rev"
+    columns = ", ".join(layout.KEY_COLUMNS[table])
+    if table in (*layout.COMMIT_TABLES, "deletes"):
+        columns = f"{layout.uri_sql(table)}, rev"
     return duckdb.sql(f"SELECT {columns} FROM read_parquet($f)", params={"f": files}).fetchall()
 
 
@@ -96,8 +97,8 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
 
     assert cli_main(["compact", "--day", DAY, "--data-dir", data]) == 0
 
-    m = storage.read_manifest(data)
-    for table in storage.TABLES:
+    m = read_manifest(data)
+    for table in layout.TABLES:
         files = m.table_files(table, [DAY])
         assert len(files) == 1 and Path(files[0]).name.startswith(compact.PREFIX), table
     for table, keys in expected.items():
@@ -111,7 +112,7 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
     posts = live_files(data, "posts")[0]
     times = pq.read_table(posts, columns=["time_us"])["time_us"].to_pylist()
     assert times == sorted(times)
-    did = storage.SCHEMAS["posts"].get_field_index("did")
+    did = layout.SCHEMAS["posts"].get_field_index("did")
     encodings = pq.ParquetFile(posts).metadata.row_group(0).column(did).encodings
     assert "RLE_DICTIONARY" in encodings or "PLAIN_DICTIONARY" in encodings
     # The replaced files stay for queries still reading them, then go.
@@ -123,11 +124,11 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
         before_files
     )
     assert not any(p.exists() for p in before_files)
-    assert not storage.read_manifest(data).retired
+    assert not read_manifest(data).retired
     # Nothing left to do: a second run changes nothing.
-    version = storage.read_manifest(data).version
+    version = read_manifest(data).version
     assert compact.compact_partition(batched, "posts", DAY) is None
-    assert storage.read_manifest(data).version == version
+    assert read_manifest(data).version == version
 
 
 def test_queries_during_a_compaction_see_every_visible_post_exactly_once(
@@ -195,12 +196,12 @@ def run_compact(settings: Settings, crash_at: str = "") -> subprocess.CompletedP
 def test_kill9_during_compaction_loses_nothing(point: str, batched: Settings) -> None:
     data = Path(batched.data_dir)
     expected = visible_keys(data, "likes")
-    inputs = storage.read_manifest(data).table_files("likes", [DAY])
+    inputs = read_manifest(data).table_files("likes", [DAY])
 
     crashed = run_compact(batched, crash_at=point)
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout.decode()[-2000:]
     assert_all_parquet_files_open(data)
-    after_crash = storage.read_manifest(data).table_files("likes", [DAY])
+    after_crash = read_manifest(data).table_files("likes", [DAY])
     if point == "compact_mid":
         assert after_crash == inputs  # not swapped: the old files are still the live ones
         assert list((data / "likes" / f"date={DAY}").glob(f"{compact.PREFIX}*.parquet"))
@@ -235,7 +236,7 @@ def test_the_batcher_compacts_a_day_once_it_is_closed(tmp_path: Path) -> None:
         drain(settings)  # one more cycle: compaction runs after the batch that closes the day
     finally:
         server.stop()
-    m = storage.read_manifest(settings.data_dir)
+    m = read_manifest(settings.data_dir)
     first = m.table_files("likes", [DAY])
     assert len(first) == 1 and Path(first[0]).name.startswith(compact.PREFIX)
     second = m.table_files("likes", ["2026-07-02"])
@@ -257,12 +258,12 @@ def test_compact_rejects_a_malformed_day(capsys: pytest.CaptureFixture[str]) -> 
 def test_a_retired_file_written_again_is_not_deleted(batched: Settings) -> None:
     """A batch redone under the name of a file compaction retired makes that file live again."""
     data = Path(batched.data_dir)
-    inputs = storage.read_manifest(data).table_files("blocks", [DAY])
+    inputs = read_manifest(data).table_files("blocks", [DAY])
     assert compact.compact_partition(batched, "blocks", DAY) is not None
-    retired = storage.read_manifest(data).retired[0][0]
-    with storage.update_manifest(data) as m:  # what write_batch does for a redone batch
+    retired = read_manifest(data).retired[0][0]
+    with update_manifest(data) as m:  # what write_batch does for a redone batch
         m.files["blocks"].append(retired)
     removed = compact.remove_expired(batched, now=time.time() + batched.compact_grace_s + 1)
     assert (data / retired).exists()
-    assert retired not in {p for p, _ in storage.read_manifest(data).retired}
+    assert retired not in {p for p, _ in read_manifest(data).retired}
     assert removed == len(inputs) - 1

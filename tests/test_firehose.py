@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from appliance import events as ev
-from appliance.storage import table_for
+from appliance.store.layout import table_for
 from loadtest import firehose as fh
 from loadtest.jetstream_server import read_items
 

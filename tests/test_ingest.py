@@ -31,9 +31,10 @@ from websockets.protocol import Protocol, Side, State
 from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
-from appliance import buffer, ingest
+from appliance import buffer
 from appliance.cli import build_parser
 from appliance.config import Settings, to_environ
+from appliance.ingest import ingester
 from tests.conftest import RedisProcess, free_port, make_settings, stop_process
 
 # --- helpers shared with the replay tests ----------------------------------------------------------
@@ -113,7 +114,7 @@ def test_subscribe_url_carries_subscription_and_fresh_cursor() -> None:
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx",),
     )
     base = "wss://js.example/subscribe?compress=false&cursor=1&wantedDids=did:plc:old"
-    url = ingest.subscribe_url(base, settings, 1_782_864_000_000_000)
+    url = ingester.subscribe_url(base, settings, 1_782_864_000_000_000)
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     assert (parts.scheme, parts.netloc, parts.path) == ("wss", "js.example", "/subscribe")
@@ -122,20 +123,20 @@ def test_subscribe_url_carries_subscription_and_fresh_cursor() -> None:
     assert query["cursor"] == ["1782864000000000"]  # replaced, not appended
     assert query["compress"] == ["false"]  # other parameters kept
     assert "maxMessageSizeBytes" not in query
-    assert "cursor" not in parse_qs(urlsplit(ingest.subscribe_url(base, settings, None)).query)
+    assert "cursor" not in parse_qs(urlsplit(ingester.subscribe_url(base, settings, None)).query)
 
 
 def test_display_url_drops_credentials_and_query() -> None:
-    shown = ingest.display_url("wss://user:secret@js.example:8443/subscribe?cursor=5&x=y")
+    shown = ingester.display_url("wss://user:secret@js.example:8443/subscribe?cursor=5&x=y")
     assert shown == "wss://js.example:8443/subscribe"
 
 
 def test_backoff_is_exponential_jittered_and_capped() -> None:
     for attempt in range(1, 40):
-        ceiling = min(1.0, ingest.BACKOFF_BASE_S * 2 ** (attempt - 1))
-        delays = [ingest.backoff_delay(attempt, cap_s=1.0) for _ in range(50)]
+        ceiling = min(1.0, ingester.BACKOFF_BASE_S * 2 ** (attempt - 1))
+        delays = [ingester.backoff_delay(attempt, cap_s=1.0) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
-    assert len({ingest.backoff_delay(3, cap_s=1.0) for _ in range(20)}) > 1  # jittered
+    assert len({ingester.backoff_delay(3, cap_s=1.0) for _ in range(20)}) > 1  # jittered
 
 
 @pytest.mark.parametrize(
@@ -148,8 +149,8 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
 )
 def test_subscription_is_validated(overrides: dict[str, object], message: str) -> None:
     settings = make_settings(Path("/nonexistent"), **overrides)
-    with pytest.raises(ingest.SubscriptionError, match=message):
-        ingest.validate_subscription(settings)
+    with pytest.raises(ingester.SubscriptionError, match=message):
+        ingester.validate_subscription(settings)
 
 
 def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
@@ -158,7 +159,7 @@ def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
         wanted_collections=("app.bsky.feed.post", "app.bsky.graph.*", "chat.bsky.*"),
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx", "did:web:example.com"),
     )
-    ingest.validate_subscription(settings)
+    ingester.validate_subscription(settings)
 
 
 @pytest.mark.parametrize("newline_in", [None, 0, 2])
@@ -173,10 +174,10 @@ def test_a_stream_entry_holds_its_frames_one_per_line(newline_in: int | None) ->
 
 
 def test_redis_errors_are_classified() -> None:
-    assert ingest.redis_error_cause(OutOfMemoryError("OOM command not allowed")) == "oom"
-    assert ingest.redis_error_cause(ReadOnlyError("READONLY replica")) == "readonly"
-    assert ingest.redis_error_cause(RedisConnectionError("refused")) == "connection"
-    assert ingest.redis_error_cause(ResponseError("WRONGTYPE")) == "other"
+    assert ingester.redis_error_cause(OutOfMemoryError("OOM command not allowed")) == "oom"
+    assert ingester.redis_error_cause(ReadOnlyError("READONLY replica")) == "readonly"
+    assert ingester.redis_error_cause(RedisConnectionError("refused")) == "connection"
+    assert ingester.redis_error_cause(ResponseError("WRONGTYPE")) == "other"
 
 
 def test_flags_override_urls_collections_and_dids() -> None:
@@ -292,7 +293,7 @@ def test_redis_down_at_start_opens_circuit_then_closes(
     assert settings.redis_password not in log
     # both URLs were tried (failover)
     for url in settings.jetstream_urls:
-        assert ingest.display_url(url) in log
+        assert ingester.display_url(url) in log
 
 
 def test_sigterm_while_the_handshake_hangs_exits_promptly(
@@ -386,11 +387,11 @@ def _client_frames(written: bytes) -> list[Frame]:
 
 def _open_frame_connection(
     max_size: int = 1 << 20,
-) -> tuple[ClientProtocol, ingest.FrameConnection, _Transport, bytes]:
+) -> tuple[ClientProtocol, ingester.FrameConnection, _Transport, bytes]:
     """A client FrameConnection on a fake transport, after its opening handshake request; also
     the server's 101 response to feed it."""
     protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=max_size)
-    conn = ingest.FrameConnection(protocol, ping_interval=None)
+    conn = ingester.FrameConnection(protocol, ping_interval=None)
     transport = _Transport()
     conn.connection_made(transport)
     request = protocol.connect()

@@ -11,7 +11,7 @@ import duckdb
 import pytest
 
 from appliance.config import Settings
-from appliance.query import (
+from appliance.query.engine import (
     Filters,
     InvalidQuery,
     Position,

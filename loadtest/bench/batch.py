@@ -31,7 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from appliance import events, storage
+from appliance import events
+from appliance.store import layout
+from appliance.store.manifest import read_manifest
+from appliance.store.writer import writer_options
 from loadtest.bench import free_port, median, peak_rss_mb
 
 FIVE_MINUTES_AT_10X_PER_DAY = 144_000_000  # 500k events per 5 minutes
@@ -88,10 +91,10 @@ def _child(
 
     The transform workers are started before the clock starts, as the batcher starts them once.
     """
-    from appliance import batch as batch_mod
+    from appliance.batch import batcher as batch_mod
+    from appliance.batch.tables import TableBuilder
     from appliance.buffer import pack
     from appliance.config import load_settings
-    from appliance.tables import TableBuilder
 
     overrides: dict[str, Any] = {"store_cids": store_cids}
     if workers is not None:
@@ -255,17 +258,17 @@ def _cid_binary(column: pa.ChunkedArray) -> pa.Array:
 
 def _encoded_size(table: pa.Table, level: int) -> int:
     buf = io.BytesIO()
-    pq.write_table(table, buf, **storage.writer_options(table.schema, level))
+    pq.write_table(table, buf, **writer_options(table.schema, level))
     return len(buf.getvalue())
 
 
 def _read_tables(data_dir: Path) -> dict[str, pa.Table]:
     tables = {}
-    for table in storage.TABLES:
+    for table in layout.TABLES:
         files = list((data_dir / table).glob("date=*/*.parquet"))
         if files:
             tables[table] = pa.concat_tables(
-                pq.read_table(f, schema=storage.SCHEMAS[table]) for f in files
+                pq.read_table(f, schema=layout.SCHEMAS[table]) for f in files
             )
     return tables
 
@@ -289,8 +292,8 @@ def _variants(data_dir: Path, cids_dir: Path, events_n: int) -> dict[str, float]
 
     def with_uri(name: str, t: pa.Table) -> pa.Table:
         # the layout before the uri was derived: at://did/collection/rkey as the first column
-        if name in (*storage.COMMIT_TABLES, "deletes"):
-            return t.add_column(0, "uri", storage.uri_array(name, t))
+        if name in (*layout.COMMIT_TABLES, "deletes"):
+            return t.add_column(0, "uri", layout.uri_array(name, t))
         return t
 
     def cid_binary(_: str, t: pa.Table) -> pa.Table:
@@ -332,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         now = events.now_us()
         for frame in frames:
             try:
-                table = storage.table_for(events.decode(frame, now=now))
+                table = layout.table_for(events.decode(frame, now=now))
             except events.Rejected:
                 continue
             raw_by_table[table] = raw_by_table.get(table, 0) + len(frame)
@@ -447,12 +450,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures["variants_bytes_per_event"] = _variants(data_dir, cids_dir, n)
 
         # Compaction of the same rows: sorted by time, zstd level 9.
-        from appliance import compact
         from appliance.config import load_settings
+        from appliance.store import compact
 
         settings = load_settings(environ={}, data_dir=str(data_dir), compact_grace_s=0)
         started = time.perf_counter()
-        manifest = storage.read_manifest(data_dir)
+        manifest = read_manifest(data_dir)
         partitions = sorted(
             {
                 (t, p.split("/")[1].removeprefix("date="))
@@ -465,7 +468,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             compact.compact_partition(settings, table, day)
         compact.remove_expired(settings)
         figures["compact_seconds"] = round(time.perf_counter() - started, 2)
-        compacted = storage.read_manifest(data_dir)
+        compacted = read_manifest(data_dir)
         sizes = {
             t: sum((data_dir / p).stat().st_size for p in paths)
             for t, paths in compacted.files.items()

@@ -35,7 +35,7 @@ import msgspec
 import redis
 
 from appliance.config import Settings, load_settings, to_environ
-from appliance.ingest import WS_MAX_QUEUE, event_loop_factory
+from appliance.ingest.ingester import WS_MAX_QUEUE, event_loop_factory
 from appliance.redis_server import start_redis
 from loadtest.bench import median, peak_rss_mb
 from loadtest.firehose import FirehoseConfig, time_at

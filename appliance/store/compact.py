@@ -53,9 +53,13 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from appliance import metrics, storage, textindex
+from appliance import metrics
 from appliance.config import Settings
 from appliance.logs import setup_logging
+from appliance.store import layout, textindex
+from appliance.store.crash import crash_point
+from appliance.store.manifest import Manifest, read_manifest, update_manifest
+from appliance.store.writer import AtomicParquetWriter
 
 log = logging.getLogger("appliance.compact")
 
@@ -68,14 +72,8 @@ ORPHAN_AGE_S = 3600.0  # a batch file or temp file this old and not live is left
 _LOCK = ".compact.lock"
 DAY_US = 86_400_000_000
 
-TABLE_COLLECTION = storage.TABLE_COLLECTION
-COMMIT_TABLES = storage.COMMIT_TABLES
-
-
-def crash_point(settings: Settings, name: str) -> None:
-    from appliance.batch import crash_point as _crash
-
-    _crash(settings, name)
+TABLE_COLLECTION = layout.TABLE_COLLECTION
+COMMIT_TABLES = layout.COMMIT_TABLES
 
 
 @dataclass
@@ -115,9 +113,9 @@ def needs_compaction(paths: list[str]) -> bool:
 def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[str, Any]]:
     """SQL (and its parameters) selecting the compacted rows of a partition's files."""
     params: dict[str, Any] = {"files": files}
-    columns = ", ".join(storage.SCHEMAS[table].names)
+    columns = ", ".join(layout.SCHEMAS[table].names)
     source = f"(SELECT {columns} FROM read_parquet($files, hive_partitioning = false))"
-    key = ", ".join(storage.KEY_COLUMNS[table])
+    key = ", ".join(layout.KEY_COLUMNS[table])
     if table not in COMMIT_TABLES:
         sql = (
             f"SELECT * FROM {source} "
@@ -126,7 +124,7 @@ def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[
         )
         return sql, params
     # A record is (did, rkey) in a typed table, (did, collection, rkey) in records.
-    record = storage.RECORD_COLUMNS[table]
+    record = layout.RECORD_COLUMNS[table]
     latest = (
         f"SELECT * FROM {source} "
         f"QUALIFY row_number() OVER (PARTITION BY {', '.join(record)} "
@@ -136,7 +134,7 @@ def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[
         return f"{latest} ORDER BY time_us, {key}", params
     params["deletes"] = deletes
     if table == "records":
-        params["typed"] = list(storage.COLLECTION_TABLES)
+        params["typed"] = list(layout.COLLECTION_TABLES)
         only = "NOT list_contains($typed, collection)"
     else:
         params["collection"] = TABLE_COLLECTION[table]
@@ -164,7 +162,7 @@ def _connect(settings: Settings) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _sweep_orphans(data_dir: Path, directory: Path, manifest: storage.Manifest) -> int:
+def _sweep_orphans(data_dir: Path, directory: Path, manifest: Manifest) -> int:
     """Delete files in a partition that no manifest refers to and no writer is still writing."""
     if not directory.is_dir():
         return 0
@@ -225,12 +223,12 @@ def compact_partition(
     """Compact one (table, day); None if there is nothing to do."""
     data_dir = Path(settings.data_dir)
     with compaction_lock(data_dir):
-        manifest = storage.read_manifest(data_dir)
+        manifest = read_manifest(data_dir)
         inputs = manifest.table_files(table, [day])
         if not inputs or not (force or needs_compaction(inputs)):
             return None
         started = time.monotonic()
-        directory = storage.partition_dir(data_dir, table, day)
+        directory = layout.partition_dir(data_dir, table, day)
         _sweep_orphans(data_dir, directory, manifest)
         digest = hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:16]
         deletes: list[str] = []
@@ -243,7 +241,7 @@ def compact_partition(
             ]
         files = [str(data_dir / p) for p in inputs]
         rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        schema = storage.SCHEMAS[table]
+        schema = layout.SCHEMAS[table]
         group_rows = POSTS_ROW_GROUP_ROWS if table == "posts" else ROW_GROUP_ROWS
         outputs: list[Path] = []
         rows_out = 0
@@ -251,7 +249,7 @@ def compact_partition(
         try:
             sql, params = _query(table, files, deletes)
             reader = con.sql(sql, params=params).to_arrow_reader(65_536)
-            writer: storage.AtomicParquetWriter | None = None
+            writer: AtomicParquetWriter | None = None
             pending: list[pa.RecordBatch] = []
             pending_rows = 0
 
@@ -260,7 +258,7 @@ def compact_partition(
                 if not pending:
                     return
                 if writer is None:
-                    writer = storage.AtomicParquetWriter(
+                    writer = AtomicParquetWriter(
                         directory,
                         f"{PREFIX}{digest}-{len(outputs):03d}",
                         schema,
@@ -303,7 +301,7 @@ def compact_partition(
             con.close()
         new = [p.relative_to(data_dir).as_posix() for p in outputs]
         now = time.time()
-        with storage.update_manifest(data_dir) as m:
+        with update_manifest(data_dir) as m:
             live = [p for p in m.files.get(table, []) if p not in inputs]
             m.files[table] = live + new
             m.retired.extend((p, now) for p in inputs if p not in new)
@@ -331,11 +329,11 @@ def compact_partition(
 def remove_expired(settings: Settings, now: float | None = None) -> int:
     """Delete retired files older than compact_grace_s; return how many were deleted."""
     data_dir = Path(settings.data_dir)
-    if not storage.read_manifest(data_dir).retired:
+    if not read_manifest(data_dir).retired:
         return 0
     now = time.time() if now is None else now
     removed = 0
-    with storage.update_manifest(data_dir) as m:
+    with update_manifest(data_dir) as m:
         live = {p for paths in m.files.values() for p in paths}
         keep = []
         for path, retired_at in m.retired:
@@ -353,10 +351,10 @@ def remove_expired(settings: Settings, now: float | None = None) -> int:
     return removed
 
 
-def closed_partitions(manifest: storage.Manifest, cutoff_us: int) -> list[tuple[str, str]]:
+def closed_partitions(manifest: Manifest, cutoff_us: int) -> list[tuple[str, str]]:
     """(table, day) of days ending at or before cutoff_us that still hold batch files."""
     out = []
-    for table in storage.TABLES:
+    for table in layout.TABLES:
         days = sorted({_day_of_path(p) for p in manifest.table_files(table)})
         for day in days:
             if day_end_us(day) <= cutoff_us and needs_compaction(
@@ -371,7 +369,7 @@ def compact_closed(settings: Settings, cutoff_us: int) -> list[Compacted]:
 
     `deletes` partitions go first, so the deletes of a day are compact when its posts are.
     """
-    manifest = storage.read_manifest(settings.data_dir)
+    manifest = read_manifest(settings.data_dir)
     todo = closed_partitions(manifest, cutoff_us)
     todo.sort(key=lambda td: (td[1], td[0] != "deletes"))
     done = [r for t, d in todo if (r := compact_partition(settings, t, d)) is not None]
@@ -381,7 +379,7 @@ def compact_closed(settings: Settings, cutoff_us: int) -> list[Compacted]:
 
 def default_cutoff(settings: Settings) -> int:
     """Event-time cutoff: the newest stored time_us (else now) minus compact_after_s."""
-    newest = storage.read_manifest(settings.data_dir).last_batch.get("max_time_us")
+    newest = read_manifest(settings.data_dir).last_batch.get("max_time_us")
     now_us = time.time_ns() // 1000
     reference = min(int(newest), now_us) if newest else now_us
     return reference - int(settings.compact_after_s * 1_000_000)
@@ -407,7 +405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--day", type=_day_arg, help="compact this day (YYYY-MM-DD); default: every closed day"
     )
     parser.add_argument(
-        "--table", choices=storage.TABLES, help="compact only this table; default: all"
+        "--table", choices=layout.TABLES, help="compact only this table; default: all"
     )
     parser.add_argument(
         "--force",
@@ -421,7 +419,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
-    tables = [args.table] if args.table else list(storage.TABLES)
+    tables = [args.table] if args.table else list(layout.TABLES)
     tables.sort(key=lambda t: t != "deletes")
     results: list[Any] = []
     if args.day:
@@ -431,7 +429,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 results.append(r)
         remove_expired(settings)
     else:
-        manifest = storage.read_manifest(settings.data_dir)
+        manifest = read_manifest(settings.data_dir)
         cutoff = default_cutoff(settings)
         for table in tables:
             days = sorted({_day_of_path(p) for p in manifest.table_files(table)})

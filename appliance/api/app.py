@@ -44,7 +44,7 @@ from sanic.exceptions import SanicException
 from sanic.worker.loader import AppLoader
 
 from appliance import metrics
-from appliance.api_models import (
+from appliance.api.models import (
     ErrorResponse,
     ExportParams,
     HealthResponse,
@@ -58,7 +58,7 @@ from appliance.api_models import (
 )
 from appliance.config import Settings
 from appliance.logs import setup_logging
-from appliance.query import InvalidQuery, Post, QueryEngine, QueryError, QueryTimeout
+from appliance.query.engine import InvalidQuery, Post, QueryEngine, QueryError, QueryTimeout
 
 log = logging.getLogger("appliance.api")
 access_log = logging.getLogger("appliance.api.access")

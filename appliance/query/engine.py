@@ -47,8 +47,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from appliance import metrics, storage, textindex
+from appliance import metrics
 from appliance.config import Settings
+from appliance.store import layout, textindex
+from appliance.store.manifest import MANIFEST, Manifest, read_manifest
 
 log = logging.getLogger("appliance.query")
 T = TypeVar("T")
@@ -240,7 +242,7 @@ class Segment:
 class Snapshot:
     """The live files of one manifest version, grouped by table and day."""
 
-    manifest: storage.Manifest
+    manifest: Manifest
     days: dict[str, dict[str, list[str]]]  # table -> day -> absolute paths
 
     @property
@@ -261,9 +263,9 @@ class Snapshot:
 
 # --- SQL ---------------------------------------------------------------------------------------
 
-# The uri is not stored: it is derived from did and rkey (`storage.uri_sql`), everywhere the
+# The uri is not stored: it is derived from did and rkey (`layout.uri_sql`), everywhere the
 # same way, so the keyset order, cursors and the visibility index's hash(uri) agree.
-_POST_URI = storage.uri_sql("posts")
+_POST_URI = layout.uri_sql("posts")
 # Candidate rows are tuples in this column order; the visibility index keys on hash(uri).
 _COLUMNS = (
     f"{_POST_URI} AS uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, "
@@ -455,7 +457,7 @@ class QueryEngine:
 
     def snapshot(self) -> Snapshot:
         """The live files, re-reading the manifest only when its inode, mtime or size changed."""
-        path = self.data_dir / storage.MANIFEST
+        path = self.data_dir / MANIFEST
         try:
             st = path.stat()
             stat_key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -463,7 +465,7 @@ class QueryEngine:
             stat_key = None
         with self._snapshot_lock:
             if self._snapshot is None or stat_key != self._manifest_stat:
-                manifest = storage.read_manifest(self.data_dir)
+                manifest = read_manifest(self.data_dir)
                 days: dict[str, dict[str, list[str]]] = {}
                 for table, paths in manifest.files.items():
                     for rel in paths:
@@ -678,7 +680,7 @@ class QueryEngine:
                         top = max(s.max_t for s in segments)
                         newest = top if newest is None else max(newest, top)
         collections: dict[str, int] = {}
-        for collection, table in storage.COLLECTION_TABLES.items():
+        for collection, table in layout.COLLECTION_TABLES.items():
             total = sum(tables.get(table, 0) for tables in per_day.values())
             if total:
                 collections[collection] = total
@@ -763,8 +765,8 @@ class QueryEngine:
                 )
             else:
                 lo_bound = after.time_us if lo_bound is None else max(lo_bound, after.time_us)
-        first_day = storage.day_of(lo_bound) if lo_bound is not None else None
-        last_day = storage.day_of(max(hi_bound - 1, 0)) if hi_bound is not None else None
+        first_day = layout.day_of(lo_bound) if lo_bound is not None else None
+        last_day = layout.day_of(max(hi_bound - 1, 0)) if hi_bound is not None else None
         segments = self._segments_in(snap, first_day, last_day, lo_bound, hi_bound)
         planner = _WindowPlanner(segments, latest, lo_bound, hi_bound)
         remaining, target = need, float(FIRST_WINDOW_ROWS)
@@ -1047,7 +1049,7 @@ class _Handles:
 
 # What each index reads from each file: post deletes and post updates can hide a version.
 _HIDING_SQL = {
-    "deletes": f"SELECT hash({storage.uri_sql('deletes')}) AS h, rev FROM read_parquet($files) "
+    "deletes": f"SELECT hash({layout.uri_sql('deletes')}) AS h, rev FROM read_parquet($files) "
     "WHERE collection = $v",
     "posts": f"SELECT hash({_POST_URI}) AS h, rev FROM read_parquet($files) WHERE operation = $v",
 }

@@ -25,7 +25,7 @@ from msgspec import Struct, field
 
 from appliance import events
 from appliance.events import AccountEvent, CommitEvent, Event, IdentityEvent, Rejected
-from appliance.storage import COLLECTION_TABLES, SCHEMAS, TABLES, key_array
+from appliance.store.layout import COLLECTION_TABLES, SCHEMAS, TABLES, key_array
 
 # --- record shapes we read (everything else in a record is skipped by the decoder) -----------
 

@@ -42,11 +42,8 @@ import pyarrow.parquet as pq
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from appliance import buffer, events, metrics, storage
-from appliance.config import Settings
-from appliance.httpd import serve_probes
-from appliance.logs import setup_logging
-from appliance.tables import (
+from appliance import buffer, events, metrics
+from appliance.batch.tables import (
     Counters,
     TableBuilder,
     columns_valid,
@@ -54,6 +51,13 @@ from appliance.tables import (
     decode_joined,
     decode_joined_unchecked,
 )
+from appliance.config import Settings
+from appliance.httpd import serve_probes
+from appliance.logs import setup_logging
+from appliance.store import layout
+from appliance.store.crash import CRASH_POINTS, crash_point
+from appliance.store.manifest import Manifest, read_manifest, update_manifest
+from appliance.store.writer import AtomicParquetWriter
 
 log = logging.getLogger("appliance.batch")
 
@@ -62,24 +66,6 @@ ROW_GROUP_ROWS = 131_072  # batch files: row groups small enough to skip by time
 WRITE_THREADS = 2  # Parquet files written at once (the VM has 2 cores)
 READ_COUNT = 200  # stream entries per XREADGROUP (an entry holds up to ~100 events)
 MAX_BACKOFF_S = 60.0
-
-# Named points where `batch_crash_at` makes the process SIGKILL itself (crash tests only).
-CRASH_POINTS = (
-    "before_write",  # the batch is transformed; no file written yet
-    "mid_write",  # one file renamed, the next one half written under its temporary name
-    "after_rename",  # every file renamed and fsynced; manifest not updated
-    "after_manifest",  # files in the manifest; entries not acknowledged
-    "compact_mid",  # compaction: one output file renamed, manifest not swapped
-    "compact_after_swap",  # compaction: manifest swapped, old files not yet deleted
-)
-
-
-def crash_point(settings: Settings, name: str) -> None:
-    """SIGKILL this process if the tests asked for a crash at `name` (no cleanup runs)."""
-    if settings.batch_crash_at == name:
-        log.warning("crashing on purpose", extra={"crash_point": name})
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 # --- stream ids --------------------------------------------------------------------------------
 
@@ -482,17 +468,17 @@ class StoredKeys:
     def keys(
         self,
         data_dir: Path,
-        manifest: storage.Manifest,
+        manifest: Manifest,
         table: str,
         lo: int,
         hi: int,
         exclude: str,
     ) -> pa.Array | None:
         """Keys of stored rows of `table` with lo <= time_us <= hi, skipping files named `exclude`."""
-        days = {storage.day_of(lo), storage.day_of(hi)}
-        days.update(storage.day_of(t) for t in range(lo, hi, DAY_US))
+        days = {layout.day_of(lo), layout.day_of(hi)}
+        days.update(layout.day_of(t) for t in range(lo, hi, DAY_US))
         pieces = []
-        columns = [*storage.KEY_COLUMNS[table], "time_us"]
+        columns = [*layout.KEY_COLUMNS[table], "time_us"]
         for rel in manifest.table_files(table, sorted(days)):
             path = data_dir / rel
             if path.stem == exclude:
@@ -504,7 +490,7 @@ class StoredKeys:
             t = part["time_us"]
             part = part.filter(pc.and_(pc.greater_equal(t, lo), pc.less_equal(t, hi)))
             if part.num_rows:
-                pieces.append(storage.key_array(table, part))
+                pieces.append(layout.key_array(table, part))
         if not pieces:
             return None
         return pa.chunked_array([c for p in pieces for c in p.chunks]).combine_chunks()
@@ -518,7 +504,7 @@ def drop_stored_duplicates(
     data: pa.Table,
     stored: StoredKeys,
     data_dir: Path,
-    manifest: storage.Manifest,
+    manifest: Manifest,
     margin_us: int,
     exclude: str,
 ) -> pa.Table:
@@ -529,7 +515,7 @@ def drop_stored_duplicates(
     keys = stored.keys(data_dir, manifest, table, lo, hi, exclude)
     if keys is None:
         return data
-    seen = pc.is_in(storage.key_array(table, data), value_set=keys)
+    seen = pc.is_in(layout.key_array(table, data), value_set=keys)
     dropped = pc.sum(seen).as_py() or 0
     if not dropped:
         return data
@@ -542,9 +528,9 @@ def split_days(data: pa.Table) -> dict[str, pa.Table]:
     day_numbers = pc.divide(data["time_us"], DAY_US)
     lo, hi = pc.min(day_numbers).as_py(), pc.max(day_numbers).as_py()
     if lo == hi:
-        return {storage.day_of(lo * DAY_US): data}
+        return {layout.day_of(lo * DAY_US): data}
     return {
-        storage.day_of(d * DAY_US): data.filter(pc.equal(day_numbers, d))
+        layout.day_of(d * DAY_US): data.filter(pc.equal(day_numbers, d))
         for d in pc.unique(day_numbers).to_pylist()
     }
 
@@ -579,7 +565,7 @@ def write_batch(settings: Settings, batch: Batch, stored: StoredKeys) -> Written
     data_dir = Path(settings.data_dir)
     tables = batch.tables()
     crash_point(settings, "before_write")
-    manifest = storage.read_manifest(data_dir)
+    manifest = read_manifest(data_dir)
     margin_us = int(settings.batch_dedupe_margin_s * 1_000_000)
     written = Written()
     renamed: list[Path] = []
@@ -596,11 +582,11 @@ def write_batch(settings: Settings, batch: Batch, stored: StoredKeys) -> Written
         return None
 
     def _write(table: str, day: str, part: pa.Table) -> None:
-        directory = storage.partition_dir(data_dir, table, day)
+        directory = layout.partition_dir(data_dir, table, day)
         stored.forget(directory / f"{batch.name}.parquet")
-        schema = storage.SCHEMAS[table]
+        schema = layout.SCHEMAS[table]
         level = settings.parquet_zstd_level
-        with storage.AtomicParquetWriter(directory, batch.name, schema, zstd_level=level) as out:
+        with AtomicParquetWriter(directory, batch.name, schema, zstd_level=level) as out:
             for offset in range(0, part.num_rows, ROW_GROUP_ROWS):
                 out.write(part.slice(offset, ROW_GROUP_ROWS))
                 if offset == 0:
@@ -637,7 +623,7 @@ def write_batch(settings: Settings, batch: Batch, stored: StoredKeys) -> Written
         written.paths = renamed
         crash_point(settings, "after_rename")
         if written.files or batch.ok:
-            with storage.update_manifest(data_dir) as m:
+            with update_manifest(data_dir) as m:
                 for table, paths in written.files.items():
                     m.files.setdefault(table, []).extend(paths)
                 if m.retired:  # a redone batch may rewrite a file compaction retired
@@ -658,7 +644,7 @@ def write_batch(settings: Settings, batch: Batch, stored: StoredKeys) -> Written
     except BaseException:
         # Remove what this attempt renamed, except files a previous attempt of the same batch
         # already made live (the manifest references them; they hold the same rows).
-        live = {p for paths in storage.read_manifest(data_dir).files.values() for p in paths}
+        live = {p for paths in read_manifest(data_dir).files.values() for p in paths}
         for path in renamed:
             if path.relative_to(data_dir).as_posix() not in live:
                 path.unlink(missing_ok=True)
@@ -702,7 +688,7 @@ class Batcher:
         self.failing: str | None = None  # cause of the current run of failed attempts
         self.last_success: float | None = None
         self.cycles = 0  # completed read-flush-compact cycles
-        self.watermark_us: int | None = storage.read_manifest(settings.data_dir).last_batch.get(
+        self.watermark_us: int | None = read_manifest(settings.data_dir).last_batch.get(
             "max_time_us"
         )
         # Started in run(), closed when run() returns.
@@ -954,7 +940,7 @@ class Batcher:
         """Compact the partitions of days closed (in event time) that still hold batch files."""
         if not self.settings.compact_auto or self.watermark_us is None:
             return
-        from appliance import compact  # imported lazily: duckdb is only needed here
+        from appliance.store import compact  # imported lazily: duckdb is only needed here
 
         cutoff = self.watermark_us - int(self.settings.compact_after_s * 1_000_000)
         try:

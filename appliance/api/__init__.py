@@ -1,0 +1,4 @@
+"""API stage: the Sanic REST API (`app`, `appliance serve`) and its request/response models.
+
+Everything it answers comes from `appliance.query`.
+"""
