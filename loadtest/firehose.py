@@ -36,9 +36,8 @@ from typing import IO, Any, NamedTuple
 import msgspec
 
 from appliance import events as ev
-from appliance.store.layout import day_of, table_for
+from appliance.store.layout import DAY_US, at_uri, day_of, natural_key, table_for
 
-DAY_US = 86_400_000_000
 DEFAULT_START_US = 1_782_864_000_000_000  # 2026-07-01T00:00:00Z
 DEFAULT_EVENTS_PER_DAY = 8_100_000
 _BLOCK_BITS = 10
@@ -503,9 +502,6 @@ class _Generator:
 
     def h(self, i: int) -> int:
         return _mix((self.key + (i + 1) * _GAMMA) & _M64)
-
-    def kind_of(self, h: int) -> int:
-        return self.kinds[h & 0xFFFF]
 
     def did_n_of(self, h: int) -> int:
         # Heavy tail: a small share of accounts makes a large share of events.
@@ -1233,7 +1229,7 @@ class GroundTruth(msgspec.Struct):
     rejected: dict[str, int] = msgspec.field(default_factory=dict)
     deleted_posts: KeyDigest = msgspec.field(default_factory=KeyDigest)
     deleted_post_uris: set[str] | None = msgspec.field(default_factory=set)
-    max_bytes: int = 1_000_000
+    max_bytes: int = ev.MAX_EVENT_BYTES
 
     def add(self, frame: bytes, now: int | None = None) -> None:
         self.frames += 1
@@ -1248,13 +1244,13 @@ class GroundTruth(msgspec.Struct):
         digest = per_day.get(day)
         if digest is None:
             digest = per_day[day] = KeyDigest()
-        digest.add(ev.natural_key(event))
+        digest.add(natural_key(event))
         if (
             table == "deletes"
             and isinstance(event, ev.CommitEvent)
             and event.commit.collection == "app.bsky.feed.post"
         ):
-            uri = ev.at_uri(event.did, event.commit.collection, event.commit.rkey)
+            uri = at_uri(event.did, event.commit.collection, event.commit.rkey)
             self.deleted_posts.add((uri,))
             if self.deleted_post_uris is not None:
                 self.deleted_post_uris.add(uri)
@@ -1304,7 +1300,7 @@ def _day(time_us: int) -> str:
 
 
 def ground_truth(
-    cfg: FirehoseConfig, *, max_bytes: int = 1_000_000, keep_deleted: bool = True
+    cfg: FirehoseConfig, *, max_bytes: int = ev.MAX_EVENT_BYTES, keep_deleted: bool = True
 ) -> GroundTruth:
     """Generate the whole stream and accumulate its ground truth (constant memory)."""
     truth = GroundTruth(max_bytes=max_bytes, deleted_post_uris=set() if keep_deleted else None)

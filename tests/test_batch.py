@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
 import redis
+from sanic_testing.reusable import ReusableClient
 
 from appliance import buffer, metrics
+from appliance.api.app import create_app
 from appliance.batch import batcher as batch_mod
 from appliance.config import Settings
+from appliance.query.engine import Filters, QueryEngine
 from appliance.store import layout
 from appliance.store.manifest import read_manifest
 from loadtest.firehose import FirehoseConfig, GroundTruth, KeyDigest, generate
-from tests.conftest import RedisProcess, make_settings
+from tests.conftest import RedisProcess, free_port, make_settings
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -61,15 +63,6 @@ def live_files(data_dir: str | Path, table: str | None = None) -> list[Path]:
     return [Path(data_dir) / p for t in tables for p in m.files.get(t, [])]
 
 
-def natural_keys(table: str, rows: dict[str, list[Any]]) -> list[tuple[str, ...]]:
-    """Natural keys (as events.natural_key builds them) of stored rows."""
-    if table in ("identities", "accounts"):
-        kind = "identity" if table == "identities" else "account"
-        return [(d, kind, str(s), "") for d, s in zip(rows["did"], rows["seq"], strict=True)]
-    collections = rows.get("collection") or [layout.TABLE_COLLECTION[table]] * len(rows["did"])
-    return list(zip(rows["did"], collections, rows["rkey"], rows["rev"], strict=True))
-
-
 def stored_digests(data_dir: str | Path) -> dict[str, dict[str, KeyDigest]]:
     """Per table and day: count and digest of the natural keys in the live files.
 
@@ -84,7 +77,7 @@ def stored_digests(data_dir: str | Path) -> dict[str, dict[str, KeyDigest]]:
             rows = pq.read_table(path, columns=columns).to_pydict()
             assert {layout.day_of(t) for t in rows["time_us"]} <= {day}, path
             digest = out.setdefault(table, {}).setdefault(day, KeyDigest())
-            for key in natural_keys(table, rows):
+            for key in layout.stored_keys(table, rows):
                 assert key not in seen, f"{table} {key} stored twice"
                 seen.add(key)
                 digest.add(key)
@@ -151,29 +144,13 @@ def sample(name: str, **labels: str) -> float:
     return metrics.BATCH.get_sample_value(name, labels) or 0.0
 
 
-# The uri is derived (not stored); a post's delete row has the same derived uri.
-_POSTS = f"(SELECT {layout.uri_sql('posts')} AS uri, rev FROM read_parquet($posts))"
-_DELETES = f"(SELECT {layout.uri_sql('deletes')} AS uri, rev FROM read_parquet($deletes))"
-VISIBLE_POSTS = f"""
-    SELECT p.uri FROM {_POSTS} p
-    WHERE p.rev = (SELECT max(p2.rev) FROM {_POSTS} p2 WHERE p2.uri = p.uri)
-      AND NOT EXISTS (SELECT 1 FROM {_DELETES} d WHERE d.uri = p.uri AND d.rev > p.rev)
-"""
-
-
 def visible_posts(data_dir: str | Path) -> set[str]:
-    """Post uris visible under the rule the query engine applies (DESIGN invariant 4)."""
-    posts = [str(p) for p in live_files(data_dir, "posts")]
-    deletes = [str(p) for p in live_files(data_dir, "deletes")]
-    if not deletes:
-        return {
-            r[0]
-            for r in duckdb.sql(
-                f"SELECT {layout.uri_sql('posts')} FROM read_parquet($p)", params={"p": posts}
-            ).fetchall()
-        }
-    rows = duckdb.sql(VISIBLE_POSTS, params={"posts": posts, "deletes": deletes}).fetchall()
-    return {r[0] for r in rows}
+    """Uris of the posts the query engine shows (what /v1/search and /v1/export return)."""
+    engine = QueryEngine(Settings(data_dir=str(data_dir), result_limit=False))
+    try:
+        return {post.uri for part in engine.export(Filters(), max_rows=10**9) for post in part}
+    finally:
+        engine.close()
 
 
 @pytest.fixture
@@ -241,24 +218,45 @@ def test_a_rewind_in_a_later_batch_adds_no_duplicate_rows(
     assert dropped == truth_of(frames[3_000:4_000]).count()
 
 
-def test_a_deleted_post_is_hidden_once_its_delete_is_batched(
+def test_a_deleted_post_disappears_from_search_and_export_once_its_delete_is_batched(
     fast: Settings, redis_fast: RedisProcess
 ) -> None:
+    # DESIGN invariant 4, end to end: files the batcher wrote, read by the real engine and API.
     from tests.test_batch_tables import commit
 
-    posts = [
-        commit({"text": f"p{i}", "createdAt": "2026-07-04T14:00:00Z"}, rkey=f"3aaaaaaaaa{i:03d}")
-        for i in range(3)
-    ]
-    push(fast, posts, per_entry=1)
+    def post(i: int, text: str, rev: str, operation: str = "create") -> bytes:
+        record = {"text": text, "createdAt": "2026-07-04T14:00:00Z"}
+        return commit(record, rkey=f"3aaaaaaaaa{i:03d}", rev=rev, operation=operation)
+
+    push(fast, [post(i, f"lighthouse p{i}", "3mptbypcq3aaa") for i in range(3)], per_entry=1)
     drain(fast)
     uris = visible_posts(fast.data_dir)
     assert len(uris) == 3
     deleted = sorted(uris)[0]
     rkey = deleted.rsplit("/", 1)[1]
-    push(fast, [commit(None, rkey=rkey, rev="3mptbypcq3aaf", operation="delete")])
+    push(
+        fast,
+        [
+            commit(None, rkey=rkey, rev="3mptbypcq3aaf", operation="delete"),
+            post(1, "lighthouse p1 edited", "3mptbypcq3aag", operation="update"),
+        ],
+    )
     drain(fast)
     assert visible_posts(fast.data_dir) == uris - {deleted}
+
+    client = ReusableClient(create_app(fast), port=free_port())
+    client.run()
+    try:
+        _, response = client.get("/v1/search", params={"q": "lighthouse", "limit": 100})
+        assert response.status_code == 200, response.text
+        shown = {p["uri"]: p["text"] for p in response.json["posts"]}
+        _, response = client.get("/v1/export", params={"q": "lighthouse", "format": "jsonl"})
+        assert response.status_code == 200, response.text
+        exported = {json.loads(line)["uri"] for line in response.text.splitlines()}
+    finally:
+        client.stop()
+    assert set(shown) == exported == uris - {deleted}
+    assert sorted(shown.values()) == ["lighthouse p1 edited", "lighthouse p2"]
 
 
 def test_a_poison_entry_goes_to_the_dead_letter_stream_and_blocks_nothing(

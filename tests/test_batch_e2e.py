@@ -17,7 +17,7 @@ import redis
 
 from appliance.cli import main as cli_main
 from appliance.config import Settings
-from appliance.store import compact, layout
+from appliance.store import layout
 from loadtest.firehose import FirehoseConfig, ground_truth, time_at
 from tests.conftest import RedisProcess, ServerHandle, make_settings, stop_process
 from tests.test_batch import (
@@ -109,7 +109,7 @@ def test_a_replay_of_200k_events_lands_in_parquet_exactly_once(
     first_day = live_files(data, "posts")[0].parent.name.removeprefix("date=")
     assert cli_main(["compact", "--day", first_day, "--data-dir", str(data)]) == 0
     day_posts = [p for p in live_files(data, "posts") if first_day in str(p)]
-    assert len(day_posts) == 1 and day_posts[0].name.startswith(compact.PREFIX)
+    assert len(day_posts) == 1 and day_posts[0].name.startswith(layout.COMPACTED_PREFIX)
     compacted = set(layout.uri_array("posts", pq.read_table(day_posts[0])).to_pylist())
     assert compacted and compacted.isdisjoint(truth.deleted_post_uris)
     assert visible_posts(data) == visible

@@ -12,6 +12,8 @@ from appliance import events
 from appliance.batch.tables import TableBuilder, parse_time_us, timestamps
 from appliance.store import layout
 
+MAX = events.MAX_EVENT_BYTES
+
 DID = "did:plc:" + "a" * 24
 OTHER = "did:plc:" + "b" * 24
 T0 = 1_783_175_888_000_000  # 2026-07-04T14:38:08Z
@@ -285,15 +287,15 @@ def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
     bad_did = commit({"text": "x"}, did="did:plc:short")  # schema-valid, fails validation
     frames = [good[0], bad_did, good[1], good[2]]
     now = events.now_us()
-    joined = decode_joined(b"\n".join(frames), len(frames), now)
+    joined = decode_joined(b"\n".join(frames), len(frames), now, MAX)
     assert joined is not None
-    one_by_one = decode_frames(frames, now)
+    one_by_one = decode_frames(frames, now, MAX)
     assert joined[0] == one_by_one[0] == [events.decode(f) for f in good]
     assert [(f, e.reason) for f, e in joined[1]] == [(bad_did, "bad_did")]
     assert [(f, e.reason) for f, e in one_by_one[1]] == [(bad_did, "bad_did")]
     # A malformed frame or a count that does not match: not for the shortcut.
-    assert decode_joined(b"\n".join([good[0], b"{nope"]), 2, now) is None
-    assert decode_joined(b"\n".join(good), 2, now) is None
+    assert decode_joined(b"\n".join([good[0], b"{nope"]), 2, now, MAX) is None
+    assert decode_joined(b"\n".join(good), 2, now, MAX) is None
     assert decode_joined(b"\n".join(good), 3, now, max_bytes=100) is None
 
 
@@ -308,6 +310,9 @@ def test_an_event_the_schema_cannot_hold_is_rejected_not_stored() -> None:
 
     frames = [identity(1), identity(2**63), identity(3)]
     now = events.now_us()
-    for good, bad in (decode_frames(frames, now), decode_joined(b"\n".join(frames), 3, now)):
+    for good, bad in (
+        decode_frames(frames, now, MAX),
+        decode_joined(b"\n".join(frames), 3, now, MAX),
+    ):
         assert [e.identity.seq for e in good] == [1, 3]  # type: ignore[union-attr]
         assert [(f, e.reason) for f, e in bad] == [(frames[1], "schema")]

@@ -100,7 +100,7 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
     m = read_manifest(data)
     for table in layout.TABLES:
         files = m.table_files(table, [DAY])
-        assert len(files) == 1 and Path(files[0]).name.startswith(compact.PREFIX), table
+        assert len(files) == 1 and Path(files[0]).name.startswith(layout.COMPACTED_PREFIX), table
     for table, keys in expected.items():
         # Physically: exactly the visible versions, each once.
         stored = all_keys(data, table)
@@ -204,7 +204,7 @@ def test_kill9_during_compaction_loses_nothing(point: str, batched: Settings) ->
     after_crash = read_manifest(data).table_files("likes", [DAY])
     if point == "compact_mid":
         assert after_crash == inputs  # not swapped: the old files are still the live ones
-        assert list((data / "likes" / f"date={DAY}").glob(f"{compact.PREFIX}*.parquet"))
+        assert list((data / "likes" / f"date={DAY}").glob(f"{layout.COMPACTED_PREFIX}*.parquet"))
     else:
         assert len(after_crash) == 1 and after_crash != inputs
     assert set(all_keys(data, "likes")) >= expected
@@ -215,7 +215,7 @@ def test_kill9_during_compaction_loses_nothing(point: str, batched: Settings) ->
     assert len(all_keys(data, "likes")) == len(expected)
     assert_all_parquet_files_open(data)
     # No orphan: every compacted file on disk is live.
-    on_disk = set((data / "likes" / f"date={DAY}").glob(f"{compact.PREFIX}*.parquet"))
+    on_disk = set((data / "likes" / f"date={DAY}").glob(f"{layout.COMPACTED_PREFIX}*.parquet"))
     assert on_disk == set(live_files(data, "likes"))
 
 
@@ -238,9 +238,9 @@ def test_the_batcher_compacts_a_day_once_it_is_closed(tmp_path: Path) -> None:
         server.stop()
     m = read_manifest(settings.data_dir)
     first = m.table_files("likes", [DAY])
-    assert len(first) == 1 and Path(first[0]).name.startswith(compact.PREFIX)
+    assert len(first) == 1 and Path(first[0]).name.startswith(layout.COMPACTED_PREFIX)
     second = m.table_files("likes", ["2026-07-02"])
-    assert second and not any(Path(p).name.startswith(compact.PREFIX) for p in second)
+    assert second and not any(Path(p).name.startswith(layout.COMPACTED_PREFIX) for p in second)
     truth = truth_of(frames)
     assert (
         stored_digests(settings.data_dir)["likes"]["2026-07-02"]

@@ -22,6 +22,7 @@ import redis
 
 from appliance import buffer, events
 from appliance.config import Settings
+from appliance.store.layout import NaturalKey, natural_key
 from loadtest.bench import rss_mb
 from loadtest.firehose import FirehoseConfig, generate_items
 from tests.conftest import RedisProcess, ServerHandle, make_settings, stop_process
@@ -36,7 +37,7 @@ MAX_EVENT_BYTES = 20_000  # small, so oversized frames stay small too
 class Expected:
     """Valid events of a generated stream, as the ingester should buffer them."""
 
-    def __init__(self, keys: set[events.NaturalKey], last_us: int, rejected: int) -> None:
+    def __init__(self, keys: set[NaturalKey], last_us: int, rejected: int) -> None:
         self.keys = keys
         self.last_us = last_us
         self.rejected = rejected
@@ -61,7 +62,7 @@ def _matches(
 def expected(
     cfg: FirehoseConfig, collections: tuple[str, ...] = (), dids: tuple[str, ...] = ()
 ) -> Expected:
-    keys: set[events.NaturalKey] = set()
+    keys: set[NaturalKey] = set()
     last = 0
     rejected = 0
     now = events.now_us()
@@ -73,15 +74,15 @@ def expected(
         except events.Rejected:
             rejected += 1
             continue
-        keys.add(events.natural_key(event))
+        keys.add(natural_key(event))
         last = max(last, event.time_us)
     return Expected(keys, last, rejected)
 
 
-def buffered(settings: Settings) -> collections.Counter[events.NaturalKey]:
+def buffered(settings: Settings) -> collections.Counter[NaturalKey]:
     """Natural keys of every event in the buffer (with their multiplicity)."""
     r = client(settings)
-    out: collections.Counter[events.NaturalKey] = collections.Counter()
+    out: collections.Counter[NaturalKey] = collections.Counter()
     start = "-"
     while True:
         entries = r.xrange(settings.stream_key, min=start, count=2000)
@@ -89,7 +90,7 @@ def buffered(settings: Settings) -> collections.Counter[events.NaturalKey]:
             break
         for _, fields in entries:
             for frame in buffer.unpack(fields):
-                out[events.natural_key(events.decode(frame, max_bytes=MAX_EVENT_BYTES))] += 1
+                out[natural_key(events.decode(frame, max_bytes=MAX_EVENT_BYTES))] += 1
         start = "(" + entries[-1][0].decode()
     r.close()
     return out
@@ -103,7 +104,7 @@ def saved_cursor(settings: Settings) -> int | None:
     return int(raw) if raw is not None else None
 
 
-def assert_none_lost(settings: Settings, want: Expected) -> collections.Counter[events.NaturalKey]:
+def assert_none_lost(settings: Settings, want: Expected) -> collections.Counter[NaturalKey]:
     got = buffered(settings)
     missing = want.keys - set(got)
     assert not missing, (

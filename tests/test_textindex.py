@@ -189,7 +189,7 @@ def test_the_tokenizer_splits_query_terms_as_the_index_splits_text() -> None:
 def test_compaction_writes_an_index_beside_each_posts_file(store: Settings) -> None:
     data_dir = Path(store.data_dir)
     files = read_manifest(data_dir).table_files("posts")
-    assert files and all(Path(p).name.startswith(compact.PREFIX) for p in files)
+    assert files and all(Path(p).name.startswith(layout.COMPACTED_PREFIX) for p in files)
     for rel in files:
         sidecar = textindex.sidecar_path(data_dir / rel)
         assert sidecar.exists() and not sidecar.name.endswith(".parquet")

@@ -61,7 +61,6 @@ from appliance.store.writer import AtomicParquetWriter
 
 log = logging.getLogger("appliance.batch")
 
-DAY_US = 86_400_000_000
 ROW_GROUP_ROWS = 131_072  # batch files: row groups small enough to skip by time_us statistics
 WRITE_THREADS = 2  # Parquet files written at once (the VM has 2 cores)
 READ_COUNT = 200  # stream entries per XREADGROUP (an entry holds up to ~100 events)
@@ -476,7 +475,7 @@ class StoredKeys:
     ) -> pa.Array | None:
         """Keys of stored rows of `table` with lo <= time_us <= hi, skipping files named `exclude`."""
         days = {layout.day_of(lo), layout.day_of(hi)}
-        days.update(layout.day_of(t) for t in range(lo, hi, DAY_US))
+        days.update(layout.day_of(t) for t in range(lo, hi, layout.DAY_US))
         pieces = []
         columns = [*layout.KEY_COLUMNS[table], "time_us"]
         for rel in manifest.table_files(table, sorted(days)):
@@ -525,12 +524,12 @@ def drop_stored_duplicates(
 
 def split_days(data: pa.Table) -> dict[str, pa.Table]:
     """The rows of `data` per UTC day of time_us."""
-    day_numbers = pc.divide(data["time_us"], DAY_US)
+    day_numbers = pc.divide(data["time_us"], layout.DAY_US)
     lo, hi = pc.min(day_numbers).as_py(), pc.max(day_numbers).as_py()
     if lo == hi:
-        return {layout.day_of(lo * DAY_US): data}
+        return {layout.day_of(lo * layout.DAY_US): data}
     return {
-        layout.day_of(d * DAY_US): data.filter(pc.equal(day_numbers, d))
+        layout.day_of(d * layout.DAY_US): data.filter(pc.equal(day_numbers, d))
         for d in pc.unique(day_numbers).to_pylist()
     }
 
@@ -546,10 +545,6 @@ class Written:
     rows: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     paths: list[Path] = field(default_factory=list)
-
-    @property
-    def total_rows(self) -> int:
-        return sum(self.rows.values())
 
     @property
     def total_bytes(self) -> int:

@@ -13,7 +13,6 @@ earlier batches are removed later (`batch.py`) against the stored key columns.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -25,7 +24,7 @@ from msgspec import Struct, field
 
 from appliance import events
 from appliance.events import AccountEvent, CommitEvent, Event, IdentityEvent, Rejected
-from appliance.store.layout import COLLECTION_TABLES, SCHEMAS, TABLES, key_array
+from appliance.store.layout import SCHEMAS, TABLES, commit_table, key_array
 
 # --- record shapes we read (everything else in a record is skipped by the decoder) -----------
 
@@ -350,9 +349,7 @@ class _Envelope(Struct):
 _decode_envelopes = msgspec.json.Decoder(list[_Envelope]).decode
 
 
-def decode_joined_unchecked(
-    data: bytes, count: int, now: int, max_bytes: int = 1_000_000
-) -> list[Any] | None:
+def decode_joined_unchecked(data: bytes, count: int, now: int, max_bytes: int) -> list[Any] | None:
     """The events of `count` frames joined by newlines, decoded in one call, for
     `TableBuilder.add_unchecked`; None if the event-by-event path must decide.
 
@@ -391,20 +388,6 @@ def decode_joined_unchecked(
     return decoded
 
 
-# What `events.validate` checks on a commit, as Arrow (RE2) patterns over the stored columns.
-# Counted repetitions ({1,512}) make RE2 programs large and slow: lengths are checked apart.
-_DID_RE = r"^did:(?:plc:[a-z2-7]{24}|web:[A-Za-z0-9._:%-]+)$"
-_DID_MAX = len("did:web:") + 253
-_RKEY_RE = "^[" + re.escape("".join(sorted(events._RKEY_CHARS))) + "]+$"
-_REV_RE = (
-    "^["
-    + re.escape("".join(sorted(events._TID_FIRST)))
-    + "]["
-    + re.escape("".join(sorted(events._TID_CHARS)))
-    + "]{12}$"
-)
-
-
 def columns_valid(table: str, data: pa.RecordBatch, now: int) -> bool:
     """True if every commit row of `data` passes the checks `events.validate` makes on its did,
     time_us, collection, rkey and rev -- vectorised, about 20x cheaper than event by event.
@@ -425,19 +408,22 @@ def columns_valid(table: str, data: pa.RecordBatch, now: int) -> bool:
         if not all(events.is_nsid(c) for c in values.to_pylist()):
             return False
     dids, rkeys = data["did"], data["rkey"]
-    # Byte lengths: both patterns admit only ASCII, where bytes and characters agree.
-    if pc.max(pc.binary_length(dids)).as_py() > _DID_MAX:
+    if pc.max(pc.binary_length(dids)).as_py() > events.DID_MAX_BYTES:
         return False
     if pc.max(pc.binary_length(rkeys)).as_py() > events.MAX_RKEY_BYTES:
         return False
-    for column, pattern in ((dids, _DID_RE), (rkeys, _RKEY_RE), (data["rev"], _REV_RE)):
+    for column, pattern in (
+        (dids, events.DID_PATTERN),
+        (rkeys, events.RKEY_PATTERN),
+        (data["rev"], events.REV_PATTERN),
+    ):
         if not pc.all(pc.match_substring_regex(column, pattern)).as_py():
             return False
     return not pc.any(pc.is_in(rkeys, value_set=pa.array([".", ".."]))).as_py()
 
 
 def decode_joined(
-    data: bytes, count: int, now: int, max_bytes: int = 1_000_000
+    data: bytes, count: int, now: int, max_bytes: int
 ) -> tuple[list[Event], list[tuple[bytes, Rejected]]] | None:
     """`events.decode` applied to `count` frames joined by newlines, in one decoder call.
 
@@ -458,7 +444,7 @@ def decode_joined(
 
 
 def decode_frames(
-    frames: list[bytes], now: int, max_bytes: int = 1_000_000
+    frames: list[bytes], now: int, max_bytes: int
 ) -> tuple[list[Event], list[tuple[bytes, Rejected]]]:
     """(events, rejected frames): `events.decode` applied to each frame."""
     if frames and max(map(len, frames)) <= max_bytes:
@@ -519,7 +505,10 @@ class TableBuilder:
     """
 
     def __init__(
-        self, chunk_rows: int = 65_536, max_bytes: int = 1_000_000, store_cids: bool = False
+        self,
+        chunk_rows: int = 65_536,
+        max_bytes: int = events.MAX_EVENT_BYTES,
+        store_cids: bool = False,
     ) -> None:
         self.chunk_rows = chunk_rows
         self.max_bytes = max_bytes  # frames larger than this are rejected as oversized
@@ -626,19 +615,12 @@ class TableBuilder:
             else:
                 add(event)
 
-    def add_frames(self, frames: list[bytes], now: int) -> list[tuple[bytes, Rejected]]:
-        """Decode (schema and validation, as `events.decode`) and add frames; return the
-        frames that failed with their Rejected error (the caller dead-letters them)."""
-        decoded, rejected = decode_frames(frames, now, self.max_bytes)
-        self.add_events(decoded)
-        return rejected
-
     def _add_commit(self, ev: CommitEvent) -> None:
         c = ev.commit
-        if c.operation == "delete":
+        table = commit_table(c.collection, c.operation)
+        if table == "deletes":
             self.rows["deletes"].append((ev.did, c.collection, c.rkey, c.rev, ev.time_us))
             return
-        table = COLLECTION_TABLES.get(c.collection, "records")
         raw = c.record
         store_cids = self.store_cids
         cid = c.cid if store_cids else None

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from appliance import metrics
 from appliance.config import Settings
-from appliance.store import layout, textindex
+from appliance.store import layout, textindex, visibility
 from appliance.store.manifest import MANIFEST, Manifest, read_manifest
 
 log = logging.getLogger("appliance.query")
@@ -65,9 +65,6 @@ INDEX_MAX_FRACTION = 0.5
 # would need more rows than this (a common word's page or export is then only a few windows away,
 # and the lookup would cost more than it saves).
 NARROW_ROWS = 1_000_000
-COMPACTED_PREFIX = "c-"  # compact.PREFIX: files that should have a token index
-DAY_US = 86_400 * 1_000_000
-POST_COLLECTION = "app.bsky.feed.post"
 Sort = Literal["latest", "oldest"]
 
 
@@ -446,7 +443,9 @@ class QueryEngine:
         self._indexed: dict[str, bool] = {}  # posts file -> has a valid token index
         self._cache = _LRU(settings.cache_entries)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
-        self._hidden = _PerFileIndex(("deletes", "posts"), _load_hiding, _merge_hiding)
+        self._hidden = _PerFileIndex(
+            tuple(visibility.hiders("posts")), _load_hiding, visibility.HidingIndex.from_tables
+        )
         self._handles = _PerFileIndex(("identities",), _load_handles, _merge_handles)
         self.warmed = threading.Event()
 
@@ -504,7 +503,7 @@ class QueryEngine:
             if stats is not None and stats.has_min_max:
                 lo, hi = int(stats.min), int(stats.max)
             else:  # no statistics: assume the whole partition day
-                lo, hi = day_start, day_start + DAY_US - 1
+                lo, hi = day_start, day_start + layout.DAY_US - 1
             segments.append(Segment(path, lo, hi, group.num_rows))
         self._row_groups[path] = segments
         return segments
@@ -899,7 +898,7 @@ class QueryEngine:
             ok = textindex.valid_for(sidecar, path)
         except OSError:
             ok = False
-            if Path(path).name.startswith(COMPACTED_PREFIX):
+            if Path(path).name.startswith(layout.COMPACTED_PREFIX):
                 metrics.api_text_index.labels("missing").inc()
                 log.warning("token index missing; the file is scanned", extra={"file": path})
         else:
@@ -976,41 +975,10 @@ class QueryEngine:
     ) -> list[tuple[Any, ...]]:
         """The candidate rows no newer version or delete hides, in their order."""
         index = self._hidden.current(cur, snap)
-        newest = index.newest(np.array([r[URI_HASH] for r in rows], dtype=np.uint64))
-        visible = [row for row, rev in zip(rows, newest, strict=True) if rev <= row[REV].encode()]
+        keep = index.visible([r[URI_HASH] for r in rows], [r[REV] for r in rows])
+        visible = [row for row, ok in zip(rows, keep, strict=True) if ok]
         metrics.api_hidden_rows.inc(len(rows) - len(visible))
         return visible
-
-
-class _Revs:
-    """Sorted (hash(uri), greatest rev) pairs: what can hide a post version."""
-
-    def __init__(self, keys: np.ndarray, revs: np.ndarray) -> None:
-        self.keys = keys
-        self.revs = revs
-
-    @classmethod
-    def merge(cls, parts: Sequence[_Revs]) -> _Revs:
-        if not parts:
-            return cls(np.empty(0, np.uint64), np.empty(0, "S1"))
-        keys = np.concatenate([p.keys for p in parts])
-        revs = np.concatenate([p.revs for p in parts])
-        order = np.lexsort((revs, keys))
-        keys, revs = keys[order], revs[order]
-        last = np.ones(len(keys), dtype=bool)
-        last[:-1] = keys[1:] != keys[:-1]  # the greatest rev of each key sorts last
-        return cls(keys[last], revs[last])
-
-    def newest(self, hashes: np.ndarray) -> np.ndarray:
-        """The greatest hiding rev per hash (b"" where none: every rev is greater)."""
-        out = np.full(len(hashes), b"", dtype=self.revs.dtype if len(self.revs) else "S1")
-        if len(self.keys) == 0:
-            return out
-        pos = np.searchsorted(self.keys, hashes)
-        pos[pos == len(self.keys)] = 0
-        found = self.keys[pos] == hashes
-        out[found] = self.revs[pos[found]]
-        return out
 
 
 class _Handles:
@@ -1047,13 +1015,6 @@ class _Handles:
         return str(self.dids[int(rows[np.argmax(self.times[rows])])].as_py())
 
 
-# What each index reads from each file: post deletes and post updates can hide a version.
-_HIDING_SQL = {
-    "deletes": f"SELECT hash({layout.uri_sql('deletes')}) AS h, rev FROM read_parquet($files) "
-    "WHERE collection = $v",
-    "posts": f"SELECT hash({_POST_URI}) AS h, rev FROM read_parquet($files) WHERE operation = $v",
-}
-_HIDING_VALUE = {"deletes": POST_COLLECTION, "posts": "update"}
 _HANDLES_SQL = (
     "SELECT hash(did) AS h, did, time_us, handle FROM read_parquet($files) WHERE handle IS NOT NULL"
 )
@@ -1110,20 +1071,7 @@ class _PerFileIndex(Generic[T]):
 
 
 def _load_hiding(cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
-    params = {"files": [path], "v": _HIDING_VALUE[table]}
-    out: pa.Table = cur.sql(_HIDING_SQL[table], params=params).to_arrow_table()
-    return out
-
-
-def _merge_hiding(tables: list[pa.Table]) -> _Revs:
-    if not tables:
-        return _Revs.merge([])
-    parts = []
-    for table in tables:
-        keys = table.column("h").to_numpy().astype(np.uint64)
-        revs = pc.cast(table.column("rev"), pa.binary()).to_numpy(zero_copy_only=False)
-        parts.append(_Revs(keys, revs.astype("S")))
-    return _Revs.merge(parts)
+    return visibility.load_hiding(cur, "posts", table, path)
 
 
 def _load_handles(cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
@@ -1273,7 +1221,3 @@ class _RowEstimate:
         if self.density[i] <= 0:
             return self.points[min(i + 1, len(self.points) - 1)]
         return min(self.points[i] + int((rows - self.rows[i]) / self.density[i]), self.points[-1])
-
-
-def _overlapping(segments: list[Segment], lo: int, hi: int) -> list[str]:
-    return list(dict.fromkeys(s.path for s in segments if s.max_t >= lo and s.min_t < hi))

@@ -56,24 +56,19 @@ import pyarrow.parquet as pq
 from appliance import metrics
 from appliance.config import Settings
 from appliance.logs import setup_logging
-from appliance.store import layout, textindex
+from appliance.store import layout, textindex, visibility
 from appliance.store.crash import crash_point
 from appliance.store.manifest import Manifest, read_manifest, update_manifest
 from appliance.store.writer import AtomicParquetWriter
 
 log = logging.getLogger("appliance.compact")
 
-PREFIX = "c-"  # compacted files; batch files are named by their stream range
 ROW_GROUP_ROWS = 262_144
 # Posts files get smaller row groups, so the token index (textindex) can skip most of a day for a
 # rare word; measured on a 833k-post day: +1% bytes, a full text scan no slower than 262,144.
 POSTS_ROW_GROUP_ROWS = 16_384
 ORPHAN_AGE_S = 3600.0  # a batch file or temp file this old and not live is left by a crash
 _LOCK = ".compact.lock"
-DAY_US = 86_400_000_000
-
-TABLE_COLLECTION = layout.TABLE_COLLECTION
-COMMIT_TABLES = layout.COMMIT_TABLES
 
 
 @dataclass
@@ -107,48 +102,27 @@ def _day_of_path(rel: str) -> str:
 
 def needs_compaction(paths: list[str]) -> bool:
     """A partition with any batch file (not yet compacted) needs compaction."""
-    return any(not Path(p).name.startswith(PREFIX) for p in paths)
+    return any(not Path(p).name.startswith(layout.COMPACTED_PREFIX) for p in paths)
 
 
 def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[str, Any]]:
-    """SQL (and its parameters) selecting the compacted rows of a partition's files."""
+    """SQL (and its parameters) selecting the compacted rows of a partition's files: one row
+    per natural key, and for commit tables only the visible versions (`store.visibility`)."""
     params: dict[str, Any] = {"files": files}
     columns = ", ".join(layout.SCHEMAS[table].names)
     source = f"(SELECT {columns} FROM read_parquet($files, hive_partitioning = false))"
     key = ", ".join(layout.KEY_COLUMNS[table])
-    if table not in COMMIT_TABLES:
+    if table not in layout.COMMIT_TABLES:
         sql = (
             f"SELECT * FROM {source} "
             f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY time_us) = 1 "
             f"ORDER BY time_us, {key}"
         )
         return sql, params
-    # A record is (did, rkey) in a typed table, (did, collection, rkey) in records.
-    record = layout.RECORD_COLUMNS[table]
-    latest = (
-        f"SELECT * FROM {source} "
-        f"QUALIFY row_number() OVER (PARTITION BY {', '.join(record)} "
-        "ORDER BY rev DESC, time_us) = 1"
-    )
-    if not deletes:
-        return f"{latest} ORDER BY time_us, {key}", params
-    params["deletes"] = deletes
-    if table == "records":
-        params["typed"] = list(layout.COLLECTION_TABLES)
-        only = "NOT list_contains($typed, collection)"
-    else:
-        params["collection"] = TABLE_COLLECTION[table]
-        only = "collection = $collection"
-    same = " AND ".join(f"d.{c} = s.{c}" for c in record)
-    sql = (
-        "WITH dels AS (SELECT did, collection, rkey, rev "
-        f"FROM read_parquet($deletes, hive_partitioning = false) WHERE {only}), "
-        f"latest AS ({latest}) "
-        "SELECT * FROM latest s "
-        f"WHERE NOT EXISTS (SELECT 1 FROM dels d WHERE {same} AND d.rev > s.rev) "
-        f"ORDER BY time_us, {key}"
-    )
-    return sql, params
+    sql, rule_params = visibility.visible_sql(table, source, with_deletes=bool(deletes))
+    if deletes:
+        params["deletes"] = deletes
+    return sql, {**params, **rule_params}
 
 
 def _connect(settings: Settings) -> duckdb.DuckDBPyConnection:
@@ -175,7 +149,9 @@ def _sweep_orphans(data_dir: Path, directory: Path, manifest: Manifest) -> int:
         if rel in keep or not path.is_file():
             continue
         name = path.name
-        ours = name.startswith((PREFIX, f".{PREFIX}"))  # we hold the compaction lock
+        ours = name.startswith(
+            (layout.COMPACTED_PREFIX, f".{layout.COMPACTED_PREFIX}")
+        )  # we hold the compaction lock
         stale = now - path.stat().st_mtime > ORPHAN_AGE_S
         if name.endswith(textindex.SUFFIX):
             # an index lives as long as its data file (retired with it, removed with it)
@@ -232,7 +208,7 @@ def compact_partition(
         _sweep_orphans(data_dir, directory, manifest)
         digest = hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:16]
         deletes: list[str] = []
-        if table in COMMIT_TABLES:
+        if table in layout.COMMIT_TABLES:
             first = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
             deletes = [
                 str(data_dir / p)
@@ -260,7 +236,7 @@ def compact_partition(
                 if writer is None:
                     writer = AtomicParquetWriter(
                         directory,
-                        f"{PREFIX}{digest}-{len(outputs):03d}",
+                        f"{layout.COMPACTED_PREFIX}{digest}-{len(outputs):03d}",
                         schema,
                         zstd_level=settings.compact_zstd_level,
                         sorting_columns=[pq.SortingColumn(schema.get_field_index("time_us"))],

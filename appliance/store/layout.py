@@ -39,12 +39,24 @@ TABLES = (
 )
 
 
+# Microseconds in a day: a partition holds one UTC day of Jetstream time_us.
+DAY_US = 86_400_000_000
+# Names of compacted files start with this; batch files are named by their stream range.
+COMPACTED_PREFIX = "c-"
+
+
+def commit_table(collection: str, operation: str) -> str:
+    """The table a commit is stored in: every delete in `deletes`, a typed collection in its
+    table, any other collection in `records`."""
+    if operation == "delete":
+        return "deletes"
+    return COLLECTION_TABLES.get(collection, "records")
+
+
 def table_for(event: Event) -> str:
-    """The one table an event is stored in. Every commit delete goes to `deletes`."""
+    """The one table an event is stored in (`commit_table` for commits)."""
     if isinstance(event, CommitEvent):
-        if event.commit.operation == "delete":
-            return "deletes"
-        return COLLECTION_TABLES.get(event.commit.collection, "records")
+        return commit_table(event.commit.collection, event.commit.operation)
     if isinstance(event, IdentityEvent):
         return "identities"
     assert isinstance(event, AccountEvent)
@@ -200,6 +212,30 @@ RECORD_COLUMNS: dict[str, tuple[str, ...]] = {
     t: cols[:-1] for t, cols in KEY_COLUMNS.items() if t in (*COMMIT_TABLES, "deletes")
 }
 KEY_SEPARATOR = "\x1f"  # cannot occur in a DID, NSID, record key or TID
+
+NaturalKey = tuple[str, str, str, str]
+
+
+def natural_key(event: Event) -> NaturalKey:
+    """The natural key of an event, as a tuple: the values of its table's KEY_COLUMNS, with the
+    collection of a typed table filled in and identity/account events tagged by kind (what
+    `stored_keys` gives for the row the event becomes)."""
+    if isinstance(event, CommitEvent):
+        c = event.commit
+        return (event.did, c.collection, c.rkey, c.rev)
+    if isinstance(event, IdentityEvent):
+        return (event.did, "identity", str(event.identity.seq), "")
+    assert isinstance(event, AccountEvent)
+    return (event.did, "account", str(event.account.seq), "")
+
+
+def stored_keys(table: str, rows: dict[str, list[Any]]) -> list[NaturalKey]:
+    """`natural_key` of each stored row (`rows`: column -> values, holding KEY_COLUMNS[table])."""
+    if table in ("identities", "accounts"):
+        kind = "identity" if table == "identities" else "account"
+        return [(d, kind, str(s), "") for d, s in zip(rows["did"], rows["seq"], strict=True)]
+    collections = rows.get("collection") or [TABLE_COLLECTION[table]] * len(rows["did"])
+    return list(zip(rows["did"], collections, rows["rkey"], rows["rev"], strict=True))
 
 
 def key_array(table: str, data: pa.Table) -> pa.ChunkedArray:

@@ -37,6 +37,7 @@ import redis
 from appliance.config import Settings, load_settings, to_environ
 from appliance.ingest.ingester import WS_MAX_QUEUE, event_loop_factory
 from appliance.redis_server import start_redis
+from appliance.store.layout import DAY_US
 from loadtest.bench import median, peak_rss_mb
 from loadtest.firehose import FirehoseConfig, time_at
 
@@ -193,7 +194,7 @@ def _run_ingester(
                 raise TimeoutError(f"ingester did not drain {cfg.events} events in {timeout} s")
             time.sleep(0.005)
         assert first is not None
-        first_index = (first[1] - cfg.start_us) * cfg.events_per_day // 86_400_000_000
+        first_index = (first[1] - cfg.start_us) * cfg.events_per_day // DAY_US
         events = cfg.events - 1 - first_index
         if events <= 0:
             raise RuntimeError("drained before the first poll: too few --events to measure")

@@ -46,7 +46,6 @@ RARE_RATE = 1e-5
 PHRASE_RATE = 0.004
 STORE_FORMAT = 2  # bump when the generated layout changes, so an old cached store is rebuilt
 START_DAY = datetime(2026, 6, 1, tzinfo=UTC)
-DAY_US = 86_400_000_000
 TID_ALPHABET = np.frombuffer(b"234567abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
 B32_ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz234567", dtype=np.uint8)
 LANGS = [["en"], ["ja"], ["pt"], ["de"], ["en", "es"], ["fr"]]
@@ -160,7 +159,7 @@ class _Pools:
 def _day_posts(rng: np.random.Generator, pools: _Pools, day: int, n: int) -> pa.Table:
     """One day's posts, sorted by time_us, as the compactor writes them."""
     start = int((START_DAY + timedelta(days=day)).timestamp() * 1_000_000)
-    time_us = np.sort(rng.integers(start, start + DAY_US, size=n))
+    time_us = np.sort(rng.integers(start, start + layout.DAY_US, size=n))
     author = rng.choice(len(pools.dids), size=n, p=pools.author_weights)
     did = pools.dids.take(pa.array(author))
     rkey = _tids(time_us - rng.integers(0, 2_000_000, size=n), rng.integers(0, 1024, size=n))
