@@ -23,6 +23,7 @@ from sanic_testing.reusable import ReusableClient
 from appliance import buffer, metrics
 from appliance.api.app import create_app
 from appliance.batch import batcher as batch_mod
+from appliance.batch import files, transform
 from appliance.config import Settings
 from appliance.query.engine import Filters, QueryEngine
 from appliance.store import layout
@@ -106,7 +107,7 @@ def group_state(settings: Settings) -> tuple[int, int]:
     try:
         groups = client.xinfo_groups(settings.stream_key)
         group = next(g for g in groups if g["name"].decode() == settings.consumer_group)
-        first_unread = batch_mod.next_id(group["last-delivered-id"].decode())
+        first_unread = buffer.next_id(group["last-delivered-id"].decode())
         unread = len(client.xrange(settings.stream_key, min=first_unread))
     finally:
         client.close()
@@ -314,13 +315,13 @@ def test_trimming_keeps_every_entry_not_yet_acknowledged(
     async def one_batch() -> None:
         client = buffer.connect(fast)
         batcher = batch_mod.Batcher(fast, client)
-        await batcher.ensure_group()
+        await batcher.group.ensure()
         # Read 30 entries; leave 20 of them failed-looking (pending), 70 unread.
         reply = await client.xreadgroup(
             fast.consumer_group, fast.batch_consumer, {fast.stream_key: ">"}, count=30
         )
         entries = reply[0][1]
-        b = batch_mod.Batch("new")
+        b = transform.Batch("new")
         b.add_entries([(i.decode(), f) for i, f in entries[:10]])
         await batcher.flush(b)
         await client.aclose()
@@ -454,9 +455,9 @@ def test_a_redone_batch_overwrites_its_own_files(fast: Settings, redis_fast: Red
     async def write_without_ack() -> str:
         client = buffer.connect(fast)
         batcher = batch_mod.Batcher(fast, client)
-        await batcher.ensure_group()
+        await batcher.group.ensure()
         b = await batcher.collect_new()
-        await asyncio.to_thread(batch_mod.write_batch, fast, b, batcher.stored)
+        await asyncio.to_thread(files.write_batch, fast, b, batcher.stored)
         await client.aclose()
         return b.name
 

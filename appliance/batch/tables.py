@@ -8,7 +8,7 @@ are extracted with typed msgspec Structs; a record whose fields have unexpected 
 to a lenient walk over plain JSON values, so one odd record never fails a batch.
 
 Duplicates inside a builder are dropped by natural key as they arrive; duplicates against
-earlier batches are removed later (`batch.py`) against the stored key columns.
+earlier batches are removed later (`files.py`) against the stored key columns.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def _child(
 
     The transform workers are started before the clock starts, as the batcher starts them once.
     """
-    from appliance.batch import batcher as batch_mod
+    from appliance.batch import files, transform
     from appliance.batch.tables import TableBuilder
     from appliance.buffer import pack
     from appliance.config import load_settings
@@ -100,7 +100,7 @@ def _child(
     if workers is not None:
         overrides["batch_workers"] = workers
     settings = load_settings(environ={}, data_dir=data_dir, compact_auto=False, **overrides)
-    pool = batch_mod.TransformPool(settings.batch_workers) if settings.batch_workers else None
+    pool = transform.TransformPool(settings.batch_workers) if settings.batch_workers else None
     if pool is not None:
         pool.start()
     # Stream entries as XREADGROUP returns them (read line by line: only the entries stay).
@@ -118,7 +118,7 @@ def _child(
     started = time.perf_counter()
     cpu_started = time.process_time()
     builder = TableBuilder(max_bytes=settings.max_event_bytes, store_cids=settings.store_cids)
-    batch = batch_mod.Batch("new", builder, pool=pool)
+    batch = transform.Batch("new", builder, pool=pool)
     # As XREADGROUP replies of 200 entries, each dropped once transformed (as in the batcher).
     reads = [entries[i : i + 200] for i in range(0, len(entries), 200)]
     del entries
@@ -128,7 +128,7 @@ def _child(
     transformed = time.perf_counter()
     tables = batch.tables()
     built = time.perf_counter()
-    written = batch_mod.write_batch(settings, batch, batch_mod.StoredKeys())
+    written = files.write_batch(settings, batch, files.StoredKeys())
     finished = time.perf_counter()
     workers_peak = [peak_rss_mb(pid) for pid in pool.pids()] if pool is not None else []
     if pool is not None:
