@@ -19,7 +19,8 @@ from sanic_testing.reusable import ReusableClient
 
 from appliance.api.app import create_app
 from appliance.config import Settings
-from appliance.query.engine import QueryEngine, QueryTimeout
+from appliance.query.engine import QueryEngine
+from appliance.query.model import QueryTimeout
 from tests.conftest import T0_US, ParquetData, free_port, make_settings
 
 SEC = 1_000_000

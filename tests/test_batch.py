@@ -25,7 +25,8 @@ from appliance.api.app import create_app
 from appliance.batch import batcher as batch_mod
 from appliance.batch import files, transform
 from appliance.config import Settings
-from appliance.query.engine import Filters, QueryEngine
+from appliance.query.engine import QueryEngine
+from appliance.query.model import Filters
 from appliance.store import layout
 from appliance.store.manifest import read_manifest
 from loadtest.firehose import FirehoseConfig, GroundTruth, KeyDigest, generate

@@ -17,7 +17,8 @@ import pytest
 from appliance import metrics
 from appliance.config import Settings
 from appliance.query import engine
-from appliance.query.engine import Filters, QueryEngine, parse_q
+from appliance.query.engine import QueryEngine
+from appliance.query.model import Filters, parse_q
 from appliance.store import compact, layout, textindex
 from appliance.store.manifest import read_manifest
 from loadtest.firehose import ABSENT_WORD, COMMON_WORD, RARE_WORD, _bank

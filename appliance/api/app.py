@@ -58,7 +58,8 @@ from appliance.api.models import (
 )
 from appliance.config import Settings
 from appliance.logs import setup_logging
-from appliance.query.engine import InvalidQuery, Post, QueryEngine, QueryError, QueryTimeout
+from appliance.query.engine import QueryEngine
+from appliance.query.model import InvalidQuery, Post, QueryError, QueryTimeout
 
 log = logging.getLogger("appliance.api")
 access_log = logging.getLogger("appliance.api.access")

@@ -13,51 +13,65 @@ the rows a page needs. DuckDB skips the row groups outside a window by their sta
 applies the time bounds inside the scan, so the first page of a common word matches text in a
 few thousand rows, date filters prune whole days, and only a word that is rare scans everything.
 
-Visibility (DESIGN invariant 4) is applied on every query: a post version is shown only if no
-posts row of its uri has a greater rev and no delete row of its uri has a greater rev. Each worker
-keeps a small in-memory index of the rows that can hide a version -- post deletes and post
-updates (a create only follows a delete, which already hides the older version) -- as sorted
-arrays of (hash(uri), greatest rev), loaded once per live file. Candidate rows of a page are
-checked against it in microseconds; the walk fetches more candidates when some are hidden. A
-second index holds the latest handle of each DID (from identities), for the handles shown in
+Visibility (DESIGN invariant 4) is applied on every query, by the rule in `store.visibility`:
+each worker keeps its in-memory index of the rows that can hide a version (post deletes and
+post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per live file
+(`query.index`). Candidate rows of a page are checked against it in microseconds; the walk
+fetches more candidates when some are hidden. A second index holds the latest handle of each
+DID (from identities), for the handles shown in
 results and for author=/mention= given as a handle.
 """
 
 from __future__ import annotations
 
-import base64
-import bisect
 import collections
-import hashlib
-import hmac
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Generator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, TypeVar
 
 import duckdb
-import msgspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from appliance import metrics
 from appliance.config import Settings
+from appliance.query.cursor import CursorCodec
+from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
+from appliance.query.model import (
+    Filters,
+    InvalidQuery,
+    Position,
+    Post,
+    QueryTimeout,
+    SearchResult,
+)
+from appliance.query.planner import WindowPlanner, next_target
+from appliance.query.snapshot import Segment, Snapshot
+from appliance.query.sql import (
+    DID_HASH,
+    REV,
+    TIME_US,
+    URI,
+    URI_HASH,
+    candidates_sql,
+    filter_sql,
+    row_to_post,
+    utc,
+)
+from appliance.query.stats import stored_rows
 from appliance.store import layout, textindex, visibility
-from appliance.store.manifest import MANIFEST, Manifest, read_manifest
+from appliance.store.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger("appliance.query")
 T = TypeVar("T")
 
 FIRST_WINDOW_ROWS = 16_384  # rows the first time window of a walk aims to cover
 WINDOW_GROWTH = 4
-MAX_TERMS = 16
 # A file's token index is used only when it rules out at least half of the file's row groups;
 # a word that common fills a page from the first windows anyway.
 INDEX_MAX_FRACTION = 0.5
@@ -65,295 +79,6 @@ INDEX_MAX_FRACTION = 0.5
 # would need more rows than this (a common word's page or export is then only a few windows away,
 # and the lookup would cost more than it saves).
 NARROW_ROWS = 1_000_000
-Sort = Literal["latest", "oldest"]
-
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-class QueryError(Exception):
-    """Base of the errors a query can end with."""
-
-
-class InvalidQuery(QueryError):
-    """A parameter is well-formed but unusable (e.g. a cursor from another query): HTTP 400."""
-
-    def __init__(self, param: str, detail: str) -> None:
-        super().__init__(f"{param}: {detail}")
-        self.param = param
-        self.detail = detail
-
-
-class QueryTimeout(QueryError):
-    """The query ran past query_timeout_s and was interrupted: HTTP 504."""
-
-
-# --- the query model ---------------------------------------------------------------------------
-
-
-class Filters(msgspec.Struct, frozen=True, kw_only=True):
-    """A normalised search: what /v1/search and /v1/export filter on, with no paging."""
-
-    include: tuple[str, ...] = ()  # substrings that must all occur in the text
-    exclude: tuple[str, ...] = ()  # substrings that must not occur
-    exact: bool = False  # case-sensitive matching
-    author: str | None = None  # a DID, or a handle (lower case) resolved through identities
-    mention: str | None = None  # likewise
-    lang: str | None = None  # lower case; "en" also matches "en-US"
-    tag: str | None = None  # lower case, without '#'
-    domain: str | None = None  # lower-case host; subdomains match too
-    since_us: int | None = None  # inclusive
-    until_us: int | None = None  # exclusive
-    sort: Sort = "latest"
-
-    def fingerprint(self) -> bytes:
-        """A stable digest of the filters: keys the cache and pins a cursor to its query."""
-        return hashlib.sha256(msgspec.msgpack.encode(self)).digest()[:12]
-
-
-def parse_q(q: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Split a search string into (must-contain, must-not-contain) substrings.
-
-    Words are separated by whitespace; "a quoted phrase" is one substring (an unterminated quote
-    runs to the end); a leading '-' excludes the word or phrase; a lone '-' is a literal word.
-    Without `exact`, terms are compared in lower case (the engine lowers both sides in SQL).
-    """
-    include: list[str] = []
-    exclude: list[str] = []
-    i, n = 0, len(q)
-    while i < n:
-        if q[i].isspace():
-            i += 1
-            continue
-        negate = q[i] == "-" and i + 1 < n and not q[i + 1].isspace()
-        if negate:
-            i += 1
-        if q[i] == '"':
-            end = q.find('"', i + 1)
-            end = n if end < 0 else end
-            term = q[i + 1 : end].strip()
-            i = end + 1
-        else:
-            start = i
-            while i < n and not q[i].isspace():
-                i += 1
-            term = q[start:i]
-        if term:
-            (exclude if negate else include).append(term)
-    if len(include) + len(exclude) > MAX_TERMS:
-        raise InvalidQuery("q", f"at most {MAX_TERMS} words or phrases")
-    # duplicates change nothing but the cache key
-    return tuple(dict.fromkeys(include)), tuple(dict.fromkeys(exclude))
-
-
-class Post(msgspec.Struct, kw_only=True):
-    """One visible post, as /v1/search and /v1/export return it."""
-
-    uri: str
-    did: str
-    handle: str | None = None
-    text: str | None = None
-    created_at: datetime | None = None
-    indexed_at: datetime  # when Jetstream saw the commit (time_us)
-    langs: list[str] = []
-    reply_parent: str | None = None
-    reply_root: str | None = None
-    quote: str | None = None
-    embed_kind: str | None = None
-    external_uri: str | None = None
-    links: list[str] = []
-    mentions: list[str] = []
-    tags: list[str] = []
-
-
-@dataclass(frozen=True)
-class Position:
-    """A keyset position: rows strictly after it in the walk's order come next."""
-
-    time_us: int
-    uri: str
-
-
-@dataclass
-class SearchResult:
-    posts: list[Post]
-    has_more: bool
-    capped: bool  # more rows exist, but the result-limit flag stops here
-    page: int
-    cursor: str | None
-    data_version: int
-
-
-# --- the cursor --------------------------------------------------------------------------------
-
-
-class _CursorBody(msgspec.Struct, array_like=True):
-    fingerprint: bytes
-    time_us: int
-    uri: str
-    delivered: int  # rows returned before the cursor, for the result-limit cap
-
-
-class CursorCodec:
-    """Opaque keyset cursors, HMAC-signed so a tampered one is refused, pinned to one query."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._key = secret
-
-    def encode(self, filters: Filters, after: Position, delivered: int) -> str:
-        body = msgspec.msgpack.encode(
-            _CursorBody(filters.fingerprint(), after.time_us, after.uri, delivered)
-        )
-        tag = hmac.new(self._key, body, hashlib.sha256).digest()[:16]
-        return base64.urlsafe_b64encode(body + tag).decode().rstrip("=")
-
-    def decode(self, token: str, filters: Filters) -> tuple[Position, int]:
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except ValueError as exc:
-            raise InvalidQuery("cursor", "not a cursor returned by this API") from exc
-        body, tag = raw[:-16], raw[-16:]
-        expected = hmac.new(self._key, body, hashlib.sha256).digest()[:16]
-        if len(raw) <= 16 or not hmac.compare_digest(tag, expected):
-            raise InvalidQuery("cursor", "not a cursor returned by this API (or it was altered)")
-        parsed = msgspec.msgpack.decode(body, type=_CursorBody)
-        if parsed.fingerprint != filters.fingerprint():
-            raise InvalidQuery("cursor", "belongs to a different query; repeat its parameters")
-        return Position(parsed.time_us, parsed.uri), parsed.delivered
-
-
-# --- the snapshot of live files ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A row group of a live file, with its time_us range (from Parquet statistics)."""
-
-    path: str
-    min_t: int
-    max_t: int
-    rows: int
-
-
-@dataclass
-class Snapshot:
-    """The live files of one manifest version, grouped by table and day."""
-
-    manifest: Manifest
-    days: dict[str, dict[str, list[str]]]  # table -> day -> absolute paths
-
-    @property
-    def version(self) -> int:
-        return self.manifest.version
-
-    def files(
-        self, table: str, first_day: str | None = None, last_day: str | None = None
-    ) -> list[str]:
-        by_day = self.days.get(table, {})
-        return [
-            path
-            for day in sorted(by_day)
-            if (first_day is None or day >= first_day) and (last_day is None or day <= last_day)
-            for path in by_day[day]
-        ]
-
-
-# --- SQL ---------------------------------------------------------------------------------------
-
-# The uri is not stored: it is derived from did and rkey (`layout.uri_sql`), everywhere the
-# same way, so the keyset order, cursors and the visibility index's hash(uri) agree.
-_POST_URI = layout.uri_sql("posts")
-# Candidate rows are tuples in this column order; the visibility index keys on hash(uri).
-_COLUMNS = (
-    f"{_POST_URI} AS uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, "
-    "reply_parent, reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, "
-    f"hash({_POST_URI}) AS h, hash(did) AS dh"
-)
-URI, DID, REV, TIME_US, URI_HASH, DID_HASH = 0, 1, 2, 3, 15, 16
-_HOST = "lower(regexp_extract({u}, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#:]+)', 1))"
-
-
-def _text_clause(term_param: str, exact: bool) -> str:
-    # contains() is a plain substring test: %, _ and \ in a term match themselves, no escaping.
-    if exact:
-        return f"contains(text, {term_param})"
-    return f"contains(lower(text), lower({term_param}))"
-
-
-def filter_sql(
-    filters: Filters, author_did: str | None, mention_did: str | None
-) -> tuple[list[str], dict[str, Any]]:
-    """WHERE conjuncts and their bound parameters for the filters (time bounds excluded).
-
-    Every user value is a named parameter; the SQL text depends only on which filters are set.
-    """
-    clauses: list[str] = []
-    params: dict[str, Any] = {}
-    for i, term in enumerate(filters.include):
-        params[f"inc{i}"] = term
-        clauses.append(_text_clause(f"$inc{i}", filters.exact))
-    for i, term in enumerate(filters.exclude):
-        params[f"exc{i}"] = term
-        clauses.append(f"NOT coalesce({_text_clause(f'$exc{i}', filters.exact)}, false)")
-    if author_did is not None:
-        params["author"] = author_did
-        clauses.append("did = $author")
-    if mention_did is not None:
-        params["mention"] = mention_did
-        clauses.append("list_contains(mentions, $mention)")
-    if filters.lang is not None:
-        params["lang"], params["lang_prefix"] = filters.lang, filters.lang + "-"
-        clauses.append(
-            "len(list_filter(langs, lambda x: lower(x) = $lang "
-            "OR starts_with(lower(x), $lang_prefix))) > 0"
-        )
-    if filters.tag is not None:
-        params["tag"] = filters.tag
-        clauses.append("list_contains(list_transform(tags, lambda x: lower(x)), $tag)")
-    if filters.domain is not None:
-        params["domain"], params["subdomain"] = filters.domain, "." + filters.domain
-        host = _HOST.format(u="x")
-        # the cheap substring test first; the host parse only for rows that pass it
-        clauses.append(
-            "(contains(lower(coalesce(external_uri, '')), $domain) "
-            "OR contains(lower(array_to_string(links, ' ')), $domain))"
-        )
-        clauses.append(
-            "len(list_filter(list_append(coalesce(links, []), external_uri), "
-            f"lambda x: {host} = $domain OR ends_with({host}, $subdomain))) > 0"
-        )
-    return clauses, params
-
-
-def _row_to_post(row: Sequence[Any]) -> Post:
-    (uri, did, _rev, time_us, created_us, text, langs, parent, root, quote, embed, external,
-     links, mentions, tags, _hash, _did_hash) = row  # fmt: skip
-    return Post(
-        uri=uri,
-        did=did,
-        text=text,
-        created_at=_ts(created_us) if created_us is not None else None,
-        indexed_at=_ts(time_us),
-        langs=langs or [],
-        reply_parent=parent,
-        reply_root=root,
-        quote=quote,
-        embed_kind=embed,
-        external_uri=external,
-        links=links or [],
-        mentions=mentions or [],
-        tags=tags or [],
-    )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _ts(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)
-
-
-# --- the engine --------------------------------------------------------------------------------
 
 
 class _LRU:
@@ -443,10 +168,10 @@ class QueryEngine:
         self._indexed: dict[str, bool] = {}  # posts file -> has a valid token index
         self._cache = _LRU(settings.cache_entries)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
-        self._hidden = _PerFileIndex(
-            tuple(visibility.hiders("posts")), _load_hiding, visibility.HidingIndex.from_tables
+        self._hidden = PerFileIndex(
+            tuple(visibility.hiders("posts")), load_hiding, visibility.HidingIndex.from_tables
         )
-        self._handles = _PerFileIndex(("identities",), _load_handles, _merge_handles)
+        self._handles = PerFileIndex(("identities",), load_handles, merge_handles)
         self.warmed = threading.Event()
 
     def close(self) -> None:
@@ -579,7 +304,7 @@ class QueryEngine:
                 rows.extend(batch)
             more = len(rows) > end - delivered + skip
             page_rows = rows[skip : skip + end - delivered]
-            posts = [_row_to_post(r) for r in page_rows]
+            posts = [row_to_post(r) for r in page_rows]
             self._attach_handles(cur, snap, posts, page_rows)
             capped = more and cap is not None and end >= cap
             has_more = more and not capped
@@ -621,7 +346,7 @@ class QueryEngine:
                 batch = self._step(cur, walk)
                 if batch is None:
                     return
-                posts = [_row_to_post(r) for r in batch]
+                posts = [row_to_post(r) for r in batch]
                 self._attach_handles(cur, snap, posts, batch)
                 yield posts
         finally:
@@ -646,14 +371,14 @@ class QueryEngine:
         snap = self.snapshot()
         cached = self._stats_cache
         if cached is None or cached[0] != snap.version:
-            cached = (snap.version, self.run(lambda cur: self._stats(cur, snap)))
+            cached = (snap.version, self.run(lambda cur: stored_rows(cur, snap, self._segments)))
             self._stats_cache = cached
         body = dict(cached[1])
         newest = body.pop("newest_time_us")
         last = snap.manifest.last_batch
         batch_time = last.get("time")
         body.update(
-            newest_event_at=_ts(newest) if newest is not None else None,
+            newest_event_at=utc(newest) if newest is not None else None,
             ingest_lag_s=round(time.time() - newest / 1e6, 3) if newest is not None else None,
             last_batch_at=(
                 datetime.fromtimestamp(batch_time, tz=UTC)
@@ -663,55 +388,6 @@ class QueryEngine:
             last_batch_events=last.get("events") if isinstance(last.get("events"), int) else None,
         )
         return body
-
-    def _stats(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot) -> dict[str, Any]:
-        per_day: dict[str, dict[str, int]] = {}
-        newest: int | None = None
-        files = 0
-        for table, by_day in snap.days.items():
-            for day, paths in by_day.items():
-                for path in paths:
-                    segments = self._segments(path, day)
-                    files += 1
-                    per_day.setdefault(day, {}).setdefault(table, 0)
-                    per_day[day][table] += sum(s.rows for s in segments)
-                    if segments:
-                        top = max(s.max_t for s in segments)
-                        newest = top if newest is None else max(newest, top)
-        collections: dict[str, int] = {}
-        for collection, table in layout.COLLECTION_TABLES.items():
-            total = sum(tables.get(table, 0) for tables in per_day.values())
-            if total:
-                collections[collection] = total
-        deletes: dict[str, int] = {}
-        for table, target in (("records", collections), ("deletes", deletes)):
-            paths = snap.files(table)
-            if paths:
-                rows = cur.execute(
-                    "SELECT collection, count(*) FROM read_parquet($files) GROUP BY collection",
-                    {"files": paths},
-                ).fetchall()
-                for collection, count in rows:
-                    target[str(collection)] = target.get(str(collection), 0) + int(count)
-        days = [
-            {
-                "date": day,
-                "events": sum(tables.values()),
-                "posts": tables.get("posts", 0),
-                "tables": dict(sorted(tables.items())),
-            }
-            for day, tables in sorted(per_day.items())
-        ]
-        return {
-            "data_version": snap.version,
-            "files": files,
-            "events": sum(d["events"] for d in days),
-            "posts": sum(d["posts"] for d in days),
-            "days": days,
-            "collections": dict(sorted(collections.items())),
-            "deletes_by_collection": dict(sorted(deletes.items())),
-            "newest_time_us": newest,
-        }
 
     # --- the walk ------------------------------------------------------------------------------
 
@@ -767,7 +443,7 @@ class QueryEngine:
         first_day = layout.day_of(lo_bound) if lo_bound is not None else None
         last_day = layout.day_of(max(hi_bound - 1, 0)) if hi_bound is not None else None
         segments = self._segments_in(snap, first_day, last_day, lo_bound, hi_bound)
-        planner = _WindowPlanner(segments, latest, lo_bound, hi_bound)
+        planner = WindowPlanner(segments, latest, lo_bound, hi_bound)
         remaining, target = need, float(FIRST_WINDOW_ROWS)
         scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
         seen: set[str] = set()
@@ -802,16 +478,18 @@ class QueryEngine:
                     break  # this window is exhausted
                 position = Position(rows[-1][TIME_US], rows[-1][URI])
             scanned += rows_in_window
-            target = _next_target(target, remaining, scanned, hits)
+            target = next_target(
+                target, remaining, scanned, hits, first_rows=FIRST_WINDOW_ROWS, growth=WINDOW_GROWTH
+            )
             if narrow and remaining > 0 and (hits == 0 or remaining * scanned / hits > NARROW_ROWS):
                 narrow = False
                 narrowed = self._narrow(cur, segments, filters, author)
                 if narrowed is not None:
                     segments, restrict = narrowed
                     if latest:
-                        planner = _WindowPlanner(segments, latest, planner.lo_edge, planner.edge)
+                        planner = WindowPlanner(segments, latest, planner.lo_edge, planner.edge)
                     else:
-                        planner = _WindowPlanner(segments, latest, planner.edge, planner.hi_edge)
+                        planner = WindowPlanner(segments, latest, planner.edge, planner.hi_edge)
 
     def _segments_in(
         self,
@@ -851,41 +529,10 @@ class QueryEngine:
         Files in `restrict` are read only within the time ranges of their candidate row groups
         (from their token index): DuckDB skips the other row groups by their statistics.
         """
-        where = ["time_us >= $lo", "time_us < $hi", *clauses]
-        bound = dict(params, lo=lo, hi=hi, fetch=fetch)
-        if after is not None:
-            op = "<" if latest else ">"
-            where.append(f"(time_us {op} $kt OR (time_us = $kt AND {_POST_URI} {op} $ku))")
-            bound.update(kt=after.time_us, ku=after.uri)
-        order = "DESC" if latest else "ASC"
-        tail = f"ORDER BY time_us {order}, {_POST_URI} {order} LIMIT $fetch"
-        restrict = restrict or {}
-        narrowed = [f for f in files if f in restrict]
-        plain = [f for f in files if f not in restrict]
-        parts = []
-        if plain:
-            bound["files"] = plain
-            parts.append(f"SELECT {_COLUMNS} FROM read_parquet($files) WHERE {' AND '.join(where)}")
-        if narrowed:
-            ranges = sorted(
-                {(a, b) for f in narrowed for a, b in restrict[f] if b >= lo and a < hi}
-            )
-            # integers from our own file metadata, not user input
-            within = " OR ".join(f"time_us BETWEEN {int(a)} AND {int(b)}" for a, b in ranges)
-            bound["nfiles"] = narrowed
-            parts.append(
-                f"SELECT {_COLUMNS} FROM read_parquet($nfiles) "
-                f"WHERE {' AND '.join(where)} AND ({within or 'false'})"
-            )
-        if not parts:
+        query = candidates_sql(files, clauses, params, lo, hi, after, latest, fetch, restrict)
+        if query is None:
             return []  # a window between candidate row groups
-        if len(parts) == 1:
-            sql = f"{parts[0]} {tail}"
-        else:
-            sql = (
-                f"SELECT * FROM (({parts[0]} {tail}) UNION ALL ({parts[1]} {tail})) "
-                f"ORDER BY time_us {order}, uri {order} LIMIT $fetch"
-            )
+        sql, bound = query
         return cur.execute(sql, bound).fetchall()
 
     def _has_index(self, path: str) -> bool:
@@ -979,245 +626,3 @@ class QueryEngine:
         visible = [row for row, ok in zip(rows, keep, strict=True) if ok]
         metrics.api_hidden_rows.inc(len(rows) - len(visible))
         return visible
-
-
-class _Handles:
-    """The latest handle of each DID seen in identities, keyed by hash(did)."""
-
-    def __init__(self, table: pa.Table) -> None:
-        if table.num_rows:
-            table = table.sort_by([("h", "ascending"), ("time_us", "ascending")])
-            keys = table.column("h").to_numpy()
-            last = np.ones(len(keys), dtype=bool)
-            last[:-1] = keys[1:] != keys[:-1]  # the latest event of each DID sorts last
-            table = table.filter(pa.array(last))
-        self.keys = table.column("h").to_numpy().astype(np.uint64)
-        self.times = table.column("time_us").to_numpy()
-        self.dids = table.column("did")
-        self.handles = table.column("handle")
-        self.lowered = pc.utf8_lower(self.handles)
-
-    def handles_of(self, hashes: np.ndarray) -> list[str | None]:
-        if len(self.keys) == 0:
-            return [None] * len(hashes)
-        pos = np.searchsorted(self.keys, hashes)
-        pos[pos == len(self.keys)] = 0
-        found = self.keys[pos] == hashes
-        return [
-            self.handles[int(i)].as_py() if ok else None for i, ok in zip(pos, found, strict=True)
-        ]
-
-    def holder_of(self, handle: str) -> str | None:
-        """The DID whose latest handle this is (the most recent claim if several)."""
-        rows = np.flatnonzero(pc.equal(self.lowered, handle).to_numpy(zero_copy_only=False))
-        if len(rows) == 0:
-            return None
-        return str(self.dids[int(rows[np.argmax(self.times[rows])])].as_py())
-
-
-_HANDLES_SQL = (
-    "SELECT hash(did) AS h, did, time_us, handle FROM read_parquet($files) WHERE handle IS NOT NULL"
-)
-
-
-class _PerFileIndex(Generic[T]):
-    """An in-memory index over the live files of some tables, read once per file.
-
-    Files never change once live (a redone batch rewrites identical rows), so each file is read
-    the first time a snapshot lists it; the merged index is rebuilt when the file set changes.
-    """
-
-    def __init__(
-        self,
-        tables: tuple[str, ...],
-        load: Callable[[duckdb.DuckDBPyConnection, str, str], pa.Table],
-        merge: Callable[[list[pa.Table]], T],
-    ) -> None:
-        self._tables = tables
-        self._load = load
-        self._merge = merge
-        self._lock = threading.Lock()
-        self._per_file: dict[str, pa.Table] = {}
-        self._version = -1
-        self._merged = merge([])
-
-    def current(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot) -> T:
-        """The index for this snapshot, reading the files it has not seen yet."""
-        if self._version == snap.version:
-            return self._merged
-        with self._lock:
-            if self._version == snap.version:
-                return self._merged
-            wanted = [(t, p) for t in self._tables for p in snap.files(t)]
-            per_file = {}
-            for table, path in wanted:
-                loaded = self._per_file.get(path)
-                if loaded is None:
-                    loaded = self._read(cur, table, path)
-                per_file[path] = loaded
-            self._per_file = per_file
-            self._merged = self._merge([t for t in per_file.values() if t.num_rows])
-            self._version = snap.version
-            return self._merged
-
-    def _read(self, cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
-        try:
-            return self._load(cur, table, path)
-        except duckdb.IOException:
-            if os.path.exists(path):
-                raise
-            # retired after our snapshot was taken; its rows live in the file that replaced it
-            return pa.table({})
-
-
-def _load_hiding(cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
-    return visibility.load_hiding(cur, "posts", table, path)
-
-
-def _load_handles(cur: duckdb.DuckDBPyConnection, table: str, path: str) -> pa.Table:
-    out: pa.Table = cur.sql(_HANDLES_SQL, params={"files": [path]}).to_arrow_table()
-    return out
-
-
-def _merge_handles(tables: list[pa.Table]) -> _Handles:
-    if not tables:
-        schema = pa.schema(
-            [
-                ("h", pa.uint64()),
-                ("did", pa.string()),
-                ("time_us", pa.int64()),
-                ("handle", pa.string()),
-            ]
-        )
-        return _Handles(schema.empty_table())
-    return _Handles(pa.concat_tables(tables, promote_options="permissive"))
-
-
-def _next_target(target: float, remaining: int, scanned: float, hits: int) -> float:
-    """Rows the next window should cover: fourfold growth, or less once matches have been seen.
-
-    With a hit rate to go by, aim at the rows the rest of the page needs plus half again, so a
-    page that is nearly full does not scan a window four times larger than the last.
-    """
-    grown = target * WINDOW_GROWTH
-    if hits == 0:
-        return grown
-    needed = remaining * scanned / hits * 1.5
-    return min(grown, max(needed, FIRST_WINDOW_ROWS))
-
-
-class _WindowPlanner:
-    """Cuts the time range of a walk into disjoint windows [lo, hi), in walk order.
-
-    Rows are assumed spread evenly over each row group's time range, which gives an estimate of
-    the rows before any instant; each window's far edge is placed so that it holds the rows
-    asked for. DuckDB applies the time bounds inside the scan, so a window narrower than a row
-    group still spares the text matching of the rows outside it. A window larger than a couple of
-    row groups ends on a row-group boundary, so no row group is decompressed twice.
-    """
-
-    def __init__(
-        self, segments: list[Segment], latest: bool, lo_bound: int | None, hi_bound: int | None
-    ) -> None:
-        self.segments = segments
-        self.latest = latest
-        if not segments:
-            self.lo_edge = self.hi_edge = self.edge = 0
-            return
-        self.lo_edge = min(s.min_t for s in segments) if lo_bound is None else lo_bound
-        self.hi_edge = max(s.max_t for s in segments) + 1 if hi_bound is None else hi_bound
-        self.estimate = _RowEstimate(segments, self.lo_edge, min(self.hi_edge, 2**62))
-        self.total = self.estimate.rows_before(self.hi_edge)
-        self.done = 0.0  # estimated rows behind the current edge
-        self.edge = self.hi_edge if latest else self.lo_edge
-        # where windows may end to coincide with row groups; a typical row group's size
-        starts = {s.min_t if latest else s.max_t + 1 for s in segments}
-        self.boundaries = sorted(t for t in starts if self.lo_edge < t < self.hi_edge)
-        self.group_rows = sorted(s.rows for s in segments)[len(segments) // 2]
-
-    def next(self, rows: float) -> tuple[int, int, list[str], float] | None:
-        """The next window, about `rows` rows wide: (lo, hi, files overlapping, estimated rows)."""
-        if self.lo_edge >= self.hi_edge or self.edge == (
-            self.lo_edge if self.latest else self.hi_edge
-        ):
-            return None
-        wanted = self.done + max(rows, 1.0)
-        if wanted >= self.total:
-            far = self.lo_edge if self.latest else self.hi_edge
-        else:
-            # rows before an instant, counted from the walk's starting edge
-            far = self.estimate.instant_with(self.total - wanted if self.latest else wanted)
-            if rows >= 2 * self.group_rows:
-                far = self._snap(far)
-            far = max(far, self.lo_edge) if self.latest else min(far, self.hi_edge)
-            if far == self.edge:  # narrower than a microsecond: take one
-                far = self.edge - 1 if self.latest else self.edge + 1
-        lo, hi = (far, self.edge) if self.latest else (self.edge, far)
-        before = self.done
-        self.done = (
-            self.total - self.estimate.rows_before(far)
-            if self.latest
-            else self.estimate.rows_before(far)
-        )
-        self.edge = far
-        files = list(dict.fromkeys(s.path for s in self.segments if s.max_t >= lo and s.min_t < hi))
-        return lo, hi, files, self.done - before
-
-    def _snap(self, instant: int) -> int:
-        """The row-group boundary nearest to instant that still moves the edge forward."""
-        i = bisect.bisect_left(self.boundaries, instant)
-        near = [b for b in self.boundaries[max(i - 1, 0) : i + 1]]
-        if self.latest:
-            near = [b for b in near if b < self.edge]
-        else:
-            near = [b for b in near if b > self.edge]
-        return min(near, key=lambda b: abs(b - instant)) if near else instant
-
-
-def _windows(
-    segments: list[Segment], latest: bool, lo_bound: int | None, hi_bound: int | None
-) -> Iterator[tuple[int, int, list[str]]]:
-    """The windows of a walk that finds nothing: fourfold growth from FIRST_WINDOW_ROWS."""
-    planner = _WindowPlanner(segments, latest, lo_bound, hi_bound)
-    target = float(FIRST_WINDOW_ROWS)
-    while (window := planner.next(target)) is not None:
-        yield window[:3]
-        target *= WINDOW_GROWTH
-
-
-class _RowEstimate:
-    """Estimated rows before an instant, from row-group time ranges (piecewise linear)."""
-
-    def __init__(self, segments: list[Segment], lo: int, hi: int) -> None:
-        changes: dict[int, float] = {lo: 0.0, hi: 0.0}
-        for seg in segments:
-            start, stop = seg.min_t, seg.max_t + 1
-            density = seg.rows / (stop - start)
-            start, stop = max(start, lo), min(stop, hi)
-            if start >= stop:
-                continue
-            changes[start] = changes.get(start, 0.0) + density
-            changes[stop] = changes.get(stop, 0.0) - density
-        self.points = sorted(changes)
-        self.rows: list[float] = []
-        self.density: list[float] = []  # rows per microsecond after each point
-        acc, density, previous = 0.0, 0.0, self.points[0]
-        for point in self.points:
-            acc += density * (point - previous)
-            density += changes[point]
-            self.rows.append(acc)
-            self.density.append(density)
-            previous = point
-
-    def rows_before(self, instant: int) -> float:
-        i = bisect.bisect_right(self.points, instant) - 1
-        return self.rows[i] + self.density[i] * (instant - self.points[i])
-
-    def instant_with(self, rows: float) -> int:
-        """The earliest instant with about `rows` estimated rows before it."""
-        i = max(bisect.bisect_left(self.rows, rows) - 1, 0)
-        while i + 1 < len(self.points) and self.rows[i + 1] < rows:
-            i += 1
-        if self.density[i] <= 0:
-            return self.points[min(i + 1, len(self.points) - 1)]
-        return min(self.points[i] + int((rows - self.rows[i]) / self.density[i]), self.points[-1])
