@@ -18,8 +18,8 @@ each worker keeps its in-memory index of the rows that can hide a version (post 
 post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per live file
 (`query.index`). Candidate rows of a page are checked against it in microseconds; the walk
 fetches more candidates when some are hidden. A second index holds the latest handle of each
-DID (from identities), for the handles shown in
-results and for author=/mention= given as a handle.
+DID (from identities), for the handles shown in results and for author=/mention= given as a
+handle.
 """
 
 from __future__ import annotations
