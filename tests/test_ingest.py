@@ -34,7 +34,7 @@ from websockets.utils import accept_key
 from appliance import buffer
 from appliance.cli import build_parser
 from appliance.config import Settings, to_environ
-from appliance.ingest import ingester
+from appliance.ingest import frames, ingester, jetstream
 from tests.conftest import RedisProcess, free_port, make_settings, stop_process
 
 # --- helpers shared with the replay tests ----------------------------------------------------------
@@ -114,7 +114,7 @@ def test_subscribe_url_carries_subscription_and_fresh_cursor() -> None:
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx",),
     )
     base = "wss://js.example/subscribe?compress=false&cursor=1&wantedDids=did:plc:old"
-    url = ingester.subscribe_url(base, settings, 1_782_864_000_000_000)
+    url = jetstream.subscribe_url(base, settings, 1_782_864_000_000_000)
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     assert (parts.scheme, parts.netloc, parts.path) == ("wss", "js.example", "/subscribe")
@@ -123,20 +123,20 @@ def test_subscribe_url_carries_subscription_and_fresh_cursor() -> None:
     assert query["cursor"] == ["1782864000000000"]  # replaced, not appended
     assert query["compress"] == ["false"]  # other parameters kept
     assert "maxMessageSizeBytes" not in query
-    assert "cursor" not in parse_qs(urlsplit(ingester.subscribe_url(base, settings, None)).query)
+    assert "cursor" not in parse_qs(urlsplit(jetstream.subscribe_url(base, settings, None)).query)
 
 
 def test_display_url_drops_credentials_and_query() -> None:
-    shown = ingester.display_url("wss://user:secret@js.example:8443/subscribe?cursor=5&x=y")
+    shown = jetstream.display_url("wss://user:secret@js.example:8443/subscribe?cursor=5&x=y")
     assert shown == "wss://js.example:8443/subscribe"
 
 
 def test_backoff_is_exponential_jittered_and_capped() -> None:
     for attempt in range(1, 40):
-        ceiling = min(1.0, ingester.BACKOFF_BASE_S * 2 ** (attempt - 1))
-        delays = [ingester.backoff_delay(attempt, cap_s=1.0) for _ in range(50)]
+        ceiling = min(1.0, jetstream.BACKOFF_BASE_S * 2 ** (attempt - 1))
+        delays = [jetstream.backoff_delay(attempt, cap_s=1.0) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
-    assert len({ingester.backoff_delay(3, cap_s=1.0) for _ in range(20)}) > 1  # jittered
+    assert len({jetstream.backoff_delay(3, cap_s=1.0) for _ in range(20)}) > 1  # jittered
 
 
 @pytest.mark.parametrize(
@@ -149,8 +149,8 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
 )
 def test_subscription_is_validated(overrides: dict[str, object], message: str) -> None:
     settings = make_settings(Path("/nonexistent"), **overrides)
-    with pytest.raises(ingester.SubscriptionError, match=message):
-        ingester.validate_subscription(settings)
+    with pytest.raises(jetstream.SubscriptionError, match=message):
+        jetstream.validate_subscription(settings)
 
 
 def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
@@ -159,7 +159,7 @@ def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
         wanted_collections=("app.bsky.feed.post", "app.bsky.graph.*", "chat.bsky.*"),
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx", "did:web:example.com"),
     )
-    ingester.validate_subscription(settings)
+    jetstream.validate_subscription(settings)
 
 
 @pytest.mark.parametrize("newline_in", [None, 0, 2])
@@ -293,7 +293,7 @@ def test_redis_down_at_start_opens_circuit_then_closes(
     assert settings.redis_password not in log
     # both URLs were tried (failover)
     for url in settings.jetstream_urls:
-        assert ingester.display_url(url) in log
+        assert jetstream.display_url(url) in log
 
 
 def test_sigterm_while_the_handshake_hangs_exits_promptly(
@@ -387,11 +387,11 @@ def _client_frames(written: bytes) -> list[Frame]:
 
 def _open_frame_connection(
     max_size: int = 1 << 20,
-) -> tuple[ClientProtocol, ingester.FrameConnection, _Transport, bytes]:
+) -> tuple[ClientProtocol, frames.FrameConnection, _Transport, bytes]:
     """A client FrameConnection on a fake transport, after its opening handshake request; also
     the server's 101 response to feed it."""
     protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=max_size)
-    conn = ingester.FrameConnection(protocol, ping_interval=None)
+    conn = frames.FrameConnection(protocol, ping_interval=None)
     transport = _Transport()
     conn.connection_made(transport)
     request = protocol.connect()

@@ -1,5 +1,7 @@
-"""Ingest stage: the Jetstream websocket subscription and the ingester that feeds the buffer.
+"""Ingest stage: Jetstream websocket → the Redis Stream buffer.
 
-`ingester` runs `appliance ingest`: it reads Jetstream frames, validates them (`events`) and
-hands them to the Redis Stream through `buffer`. Nothing here knows about Parquet or queries.
+`jetstream` (the subscription: its limits, the /subscribe URL with the cursor, backoff),
+`frames` (a websocket connection that hands frames over in bulk) and `ingester` (`appliance
+ingest`: validate with `events`, hand over through `buffer`). Nothing here knows about Parquet
+or queries.
 """
