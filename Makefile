@@ -23,11 +23,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,deploy]'
 	touch $(STAMP)
 
-# redis-server is a real component of the appliance; install it from Debian when it is missing.
+# redis-server is a real component of the appliance; the system tests (tests/system) boot a
+# Debian 12 container: debootstrap, systemd-nspawn, ip, losetup, ssh and apt-ftparchive.
+# Each is installed from Debian when its command is missing.
+SYSTEM_COMMANDS := redis-server:redis-server debootstrap:debootstrap \
+	systemd-nspawn:systemd-container ip:iproute2 losetup:mount ssh:openssh-client \
+	ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@missing=""; for pair in $(SYSTEM_COMMANDS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 lint: venv
 	$(BIN)/ruff check .
