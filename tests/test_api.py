@@ -22,6 +22,7 @@ from appliance.config import Settings
 from appliance.query.engine import QueryEngine
 from appliance.query.model import QueryTimeout
 from tests.conftest import T0_US, ParquetData, free_port, make_settings
+from tests.helpers import metric_values
 
 SEC = 1_000_000
 DAY = 86_400 * SEC
@@ -483,16 +484,6 @@ def test_a_query_past_the_timeout_is_504(
     body = a.error("/v1/search", {"q": "absent"}, status=504)
     assert body["error"] == "query timeout"
     a.error("/v1/export", {"q": "absent"}, status=504)
-
-
-def metric_values(text: str) -> dict[str, float]:
-    """Prometheus exposition text as {series: value}."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            out[series] = float(value)
-    return out
 
 
 # --- the rest of the surface -----------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 
 from appliance.config import Settings, to_environ
 from tests.conftest import T0_US, ParquetData, free_port, make_settings, stop_process
-from tests.test_api import metric_values
+from tests.helpers import metric_values
 
 SEC = 1_000_000
 

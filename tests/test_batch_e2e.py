@@ -20,17 +20,18 @@ from appliance.config import Settings
 from appliance.store import layout
 from loadtest.firehose import FirehoseConfig, ground_truth, time_at
 from tests.conftest import RedisProcess, ServerHandle, make_settings, stop_process
-from tests.test_batch import (
+from tests.helpers import (
+    all_keys,
     assert_all_parquet_files_open,
     assert_stored_equals,
     group_state,
     live_files,
+    start_batcher,
+    start_ingester,
     sync_client,
     visible_posts,
+    wait_until,
 )
-from tests.test_batch_crash import start_batcher
-from tests.test_compact import all_keys
-from tests.test_ingest import start_ingester, wait_for
 
 
 def saved_cursor(settings: Settings) -> int | None:
@@ -73,17 +74,17 @@ def test_a_replay_of_200k_events_lands_in_parquet_exactly_once(
         batcher = start_batcher(settings, tmp_path / "batch.log")
         procs += [ingester, batcher]
         # kill -9 both services part way; their restarts must lose and duplicate nothing.
-        wait_for(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 60_000), 120, "ingest")
+        wait_until(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 60_000), 120, "ingest")
         ingester.send_signal(signal.SIGKILL)
         ingester.wait(10)
         ingester = start_ingester(settings, tmp_path / "ingest.log")
         procs.append(ingester)
-        wait_for(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 120_000), 120, "ingest")
+        wait_until(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 120_000), 120, "ingest")
         batcher.send_signal(signal.SIGKILL)
         batcher.wait(10)
         batcher = start_batcher(settings, tmp_path / "batch.log")
         procs.append(batcher)
-        wait_for(lambda: saved_cursor(settings) == last_us, 180, "the last event's cursor")
+        wait_until(lambda: saved_cursor(settings) == last_us, 180, "the last event's cursor")
         deadline = time.monotonic() + 180
         while group_state(settings) != (0, 0):
             assert batcher.poll() is None, "the batcher exited"

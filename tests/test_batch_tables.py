@@ -11,33 +11,11 @@ import pytest
 from appliance import events
 from appliance.batch.tables import TableBuilder, parse_time_us, timestamps
 from appliance.store import layout
+from tests.helpers import CID, DID, T0, commit
 
 MAX = events.MAX_EVENT_BYTES
 
-DID = "did:plc:" + "a" * 24
 OTHER = "did:plc:" + "b" * 24
-T0 = 1_783_175_888_000_000  # 2026-07-04T14:38:08Z
-CID = "bafyrei" + "c" * 52
-
-
-def commit(
-    record: dict[str, Any] | None,
-    *,
-    collection: str = "app.bsky.feed.post",
-    rkey: str = "3mptbyoeyc22k",
-    rev: str = "3mptbypcq372f",
-    did: str = DID,
-    time_us: int = T0,
-    operation: str = "create",
-) -> bytes:
-    """A Jetstream commit frame."""
-    body: dict[str, Any] = {"rev": rev, "operation": operation, "collection": collection}
-    body["rkey"] = rkey
-    if record is not None:
-        body["record"] = record
-        body["cid"] = CID
-    frame = {"did": did, "time_us": time_us, "kind": "commit", "commit": body}
-    return json.dumps(frame).encode()
 
 
 def build(*frames: bytes, store_cids: bool = False) -> tuple[TableBuilder, dict[str, pa.Table]]:

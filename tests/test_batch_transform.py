@@ -15,7 +15,7 @@ from appliance.batch import transform
 from appliance.batch.tables import TableBuilder, check_storable, columns_valid
 from appliance.store import layout
 from loadtest.firehose import FirehoseConfig, generate
-from tests.test_batch_tables import DID, T0, commit
+from tests.helpers import DID, T0, commit
 
 GOOD = commit({"text": "fine", "createdAt": "2026-07-04T00:00:00Z"}, rkey="3aaaaaaaaaaa2")
 

@@ -21,8 +21,10 @@ from appliance.store import compact, layout
 from appliance.store.manifest import read_manifest, update_manifest
 from loadtest.firehose import FirehoseConfig, generate
 from tests.conftest import REPO_ROOT, RedisProcess, make_settings
-from tests.test_batch import (
+from tests.helpers import (
+    all_keys,
     assert_all_parquet_files_open,
+    commit,
     drain,
     live_files,
     push,
@@ -30,7 +32,6 @@ from tests.test_batch import (
     truth_of,
     visible_posts,
 )
-from tests.test_batch_tables import commit
 
 DAY = "2026-07-01"  # the generator starts at 2026-07-01T00:00:00Z
 
@@ -53,15 +54,6 @@ def visible_keys(data_dir: str | Path, table: str) -> set[tuple[str, str]]:
         latest_delete = dict(dels)
         rows = {(u, r) for u, r in rows if not (u in latest_delete and latest_delete[u] > r)}
     return rows
-
-
-def all_keys(data_dir: str | Path, table: str) -> list[tuple[str, str]]:
-    """(uri, rev) of every stored row of a commit table ((did, seq) of identities, accounts)."""
-    files = [str(p) for p in live_files(data_dir, table)]
-    columns = ", ".join(layout.KEY_COLUMNS[table])
-    if table in (*layout.COMMIT_TABLES, "deletes"):
-        columns = f"{layout.uri_sql(table)}, rev"
-    return duckdb.sql(f"SELECT {columns} FROM read_parquet($f)", params={"f": files}).fetchall()
 
 
 @pytest.fixture

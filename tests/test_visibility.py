@@ -13,7 +13,7 @@ from appliance import events
 from appliance.batch.tables import TableBuilder
 from appliance.store import layout, visibility
 from appliance.store.writer import write_atomic
-from tests.test_batch_tables import commit
+from tests.helpers import commit
 
 # Revs are TIDs: they sort in commit order. R[1] < R[2] < ... < R[7].
 R = {n: f"3mptbypcq3aa{c}" for n, c in enumerate("abcdefgh")}
