@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from appliance import events as ev
 from appliance.store.layout import natural_key
 
-# 152 real Jetstream v1 events (a copy of ../shared/reference/jetstream/expected_v1.jsonl).
+# 152 real Jetstream v1 events, recorded from the public Jetstream.
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "jetstream_v1_reference.jsonl"
 NOW = 1_783_200_000_000_000  # 2026-07-04T...: just after the reference events
 T = 1_783_175_888_085_434

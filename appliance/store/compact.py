@@ -1,7 +1,7 @@
 """Compaction: a day's many small batch files → a few large files, sorted, deduplicated, with
 deletions applied; swapped in through the manifest so that a running query never fails.
 
-How the swap stays safe for readers (the choice the issue asks to document):
+How the swap stays safe for readers:
 
 - Readers take the list of live files from the manifest, never from a glob. Compaction writes
   its outputs (`c-<digest>-NNN.parquet`, temporary name first, fsync, rename, directory fsync),
@@ -9,8 +9,8 @@ How the swap stays safe for readers (the choice the issue asks to document):
   appends the inputs to `retired` with the time. A query sees either the old set or the new
   set, never both and never neither (no row twice, no row missing).
 - Retired files stay on disk for `compact_grace_s`, so a query that started on the previous
-  manifest keeps reading files that exist; only then are they deleted (FINDINGS: deleting a file
-  under a running DuckDB scan raises IOException).
+  manifest keeps reading files that exist; only then are they deleted (deleting a file under a
+  running DuckDB scan raises IOException).
 - Output names derive from the digest of the input list, so a compaction redone after a crash
   overwrites its own orphaned outputs; orphans of other attempts are swept (compactions hold
   `.compact.lock`, so no other compaction is writing at the same time).
