@@ -106,7 +106,7 @@ _TID_CHARS = frozenset("234567abcdefghijklmnopqrstuvwxyz")
 _TID_FIRST = frozenset("234567abcdefghij")
 
 # The did, rkey and rev checks of `validate` as RE2 patterns, for checking whole Arrow columns at
-# once (the batcher's `tables.columns_valid`). Counted repetitions ({1,512}) make RE2 programs
+# once (the batcher's `decode.columns_valid`). Counted repetitions ({1,512}) make RE2 programs
 # large and slow, so lengths are checked apart (DID_MAX_BYTES, MAX_RKEY_BYTES). Both admit only
 # ASCII, where a length in bytes is a length in characters.
 DID_PATTERN = rf"^did:(?:plc:[a-z2-7]{{24}}|web:{_WEB_ID_CHAR}+)$"

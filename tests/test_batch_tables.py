@@ -259,7 +259,7 @@ def test_rows_convert_in_chunks_without_changing_the_result() -> None:
 
 
 def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
-    from appliance.batch.tables import decode_frames, decode_joined
+    from appliance.batch.decode import decode_frames, decode_joined
 
     good = [commit({"text": str(i)}, rkey=f"3aaaaaaaaa{i:03d}") for i in range(3)]
     bad_did = commit({"text": "x"}, did="did:plc:short")  # schema-valid, fails validation
@@ -278,7 +278,7 @@ def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
 
 
 def test_an_event_the_schema_cannot_hold_is_rejected_not_stored() -> None:
-    from appliance.batch.tables import decode_frames, decode_joined
+    from appliance.batch.decode import decode_frames, decode_joined
 
     def identity(seq: int) -> bytes:
         body = {"did": DID, "seq": seq, "time": "2026-07-04T14:38:07Z"}

@@ -12,7 +12,8 @@ import pytest
 
 from appliance import buffer, events
 from appliance.batch import transform
-from appliance.batch.tables import TableBuilder, check_storable, columns_valid
+from appliance.batch.decode import check_storable, columns_valid
+from appliance.batch.tables import TableBuilder
 from appliance.store import layout
 from loadtest.firehose import FirehoseConfig, generate
 from tests.helpers import DID, T0, commit

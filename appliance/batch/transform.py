@@ -23,14 +23,13 @@ from typing import Any
 import pyarrow as pa
 
 from appliance import buffer, events, metrics
-from appliance.batch.tables import (
-    Counters,
-    TableBuilder,
+from appliance.batch.decode import (
     columns_valid,
     decode_frames,
     decode_joined,
     decode_joined_unchecked,
 )
+from appliance.batch.tables import Counters, TableBuilder
 from appliance.buffer import Entry
 
 log = logging.getLogger("appliance.batch")
