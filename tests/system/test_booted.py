@@ -5,13 +5,25 @@ These tests use their own host (module scope) so that `debian_host` stays bare f
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.system.booted import REPO_MOUNT, VOLUME_PATH, BootedHost, _run
+from tests.system.booted import (
+    REPO_MOUNT,
+    VOLUME_PATH,
+    BootedHost,
+    _run,
+    acquire_slot,
+    cache_dir,
+)
+from tests.system.conftest import DEPLOY_PACKAGES
 
 pytestmark = pytest.mark.system
 
@@ -100,3 +112,51 @@ def test_volume_formats_mounts_by_unit_and_is_mounted_again_after_reboot(
     assert host.ssh("cat /srv/appliance/marker").stdout.strip() == "kept"
     assert host.ssh("test -e /srv/appliance/probe && echo yes").stdout.strip() == "yes"
     assert host.ssh("systemctl is-active ssh").stdout.strip() == "active"
+
+
+def test_pyinfra_connects_with_the_documented_arguments(host: BootedHost) -> None:
+    pyinfra = Path(sys.executable).with_name("pyinfra")
+    proc = subprocess.run(
+        [str(pyinfra), host.address, *host.pyinfra_args(), "exec", "--", "cat /etc/debian_version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"[{host.address}] 12." in proc.stdout + proc.stderr
+
+
+CRASHING_SESSION = """
+import json, os, sys
+from tests.system.booted import boot_debian_host
+host = boot_debian_host(json.loads(sys.argv[1]))
+print(json.dumps({"slot": host._slot.index, "loop": host.loop_device,
+                  "pid": host._proc.pid, "workdir": str(host.workdir)}), flush=True)
+os._exit(1)  # die without stop(): container, netns, veth, loop device and files are left
+"""
+
+
+def test_a_crashed_session_is_cleaned_up_by_the_next_one() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING_SESSION, json.dumps(list(DEPLOY_PACKAGES))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    left = json.loads(proc.stdout.strip().splitlines()[-1])
+    netns = Path(f"/run/netns/bsat-{left['slot']}")
+    assert Path(f"/proc/{left['pid']}").exists()  # the container outlived its session
+    assert netns.exists()
+
+    slot = acquire_slot(cache_dir())
+    slot.release()
+
+    assert not Path(f"/proc/{left['pid']}").exists()
+    assert not netns.exists()
+    assert not Path(left["workdir"]).exists()
+    attached = _run(["losetup", "-n", "-O", "BACK-FILE", left["loop"]], check=False)
+    assert "volume.img" not in attached.stdout
