@@ -193,6 +193,82 @@ def index_posts_file(con: duckdb.DuckDBPyConnection, path: Path) -> textindex.Bu
     return built
 
 
+class _Outputs:
+    """The compacted files of one partition: row groups of `group_rows`, a new file every
+    `compact_max_rows` rows, each posts file indexed once it is complete."""
+
+    def __init__(
+        self, settings: Settings, con: duckdb.DuckDBPyConnection, table: str, directory: Path,
+        digest: str,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.con = con
+        self.table = table
+        self.directory = directory
+        self.digest = digest
+        self.schema = layout.SCHEMAS[table]
+        self.group_rows = POSTS_ROW_GROUP_ROWS if table == "posts" else ROW_GROUP_ROWS
+        self.paths: list[Path] = []
+        self.rows = 0
+        self._writer: AtomicParquetWriter | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    def add(self, raw: pa.RecordBatch) -> None:
+        batch = raw.cast(self.schema)
+        self.rows += batch.num_rows
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        room = self.settings.compact_max_rows - (self._writer.rows if self._writer else 0)
+        if self._pending_rows >= min(self.group_rows, room):
+            self._flush_group()
+
+    def finish(self) -> None:
+        self._flush_group()
+        if self._writer is not None:
+            self._close_file()
+
+    def abort(self) -> None:
+        """Remove every output (complete or not) and its token index."""
+        if self._writer is not None:
+            self._writer.abort()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+            textindex.sidecar_path(path).unlink(missing_ok=True)
+
+    def _flush_group(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._writer = AtomicParquetWriter(
+                self.directory,
+                f"{layout.COMPACTED_PREFIX}{self.digest}-{len(self.paths):03d}",
+                self.schema,
+                zstd_level=self.settings.compact_zstd_level,
+                sorting_columns=[pq.SortingColumn(self.schema.get_field_index("time_us"))],
+            )
+        self._writer.write(pa.Table.from_batches(self._pending), row_group_size=self.group_rows)
+        self._pending, self._pending_rows = [], 0
+        if self._writer.rows >= self.settings.compact_max_rows:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        assert self._writer is not None
+        self.paths.append(self._writer.close())
+        self._writer = None
+        if self.table == "posts":
+            index_posts_file(self.con, self.paths[-1])
+        crash_point(self.settings, "compact_mid")
+
+
+def _deletes_for(data_dir: Path, manifest: Manifest, table: str, day: str) -> list[str]:
+    """The deletes files that can hide rows of a commit table's day: that day's and later."""
+    if table not in layout.COMMIT_TABLES:
+        return []
+    first = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
+    return [str(data_dir / p) for p in manifest.table_files("deletes") if _day_of_path(p) >= first]
+
+
 def compact_partition(
     settings: Settings, table: str, day: str, *, force: bool = False
 ) -> Compacted | None:
@@ -207,75 +283,23 @@ def compact_partition(
         directory = layout.partition_dir(data_dir, table, day)
         _sweep_orphans(data_dir, directory, manifest)
         digest = hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:16]
-        deletes: list[str] = []
-        if table in layout.COMMIT_TABLES:
-            first = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
-            deletes = [
-                str(data_dir / p)
-                for p in manifest.table_files("deletes")
-                if _day_of_path(p) >= first
-            ]
+        deletes = _deletes_for(data_dir, manifest, table, day)
         files = [str(data_dir / p) for p in inputs]
         rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        schema = layout.SCHEMAS[table]
-        group_rows = POSTS_ROW_GROUP_ROWS if table == "posts" else ROW_GROUP_ROWS
-        outputs: list[Path] = []
-        rows_out = 0
         con = _connect(settings)
         try:
+            out = _Outputs(settings, con, table, directory, digest)
             sql, params = _query(table, files, deletes)
-            reader = con.sql(sql, params=params).to_arrow_reader(65_536)
-            writer: AtomicParquetWriter | None = None
-            pending: list[pa.RecordBatch] = []
-            pending_rows = 0
-
-            def flush_group() -> None:
-                nonlocal writer, pending, pending_rows
-                if not pending:
-                    return
-                if writer is None:
-                    writer = AtomicParquetWriter(
-                        directory,
-                        f"{layout.COMPACTED_PREFIX}{digest}-{len(outputs):03d}",
-                        schema,
-                        zstd_level=settings.compact_zstd_level,
-                        sorting_columns=[pq.SortingColumn(schema.get_field_index("time_us"))],
-                    )
-                writer.write(pa.Table.from_batches(pending), row_group_size=group_rows)
-                pending, pending_rows = [], 0
-                if writer.rows >= settings.compact_max_rows:
-                    outputs.append(writer.close())
-                    writer = None
-                    if table == "posts":
-                        index_posts_file(con, outputs[-1])
-                    crash_point(settings, "compact_mid")
-
             try:
-                for raw in reader:
-                    batch = raw.cast(schema)
-                    rows_out += batch.num_rows
-                    pending.append(batch)
-                    pending_rows += batch.num_rows
-                    room = settings.compact_max_rows - (writer.rows if writer else 0)
-                    if pending_rows >= min(group_rows, room):
-                        flush_group()
-                flush_group()
-                if writer is not None:
-                    outputs.append(writer.close())
-                    writer = None
-                    if table == "posts":
-                        index_posts_file(con, outputs[-1])
-                    crash_point(settings, "compact_mid")
+                for raw in con.sql(sql, params=params).to_arrow_reader(65_536):
+                    out.add(raw)
+                out.finish()
             except BaseException:
-                if writer is not None:
-                    writer.abort()
-                for path in outputs:
-                    path.unlink(missing_ok=True)
-                    textindex.sidecar_path(path).unlink(missing_ok=True)
+                out.abort()
                 raise
         finally:
             con.close()
-        new = [p.relative_to(data_dir).as_posix() for p in outputs]
+        new = [p.relative_to(data_dir).as_posix() for p in out.paths]
         now = time.time()
         with update_manifest(data_dir) as m:
             live = [p for p in m.files.get(table, []) if p not in inputs]
@@ -283,6 +307,7 @@ def compact_partition(
             m.retired.extend((p, now) for p in inputs if p not in new)
         crash_point(settings, "compact_after_swap")
     seconds = time.monotonic() - started
+    rows_out = out.rows
     metrics.compact_runs.labels(table).inc()
     metrics.compact_duration.observe(seconds)
     metrics.compact_rows_dropped.labels(table).inc(rows_in - rows_out)
