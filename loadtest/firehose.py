@@ -925,39 +925,19 @@ class _Generator:
             if shape < 0.85
             else rng.randint(200, 300)
         )
-        parts: list[str] = []
-        facets: list[dict[str, Any]] = []
-        nbytes = 0
-        ngraph = 0
-
-        def add(text: str, tb: int, tg: int, feature: dict[str, Any] | None = None) -> bool:
-            nonlocal nbytes, ngraph
-            gap = 1 if parts and sep else 0
-            if ngraph + gap + tg > 300:
-                return False
-            if gap:
-                parts.append(sep)
-            start = nbytes + gap
-            parts.append(text)
-            nbytes = start + tb
-            ngraph += gap + tg
-            if feature is not None:
-                facets.append(
-                    {"features": [feature], "index": {"byteEnd": nbytes, "byteStart": start}}
-                )
-            return True
-
+        text_ = _PostText(sep)
+        add = text_.add
         extras = rng.random()
         if extras < COMMON_WORD_FRACTION:
             word = COMMON_WORD if rng.random() < 0.8 else COMMON_WORD.capitalize()
             add(word, len(word), len(word))
         if _mix(h ^ 0x4A4E) % self.cfg.rare_word_every == 0:
             add(RARE_WORD, len(RARE_WORD), len(RARE_WORD))
-        while ngraph < target:
+        while text_.ngraph < target:
             # Prefer a sentence that fits the target length; a few tries, then the shortest.
             text, tb, tg = sentences[int(rng.random() * len(sentences))]
             for _ in range(3):
-                if ngraph + tg <= target:
+                if text_.ngraph + tg <= target:
                     break
                 other = sentences[int(rng.random() * len(sentences))]
                 if other[2] < tg:
@@ -999,7 +979,7 @@ class _Generator:
                     len(tag) + 1,
                     {"$type": "app.bsky.richtext.facet#tag", "tag": tag},
                 )
-        return "".join(parts), facets, lang, external_uri
+        return "".join(text_.parts), text_.facets, lang, external_uri
 
     def _reply(self, i: int, h: int, t: int) -> dict[str, Any] | None:
         """The reply reference of a post (about a third are replies), or None."""
@@ -1178,6 +1158,35 @@ class _Generator:
         collection = "chat.bsky.actor.declaration"
         record = {"$type": collection, "allowIncoming": ("following", "all", "none")[h % 3]}
         return collection, "create", "self", record
+
+
+class _PostText:
+    """A post's text as it grows: pieces joined by `sep`, at most 300 graphemes, and the facets
+    of its mentions, links and tags at their UTF-8 byte offsets."""
+
+    def __init__(self, sep: str) -> None:
+        self.sep = sep
+        self.parts: list[str] = []
+        self.facets: list[dict[str, Any]] = []
+        self.nbytes = 0
+        self.ngraph = 0
+
+    def add(self, text: str, tb: int, tg: int, feature: dict[str, Any] | None = None) -> bool:
+        """Append `text` (tb bytes, tg graphemes) unless the post would pass 300 graphemes."""
+        gap = 1 if self.parts and self.sep else 0
+        if self.ngraph + gap + tg > 300:
+            return False
+        if gap:
+            self.parts.append(self.sep)
+        start = self.nbytes + gap
+        self.parts.append(text)
+        self.nbytes = start + tb
+        self.ngraph += gap + tg
+        if feature is not None:
+            self.facets.append(
+                {"features": [feature], "index": {"byteEnd": self.nbytes, "byteStart": start}}
+            )
+        return True
 
 
 def _blob(bits: int, mime: str) -> dict[str, Any]:
