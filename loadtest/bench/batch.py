@@ -317,120 +317,172 @@ def _variants(data_dir: Path, cids_dir: Path, events_n: int) -> dict[str, float]
 # --- run ---------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _inputs(args: argparse.Namespace, workdir: Path) -> tuple[list[bytes], Path, dict[str, int]]:
+    """Generate the events; write them as JSON lines; raw bytes per table ("all" for all)."""
     from loadtest.firehose import FirehoseConfig, generate
 
+    cfg = FirehoseConfig(
+        seed=args.seed,
+        events=args.events,
+        events_per_day=args.per_day,
+        population=args.population,
+    )
+    print(f"generating {args.events} events ...", flush=True)
+    frames = list(generate(cfg))
+    raw = {"all": sum(len(f) for f in frames)}
+    now = events.now_us()
+    for frame in frames:
+        try:
+            table = layout.table_for(events.decode(frame, now=now))
+        except events.Rejected:
+            continue
+        raw[table] = raw.get(table, 0) + len(frame)
+    frames_path = workdir / "frames.jsonl"
+    frames_path.write_bytes(b"\n".join(frames))
+    return frames, frames_path, raw
+
+
+def _timed_runs(
+    args: argparse.Namespace, frames_path: Path, workdir: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`--repeat` in-process runs (and the `--ab-workers` runs beside them), fresh processes."""
+    runs: list[dict[str, Any]] = []
+    ab_runs: list[dict[str, Any]] = []
+    for attempt in range(max(1, args.repeat)):
+        data_dir = workdir / f"data-{attempt}"
+        runs.append(_run_child(frames_path, data_dir, args.entry_events, workers=args.workers))
+        print(
+            f"  run {attempt + 1}: {runs[-1]['batch_seconds']:.2f} s wall, "
+            f"{runs[-1]['cpu_seconds']:.2f} s CPU, {runs[-1]['workers']} workers, "
+            f"load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        if args.ab_workers is not None:
+            ab_dir = workdir / f"data-ab-{attempt}"
+            ab_runs.append(
+                _run_child(frames_path, ab_dir, args.entry_events, workers=args.ab_workers)
+            )
+            print(
+                f"  B run {attempt + 1}: {ab_runs[-1]['batch_seconds']:.2f} s wall, "
+                f"{ab_runs[-1]['workers']} workers, load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    return runs, ab_runs
+
+
+def _run_figures(
+    runs: list[dict[str, Any]], raw: dict[str, int], zstd_jsonl: int
+) -> dict[str, Any]:
+    """Timing and storage figures of the best run, medians beside them."""
+    child = min(runs, key=lambda r: r["batch_seconds"])
+    n = child["batch_events"]
+    stored_all = sum(child["bytes"].values())
+    stored_posts = child["bytes"].get("posts", 0)
+    posts_rows = max(1, child["rows_by_table"].get("posts", 0))
+    return {
+        "batch_events": n,
+        "batch_seconds": round(child["batch_seconds"], 3),
+        "batch_seconds_median": round(median([r["batch_seconds"] for r in runs]), 3),
+        "cpu_seconds_median": round(median([r["cpu_seconds"] for r in runs]), 3),
+        "runs": len(runs),
+        "rows_per_s": round(child["rows"] / child["batch_seconds"]),
+        "events_per_s": round(n / child["batch_seconds"]),
+        "decode_route_seconds": round(child["decode_route_seconds"], 3),
+        "arrow_finish_seconds": round(child["arrow_finish_seconds"], 3),
+        "write_seconds": round(child["write_seconds"], 3),
+        "cpu_seconds": round(child["cpu_seconds"], 3),
+        "peak_rss_mb": round(child["peak_rss_mb"], 1),
+        "peak_rss_mb_median": round(median([r["peak_rss_mb"] for r in runs]), 1),
+        "workers": child["workers"],
+        "workers_peak_rss_mb": [round(x, 1) for x in child["workers_peak_rss_mb"]],
+        "load_average_1m_after_runs": round(os.getloadavg()[0], 2),
+        "input_rss_mb": round(child["rss_input_mb"], 1),
+        "raw_json_bytes_per_event": round(raw["all"] / n, 1),
+        "zstd_jsonl_bytes_per_event": round(zstd_jsonl / n, 1),
+        "bytes_per_event_all": round(stored_all / n, 1),
+        "saving_all": round(1 - stored_all / raw["all"], 4),
+        "saving_vs_zstd_jsonl": round(1 - stored_all / zstd_jsonl, 4),
+        "bytes_per_post": round(stored_posts / posts_rows, 1),
+        "raw_json_bytes_per_post": round(raw.get("posts", 0) / posts_rows, 1),
+        "saving_posts": round(1 - stored_posts / max(1, raw.get("posts", 0)), 4),
+        "bytes_per_row_by_table": {
+            t: round(b / child["rows_by_table"][t], 1) for t, b in child["bytes"].items()
+        },
+    }
+
+
+def _with_cids_figures(with_cids: dict[str, Any], raw: dict[str, int], n: int) -> dict[str, Any]:
+    stored = sum(with_cids["bytes"].values())
+    posts = with_cids["bytes"].get("posts", 0)
+    return {
+        "batch_seconds_with_cids": round(with_cids["batch_seconds"], 3),
+        "bytes_per_event_all_with_cids": round(stored / n, 1),
+        "saving_all_with_cids": round(1 - stored / raw["all"], 4),
+        "bytes_per_post_with_cids": round(
+            posts / max(1, with_cids["rows_by_table"].get("posts", 0)), 1
+        ),
+        "saving_posts_with_cids": round(1 - posts / max(1, raw.get("posts", 0)), 4),
+    }
+
+
+def _compaction_figures(data_dir: Path, n: int, raw: dict[str, int]) -> dict[str, Any]:
+    """Compaction of the same rows (sorted by time, zstd level 9): its time and sizes."""
+    from appliance.config import load_settings
+    from appliance.store import compact
+
+    settings = load_settings(environ={}, data_dir=str(data_dir), compact_grace_s=0)
+    started = time.perf_counter()
+    manifest = read_manifest(data_dir)
+    partitions = sorted(
+        {
+            (t, p.split("/")[1].removeprefix("date="))
+            for t in manifest.files
+            for p in manifest.files[t]
+        },
+        key=lambda td: td[0] != "deletes",
+    )
+    for table, day in partitions:
+        compact.compact_partition(settings, table, day)
+    compact.remove_expired(settings)
+    seconds = round(time.perf_counter() - started, 2)
+    compacted = read_manifest(data_dir)
+    sizes = {
+        t: sum((data_dir / p).stat().st_size for p in paths) for t, paths in compacted.files.items()
+    }
+    return {
+        "compact_seconds": seconds,
+        "compacted_bytes_per_event_all": round(sum(sizes.values()) / n, 1),
+        "compacted_saving_all": round(1 - sum(sizes.values()) / raw["all"], 4),
+        "compacted_saving_posts": round(1 - sizes.get("posts", 0) / max(1, raw.get("posts", 0)), 4),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-batch-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
-        cfg = FirehoseConfig(
-            seed=args.seed,
-            events=args.events,
-            events_per_day=args.per_day,
-            population=args.population,
-        )
-        print(f"generating {args.events} events ...", flush=True)
-        frames = list(generate(cfg))
-        raw_all = sum(len(f) for f in frames)
-        raw_by_table: dict[str, int] = {}
-        now = events.now_us()
-        for frame in frames:
-            try:
-                table = layout.table_for(events.decode(frame, now=now))
-            except events.Rejected:
-                continue
-            raw_by_table[table] = raw_by_table.get(table, 0) + len(frame)
-        frames_path = workdir / "frames.jsonl"
-        frames_path.write_bytes(b"\n".join(frames))
+        frames, frames_path, raw = _inputs(args, workdir)
         zstd_jsonl = len(zstandard.ZstdCompressor(level=3).compress(frames_path.read_bytes()))
         print(
-            f"raw JSON {raw_all / len(frames):.1f} B/event, "
+            f"raw JSON {raw['all'] / len(frames):.1f} B/event, "
             f"zstd-3 JSON lines {zstd_jsonl / len(frames):.1f} B/event",
             flush=True,
         )
-
-        runs = []
         load_before = os.getloadavg()[0]
-        ab_runs: list[dict[str, Any]] = []
-        for attempt in range(max(1, args.repeat)):
-            data_dir = workdir / f"data-{attempt}"
-            runs.append(_run_child(frames_path, data_dir, args.entry_events, workers=args.workers))
-            print(
-                f"  run {attempt + 1}: {runs[-1]['batch_seconds']:.2f} s wall, "
-                f"{runs[-1]['cpu_seconds']:.2f} s CPU, {runs[-1]['workers']} workers, "
-                f"load {os.getloadavg()[0]:.2f}",
-                flush=True,
-            )
-            if args.ab_workers is not None:
-                ab_dir = workdir / f"data-ab-{attempt}"
-                ab_runs.append(
-                    _run_child(frames_path, ab_dir, args.entry_events, workers=args.ab_workers)
-                )
-                print(
-                    f"  B run {attempt + 1}: {ab_runs[-1]['batch_seconds']:.2f} s wall, "
-                    f"{ab_runs[-1]['workers']} workers, load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
+        runs, ab_runs = _timed_runs(args, frames_path, workdir)
+        figures = _run_figures(runs, raw, zstd_jsonl)
+        figures["load_average_1m_before"] = round(load_before, 2)
+        n = figures["batch_events"]
         best = min(range(len(runs)), key=lambda i: runs[i]["batch_seconds"])
-        child = runs[best]
         data_dir = workdir / f"data-{best}"
-        n = child["batch_events"]
-        stored_all = sum(child["bytes"].values())
-        stored_posts = child["bytes"].get("posts", 0)
-        figures: dict[str, Any] = {
-            "batch_events": n,
-            "batch_seconds": round(child["batch_seconds"], 3),
-            "batch_seconds_median": round(median([r["batch_seconds"] for r in runs]), 3),
-            "cpu_seconds_median": round(median([r["cpu_seconds"] for r in runs]), 3),
-            "runs": len(runs),
-            "load_average_1m_before": round(load_before, 2),
-            "rows_per_s": round(child["rows"] / child["batch_seconds"]),
-            "events_per_s": round(n / child["batch_seconds"]),
-            "decode_route_seconds": round(child["decode_route_seconds"], 3),
-            "arrow_finish_seconds": round(child["arrow_finish_seconds"], 3),
-            "write_seconds": round(child["write_seconds"], 3),
-            "cpu_seconds": round(child["cpu_seconds"], 3),
-            "peak_rss_mb": round(child["peak_rss_mb"], 1),
-            "peak_rss_mb_median": round(median([r["peak_rss_mb"] for r in runs]), 1),
-            "workers": child["workers"],
-            "workers_peak_rss_mb": [round(x, 1) for x in child["workers_peak_rss_mb"]],
-            "load_average_1m_after_runs": round(os.getloadavg()[0], 2),
-            "input_rss_mb": round(child["rss_input_mb"], 1),
-            "raw_json_bytes_per_event": round(raw_all / n, 1),
-            "zstd_jsonl_bytes_per_event": round(zstd_jsonl / n, 1),
-            "bytes_per_event_all": round(stored_all / n, 1),
-            "saving_all": round(1 - stored_all / raw_all, 4),
-            "saving_vs_zstd_jsonl": round(1 - stored_all / zstd_jsonl, 4),
-            "bytes_per_post": round(
-                stored_posts / max(1, child["rows_by_table"].get("posts", 0)), 1
-            ),
-            "raw_json_bytes_per_post": round(
-                raw_by_table.get("posts", 0) / max(1, child["rows_by_table"].get("posts", 0)), 1
-            ),
-            "saving_posts": round(1 - stored_posts / max(1, raw_by_table.get("posts", 0)), 4),
-            "bytes_per_row_by_table": {
-                t: round(b / child["rows_by_table"][t], 1) for t, b in child["bytes"].items()
-            },
-        }
         print(
             f"in-process batch (best of {len(runs)}): {figures['batch_seconds']} s for {n} events "
             f"({figures['rows_per_s']} rows/s), peak RSS {figures['peak_rss_mb']} MiB",
             flush=True,
         )
-
         # The same batch with APPLIANCE_STORE_CIDS=true: the storage trade-off, side by side.
         cids_dir = workdir / "data-with-cids"
         with_cids = _run_child(frames_path, cids_dir, args.entry_events, store_cids=True)
-        stored_cids = sum(with_cids["bytes"].values())
-        posts_cids = with_cids["bytes"].get("posts", 0)
-        figures.update(
-            batch_seconds_with_cids=round(with_cids["batch_seconds"], 3),
-            bytes_per_event_all_with_cids=round(stored_cids / n, 1),
-            saving_all_with_cids=round(1 - stored_cids / raw_all, 4),
-            bytes_per_post_with_cids=round(
-                posts_cids / max(1, with_cids["rows_by_table"].get("posts", 0)), 1
-            ),
-            saving_posts_with_cids=round(1 - posts_cids / max(1, raw_by_table.get("posts", 0)), 4),
-        )
+        figures.update(_with_cids_figures(with_cids, raw, n))
         print(
             f"storage: {figures['bytes_per_event_all']} B/event, saving_all "
             f"{figures['saving_all']}, saving_posts {figures['saving_posts']} (CIDs not stored); "
@@ -438,7 +490,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{figures['saving_all_with_cids']}, saving_posts {figures['saving_posts_with_cids']}",
             flush=True,
         )
-
         if ab_runs:
             figures["ab"] = {
                 "workers": ab_runs[0]["workers"],
@@ -448,41 +499,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         if not args.skip_variants:
             figures["variants_bytes_per_event"] = _variants(data_dir, cids_dir, n)
-
-        # Compaction of the same rows: sorted by time, zstd level 9.
-        from appliance.config import load_settings
-        from appliance.store import compact
-
-        settings = load_settings(environ={}, data_dir=str(data_dir), compact_grace_s=0)
-        started = time.perf_counter()
-        manifest = read_manifest(data_dir)
-        partitions = sorted(
-            {
-                (t, p.split("/")[1].removeprefix("date="))
-                for t in manifest.files
-                for p in manifest.files[t]
-            },
-            key=lambda td: td[0] != "deletes",
-        )
-        for table, day in partitions:
-            compact.compact_partition(settings, table, day)
-        compact.remove_expired(settings)
-        figures["compact_seconds"] = round(time.perf_counter() - started, 2)
-        compacted = read_manifest(data_dir)
-        sizes = {
-            t: sum((data_dir / p).stat().st_size for p in paths)
-            for t, paths in compacted.files.items()
-        }
-        figures["compacted_bytes_per_event_all"] = round(sum(sizes.values()) / n, 1)
-        figures["compacted_saving_all"] = round(1 - sum(sizes.values()) / raw_all, 4)
-        figures["compacted_saving_posts"] = round(
-            1 - sizes.get("posts", 0) / max(1, raw_by_table.get("posts", 0)), 4
-        )
-
+        figures.update(_compaction_figures(data_dir, n, raw))
         if not args.skip_redis:
             print("through redis-server ...", flush=True)
             figures.update(_through_redis(frames, workdir, args.entry_events))
-
         figures["targets"] = {
             "batch_seconds_le_5": figures["batch_seconds"] <= 5,
             "saving_all_ge_0.85": figures["saving_all"] >= 0.85,
