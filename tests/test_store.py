@@ -119,3 +119,33 @@ def test_stored_keys_match_the_natural_key_of_the_event_each_row_came_from() -> 
         stored |= set(layout.stored_keys(table, cols))
     assert stored == {layout.natural_key(e) for e in decoded}
     assert [layout.table_for(e) for e in decoded] == ["posts", "deletes", "records"]
+
+
+def test_the_engine_sees_complete_files_only_while_a_batch_is_being_written(
+    tmp_path: Path,
+) -> None:
+    # DESIGN invariant 3 through the real engine: a file being written (under its temporary
+    # name, in the partition the engine reads) changes nothing a query returns.
+    from appliance.query.engine import QueryEngine
+    from appliance.query.model import Filters
+    from tests.conftest import T0_US, ParquetData
+
+    settings = make_settings(tmp_path)
+    data = ParquetData(Path(settings.data_dir))
+    data.post("lighthouse one", t=T0_US)
+    data.flush()
+    directory = layout.partition_dir(settings.data_dir, "posts", layout.day_of(T0_US))
+    torn = AtomicParquetWriter(directory, "1-1_2-2", layout.SCHEMAS["posts"])
+    try:
+        torn.write(pa.Table.from_pylist([], schema=layout.SCHEMAS["posts"]))
+        torn.flush()
+        (directory / ".garbage.tmp").write_bytes(b"not parquet")
+        engine = QueryEngine(settings)
+        try:
+            result = engine.search(Filters(include=("lighthouse",)), limit=10)
+            assert [p.text for p in result.posts] == ["lighthouse one"]
+            assert engine.stats()["posts"] == 1
+        finally:
+            engine.close()
+    finally:
+        torn.abort()
