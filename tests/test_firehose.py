@@ -17,7 +17,7 @@ import zstandard
 from appliance import events as ev
 from appliance.store.layout import NaturalKey, at_uri, natural_key, table_for
 from loadtest import firehose as fh
-from loadtest.jetstream_server import read_items
+from loadtest.sources import read_items
 
 N = 30_000
 CFG = fh.FirehoseConfig(seed=11, events=N)

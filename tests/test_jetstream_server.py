@@ -22,14 +22,8 @@ from websockets.protocol import State
 from appliance import events as ev
 from loadtest import firehose as fh
 from loadtest.firehose import Item
-from loadtest.jetstream_server import (
-    FileSource,
-    GeneratorSource,
-    PreloadedSource,
-    ReplayServer,
-    Source,
-    _text_head,
-)
+from loadtest.jetstream_server import ReplayServer, _text_head
+from loadtest.sources import FileSource, GeneratorSource, PreloadedSource, Source
 
 NOW = 1_900_000_000_000_000
 
