@@ -23,12 +23,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,deploy]'
 	touch $(STAMP)
 
-# redis-server is a real component of the appliance; the system tests (tests/system) boot a
-# Debian 12 container: debootstrap, systemd-nspawn, ip, losetup, ssh and apt-ftparchive.
-# Each is installed from Debian when its command is missing.
+# redis-server is a real component of the appliance; Prometheus (with promtool), Alertmanager
+# (with amtool) and the node and Redis exporters are what monitoring/ is tested against; the
+# system tests (tests/system) boot a Debian 12 container: debootstrap, systemd-nspawn, ip,
+# losetup, ssh and apt-ftparchive. Each is installed from Debian when its command is missing.
 SYSTEM_COMMANDS := redis-server:redis-server debootstrap:debootstrap \
 	systemd-nspawn:systemd-container ip:iproute2 losetup:mount ssh:openssh-client \
-	ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux
+	ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux \
+	prometheus:prometheus promtool:prometheus \
+	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
+	prometheus-node-exporter:prometheus-node-exporter \
+	prometheus-redis-exporter:prometheus-redis-exporter
 system-deps:
 	@missing=""; for pair in $(SYSTEM_COMMANDS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \

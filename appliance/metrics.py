@@ -6,6 +6,8 @@ series. Names follow Prometheus conventions (`appliance_<service>_...`, `_total`
 
 from __future__ import annotations
 
+import shutil
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from appliance.events import REJECT_REASONS
@@ -146,12 +148,19 @@ batch_failures = Counter(
 )
 for _cause in BATCH_FAILURE_CAUSES:
     batch_failures.labels(_cause)
+batch_failing = Gauge(
+    "appliance_batch_failing",
+    "1 while the last batch attempt failed (cleared by the next batch written)",
+    registry=BATCH,
+)
 batch_dead_letters = Counter(
     "appliance_batch_dead_letters_total",
     "Frames or entries the batcher moved to the dead-letter stream, by reason",
     ["reason"],
     registry=BATCH,
 )
+for _reason in (*REJECT_REASONS, "batch_poison"):
+    batch_dead_letters.labels(_reason)  # at 0 from the start, so the first increase() counts
 batch_bad_created_at = Counter(
     "appliance_batch_bad_created_at_total",
     "Records whose createdAt (or identity/account time) could not be parsed (stored as null)",
@@ -160,6 +169,43 @@ batch_bad_created_at = Counter(
 batch_last_success = Gauge(
     "appliance_batch_last_success_timestamp_seconds",
     "Unix time of the last batch written and acknowledged",
+    registry=BATCH,
+)
+batch_interval = Gauge(
+    "appliance_batch_interval_seconds",
+    "The configured seconds between flushes (batch_interval_s), for staleness alerts",
+    registry=BATCH,
+)
+data_root_free = Gauge(
+    "appliance_data_root_free_bytes",
+    "Bytes available to the service on the data root's filesystem (NaN if it cannot be read)",
+    registry=BATCH,
+)
+data_root_size = Gauge(
+    "appliance_data_root_size_bytes",
+    "Size in bytes of the data root's filesystem (NaN if it cannot be read)",
+    registry=BATCH,
+)
+store_files = Gauge(
+    "appliance_store_files",
+    "Live Parquet files in the manifest, by table",
+    ["table"],
+    registry=BATCH,
+)
+store_bytes = Gauge(
+    "appliance_store_bytes",
+    "Bytes of the live Parquet files in the manifest, by table",
+    ["table"],
+    registry=BATCH,
+)
+compact_failures = Counter(
+    "appliance_compact_failures_total",
+    "Compaction passes that failed (the old files stay live; the next cycle tries again)",
+    registry=BATCH,
+)
+compact_last_success = Gauge(
+    "appliance_compact_last_success_timestamp_seconds",
+    "Unix time the last compaction pass over the closed days finished without an error",
     registry=BATCH,
 )
 compact_runs = Counter(
@@ -196,6 +242,20 @@ compact_files_removed = Counter(
     "Retired or orphaned files deleted after the grace period",
     registry=BATCH,
 )
+
+
+def watch_data_root(path: str) -> None:
+    """Report the size and free space of the filesystem holding `path` at every scrape."""
+
+    def usage(field: str) -> float:
+        try:
+            return float(getattr(shutil.disk_usage(path), field))
+        except OSError:
+            return float("nan")
+
+    data_root_free.set_function(lambda: usage("free"))
+    data_root_size.set_function(lambda: usage("total"))
+
 
 # --- API --------------------------------------------------------------------------------------
 # The API runs several Sanic worker processes. `appliance serve` points PROMETHEUS_MULTIPROC_DIR
@@ -241,6 +301,8 @@ api_text_index = Counter(
     ["outcome"],
     registry=API,
 )
+for _outcome in ("narrowed", "not_selective", "missing", "invalid", "error"):
+    api_text_index.labels(_outcome)
 api_hidden_rows = Counter(
     "appliance_api_hidden_rows_total",
     "Candidate rows a query skipped because a newer version or a delete hides them",

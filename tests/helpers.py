@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance import buffer
+from appliance import buffer, metrics
 from appliance.batch import batcher as batch_mod
 from appliance.config import Settings, to_environ
 from appliance.query.engine import QueryEngine
@@ -281,3 +281,8 @@ def client(settings: Settings) -> redis.Redis:
     return redis.Redis(
         host=settings.redis_host, port=settings.redis_port, password=settings.redis_password
     )
+
+
+def sample(name: str, **labels: str) -> float:
+    """A sample of the batcher's registry (0 when absent)."""
+    return metrics.BATCH.get_sample_value(name, labels) or 0.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sanic_testing.reusable import ReusableClient
 
-from appliance import buffer, metrics
+from appliance import buffer
 from appliance.api.app import create_app
 from appliance.batch import batcher as batch_mod
 from appliance.batch import files, transform
@@ -33,16 +33,13 @@ from tests.helpers import (
     group_state,
     live_files,
     push,
+    sample,
     sync_client,
     truth_of,
     visible_posts,
 )
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def sample(name: str, **labels: str) -> float:
-    return metrics.BATCH.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
@@ -282,6 +279,7 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
             assert sample("appliance_batch_failures_total", cause="disk_full") > before
             ready, details = await batcher.ready()
             assert not ready and details["failing"] == "disk_full"
+            assert sample("appliance_batch_failing") == 1
             # Nothing acknowledged, nothing visible, no temporary file left behind.
             assert (await asyncio.to_thread(group_state, settings))[0] == 30
             assert not list(Path(settings.data_dir).rglob("*.parquet"))
@@ -299,6 +297,7 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
 
     asyncio.run(scenario())
     assert group_state(settings) == (0, 0)
+    assert sample("appliance_batch_failing") == 0
     assert_stored_equals(settings.data_dir, truth_of(frames))
 
 

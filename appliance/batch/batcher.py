@@ -24,6 +24,7 @@ import contextlib
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
@@ -38,6 +39,7 @@ from appliance.buffer import ConsumerGroup, Entry
 from appliance.config import Settings
 from appliance.httpd import serve_probes
 from appliance.logs import setup_logging
+from appliance.store import layout
 from appliance.store.crash import CRASH_POINTS
 from appliance.store.manifest import read_manifest
 
@@ -45,6 +47,19 @@ log = logging.getLogger("appliance.batch")
 
 READ_COUNT = 200  # stream entries per XREADGROUP (an entry holds up to ~100 events)
 MAX_BACKOFF_S = 60.0
+
+
+def store_gauges(data_dir: str) -> None:
+    """Live files and their bytes per table, from the manifest (the storage dashboard)."""
+    manifest = read_manifest(data_dir)
+    for table in layout.TABLES:
+        paths = manifest.table_files(table)
+        size = 0
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):  # retired by compaction meanwhile
+                size += (Path(data_dir) / path).stat().st_size
+        metrics.store_files.labels(table).set(len(paths))
+        metrics.store_bytes.labels(table).set(size)
 
 
 class Batcher:
@@ -170,6 +185,7 @@ class Batcher:
         cause = failure_cause(exc)
         metrics.batch_failures.labels(cause).inc()
         self.failing = cause
+        metrics.batch_failing.set(1)
         log.error(
             "batch attempt failed",
             extra={"cause": cause, "error": f"{type(exc).__name__}: {exc}", "retry_s": backoff},
@@ -207,6 +223,7 @@ class Batcher:
     def _record(self, batch: Batch, written: Written | None, seconds: float) -> None:
         self.failing = None
         self.last_success = time.time()
+        metrics.batch_failing.set(0)
         metrics.batch_batches.inc()
         metrics.batch_duration.observe(seconds)
         metrics.batch_last_success.set(self.last_success)
@@ -248,6 +265,10 @@ class Batcher:
         metrics.batch_pending.set(pending)
         age = 0.0 if oldest is None else max(0.0, time.time() - buffer.parse_id(oldest)[0] / 1000)
         metrics.batch_oldest_unacked_age.set(age)
+        try:
+            await asyncio.to_thread(store_gauges, self.settings.data_dir)
+        except OSError as exc:  # a gauge is not worth stopping the batcher for
+            log.warning("could not read the store's files", extra={"error": str(exc)})
 
     # -- compaction ----------------------------------------------------------------------
 
@@ -262,8 +283,10 @@ class Batcher:
             await asyncio.to_thread(compact.compact_closed, self.settings, cutoff)
         except Exception as exc:
             # A failed compaction leaves the old files live; the next cycle tries again.
-            metrics.batch_failures.labels(failure_cause(exc)).inc()
+            metrics.compact_failures.inc()
             log.exception("compaction failed", extra={"cause": failure_cause(exc)})
+        else:
+            metrics.compact_last_success.set(time.time())
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -337,6 +360,8 @@ async def serve(settings: Settings) -> None:
     """Run the batcher with its probe endpoint until SIGTERM/SIGINT."""
     client = buffer.connect(settings)
     batcher = Batcher(settings, client)
+    metrics.batch_interval.set(settings.batch_interval_s)
+    metrics.watch_data_root(settings.data_dir)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, batcher.stop.set)
