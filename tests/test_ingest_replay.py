@@ -192,7 +192,10 @@ def test_replay_of_100k_events_buffers_every_one(
 ) -> None:
     cfg = FirehoseConfig(seed=11, events=100_000)
     server = serve(jetstream_server, cfg, preload=True)
-    settings = replay_settings(tmp_path, server.url)
+    # Once the stream is exhausted the server stays silent: with the short stall timeout of the
+    # other tests the ingester would reconnect (and count the rewound events again) while this
+    # test reads the buffer back, and the counts below would race it.
+    settings = replay_settings(tmp_path, server.url, stall_timeout_s=60.0)
     redis_server = RedisProcess(settings)
     want = expected(cfg)
     try:
