@@ -38,6 +38,7 @@ SERVICES = {
         "Merge a day's small Parquet files into large sorted ones",
     ),
     "serve": ("appliance.api.app", "The REST API over DuckDB"),
+    "doctor": ("appliance.doctor", "Check an installed appliance end to end; name what fails"),
 }
 
 

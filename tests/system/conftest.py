@@ -6,30 +6,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from roles import debian_packages
 from tests.system.booted import BootedHost, boot_debian_host
 
-# What the local apt repository holds: the packages a deploy installs (their dependencies are
-# resolved when the repository is built). Packages already in the rootfs may be listed or not.
-DEPLOY_PACKAGES = (
-    "redis-server",
-    "redis-tools",
-    "prometheus",
-    "prometheus-node-exporter",
-    "prometheus-redis-exporter",
-    "prometheus-alertmanager",
-    "caddy",
-    "nftables",
-    "chrony",
-    "unattended-upgrades",
-    "python3-venv",
-    "python3-pip",
-    "curl",
-    "ca-certificates",
-    "e2fsprogs",
-    "sudo",
-    "gnupg",
-    "apt-transport-https",
-)
+# What the local apt repository holds: every package the deploy's roles install (their
+# dependencies are resolved when the repository is built), from the roles themselves.
+DEPLOY_PACKAGES = tuple(debian_packages())
 
 # The first test that asks for a host may build the rootfs and the apt repository (a few
 # minutes on a cold cache), which pytest-timeout counts against that test.

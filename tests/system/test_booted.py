@@ -77,9 +77,17 @@ def test_apt_installs_for_real_and_offline_from_the_local_repository(host: Boote
     assert f"file:{REPO_MOUNT} ./ Packages" in policy
     host.ssh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables", timeout=300)
     assert host.ssh("dpkg-query -W -f '${Status}' nftables").stdout == "install ok installed"
-    # The container may manage its own firewall (CAP_NET_ADMIN in its private namespace).
-    host.ssh("nft add table inet systest && nft list tables")
-    assert "table inet systest" in host.ssh("nft list tables").stdout
+    # The container runs its own firewall (CAP_NET_ADMIN in its private namespace): a drop
+    # policy that admits SSH from the gateway only keeps this session reachable.
+    ruleset = (
+        "table inet systest {\n chain input {\n  type filter hook input priority 0; policy drop;\n"
+        "  iif lo accept\n  ct state established,related accept\n"
+        f"  ip saddr {host.gateway} tcp dport 22 ct state new limit rate 10/second accept\n"
+        " }\n}\n"
+    )
+    host.ssh(f"nft -f - <<'EOF'\n{ruleset}EOF")
+    assert "policy drop" in host.ssh("nft list ruleset").stdout
+    host.ssh("nft delete table inet systest")
     # Packages already in the rootfs install as a no-op; anything outside the repo cannot.
     host.ssh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 python3")
     missing = host.ssh("apt-get install -y -q nginx-light", check=False)
@@ -147,6 +155,7 @@ def test_a_crashed_session_is_cleaned_up_by_the_next_one() -> None:
         check=False,
         cwd=Path(__file__).parents[2],
     )
+    assert proc.stdout.strip(), f"the crashing session did not boot:\n{proc.stderr[-3000:]}"
     left = json.loads(proc.stdout.strip().splitlines()[-1])
     netns = Path(f"/run/netns/bsat-{left['slot']}")
     assert Path(f"/proc/{left['pid']}").exists()  # the container outlived its session
