@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def inventory(
     debian_host: BootedHost, replay: ServerHandle, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """group_data for the booted host on top of inventory/group_data/all.py."""
-    wheelhouse = build(cache_dir() / "wheelhouse")
+    wheelhouse = session_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
     group_data = tmp_path_factory.mktemp("group_data")
     values = {
         "admin_ssh_addresses": [debian_host.gateway],
@@ -100,6 +101,23 @@ def inventory(
         "".join(f"{name} = {value!r}\n" for name, value in values.items())
     )
     return group_data
+
+
+def session_wheelhouse(directory: Path) -> Path:
+    """This checkout's wheelhouse in a directory of this session's own (concurrent sessions of
+    other checkouts must not swap the project wheel between two deploys), with the dependency
+    wheels taken from, and added to, a cache shared between sessions."""
+    cache = cache_dir() / "wheels"
+    cache.mkdir(parents=True, exist_ok=True)
+    for wheel in cache.glob("*.whl"):
+        shutil.copy2(wheel, directory / wheel.name)
+    project = build(directory)
+    for wheel in directory.glob("*.whl"):
+        if wheel != project and not (cache / wheel.name).exists():
+            partial = cache / f".{wheel.name}.part"
+            shutil.copy2(wheel, partial)
+            partial.rename(cache / wheel.name)
+    return project
 
 
 def run_deploy(host: BootedHost, group_data: Path) -> Deploy:
