@@ -31,10 +31,13 @@ def _cmd_config(settings: config.Settings, args: argparse.Namespace) -> int:
 # subcommand -> (module, help). Each module has `main(settings, args) -> int`.
 SERVICES = {
     "up": ("appliance.supervisor", "Run the whole stack: redis-server, ingester, batcher, API"),
-    "ingest": ("appliance.ingest", "Jetstream websocket -> Redis Stream buffer"),
-    "batch": ("appliance.batch", "Redis Stream buffer -> date-partitioned Parquet"),
-    "compact": ("appliance.compact", "Merge a day's small Parquet files into large sorted ones"),
-    "serve": ("appliance.api", "The REST API over DuckDB"),
+    "ingest": ("appliance.ingest.ingester", "Jetstream websocket -> Redis Stream buffer"),
+    "batch": ("appliance.batch.batcher", "Redis Stream buffer -> date-partitioned Parquet"),
+    "compact": (
+        "appliance.store.compact",
+        "Merge a day's small Parquet files into large sorted ones",
+    ),
+    "serve": ("appliance.api.app", "The REST API over DuckDB"),
     "doctor": ("appliance.doctor", "Check an installed appliance end to end; name what fails"),
 }
 

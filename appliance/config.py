@@ -13,6 +13,8 @@ from typing import Annotated, Any, get_args, get_origin, get_type_hints
 import msgspec
 from msgspec import Meta
 
+from appliance.events import MAX_EVENT_BYTES
+
 PREFIX = "APPLIANCE_"
 
 # Fields whose values never appear in output or logs.
@@ -81,7 +83,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ] = 30.0
     max_event_bytes: Annotated[
         int, _h("Frames larger than this are dead-lettered as oversized", ge=1024)
-    ] = 1_000_000
+    ] = MAX_EVENT_BYTES
     ingest_entry_events: Annotated[
         int, _h("Events packed into one Redis Stream entry", ge=1, le=10_000)
     ] = 100
@@ -203,12 +205,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for url in self.jetstream_urls:
             if not url.startswith(("ws://", "wss://")):
                 raise ConfigError(f"{PREFIX}JETSTREAM_URLS: {url!r} is not a ws:// or wss:// URL")
-
-    @property
-    def redis_url(self) -> str:
-        """A redis:// URL with the password (never log it; use `masked()` for output)."""
-        auth = f":{self.redis_password}@" if self.redis_password else ""
-        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
 
 
 class ConfigError(ValueError):

@@ -2,14 +2,19 @@
 
 Each part runs as its own child process with the same settings (passed as APPLIANCE_*
 variables). A child that dies is restarted with exponential backoff; Ctrl-C or SIGTERM stops
-them all, newest first, so the ingester and batcher flush before Redis goes away. With
-`--replay` the local Jetstream-protocol replay server (the `loadtest` package) stands in for
-the public Jetstream where there is no internet.
+them all, newest first, so the ingester and batcher flush before Redis goes away.
+
+With `--replay` the local Jetstream-protocol replay server stands in for the public Jetstream
+where there is no internet. The replay server is not part of the runtime: it is the `loadtest`
+package's `serve` command, started as one more child process (`python -m loadtest serve`), and
+nothing in `appliance` imports it. `loadtest` ships in the same distribution; an installation
+without it gets a clear error from `--replay` and runs everything else as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import secrets
@@ -34,6 +39,11 @@ log = logging.getLogger("appliance.up")
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a child that ran this long gets its backoff reset
+REPLAY_PACKAGE = "loadtest"  # provides the replay server (`python -m loadtest serve`)
+
+
+class SetupError(Exception):
+    """`appliance up` cannot start as asked (exit 2 with the message)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,11 +136,7 @@ def _service(name: str, env: dict[str, str]) -> Callable[[], subprocess.Popen[by
     return start
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    setup_logging(settings.log_level, settings.log_format)
-    if not settings.redis_password:
-        # A fresh password each run: redis.conf is rendered anew, the children get it by env.
-        settings = msgspec.structs.replace(settings, redis_password=secrets.token_hex(24))
+def _check_ports(settings: Settings) -> None:
     for what, host, port in (
         ("APPLIANCE_REDIS_PORT", settings.redis_host, settings.redis_port),
         ("APPLIANCE_API_PORT (--api-port)", settings.api_host, settings.api_port),
@@ -138,28 +144,29 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         ("APPLIANCE_BATCH_PORT", "127.0.0.1", settings.batch_port),
     ):
         if port and not _port_free(host, port):
-            print(f"appliance up: port {port} on {host} is in use; set {what}", file=sys.stderr)
-            return 2
+            raise SetupError(f"port {port} on {host} is in use; set {what}")
 
-    replay_cmd: list[str] | None = None
-    if args.replay is not None:
-        replay_port = args.replay_port or _free_port()
-        replay_cmd = [sys.executable, "-m", "loadtest", "serve", "--port", str(replay_port)]
-        replay_cmd += ["--speed", args.replay_speed]
-        if args.replay:
-            for path in args.replay:
-                if not Path(path).is_file():
-                    print(f"appliance up: replay file {path} not found", file=sys.stderr)
-                    return 2
-            replay_cmd += ["--from", *args.replay]
-        else:
-            replay_cmd += ["--events", str(args.replay_events), "--seed", "1"]
-        settings = msgspec.structs.replace(
-            settings, jetstream_urls=(f"ws://127.0.0.1:{replay_port}/subscribe",)
+
+def replay_command(args: argparse.Namespace, port: int) -> list[str]:
+    """The replay server's command line for `--replay [FILE...]`."""
+    if importlib.util.find_spec(REPLAY_PACKAGE) is None:
+        raise SetupError(
+            f"--replay needs the replay server of the {REPLAY_PACKAGE!r} package, which is not "
+            "installed here (it ships with this project's source and package: pip install "
+            "bluesky-appliance, or run from a checkout)"
         )
+    cmd = [sys.executable, "-m", REPLAY_PACKAGE, "serve", "--port", str(port)]
+    cmd += ["--speed", args.replay_speed]
+    if not args.replay:
+        return [*cmd, "--events", str(args.replay_events), "--seed", "1"]
+    for path in args.replay:
+        if not Path(path).is_file():
+            raise SetupError(f"replay file {path} not found")
+    return [*cmd, "--from", *args.replay]
 
+
+def _children(settings: Settings, replay_cmd: list[str] | None) -> list[Child]:
     env = {**os.environ, **to_environ(settings)}
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
 
     def start_redis_child() -> subprocess.Popen[bytes]:
         return start_redis(settings)
@@ -174,12 +181,51 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     children = [Child("redis-server", start_redis_child)]
     if replay_cmd is not None:
         children.append(Child("replay-server", start_replay))
-    children += [
+    return [
+        *children,
         Child("ingester", _service("ingest", env)),
         Child("batcher", _service("batch", env)),
         Child("api", _service("serve", env)),
     ]
 
+
+def _banner(settings: Settings, args: argparse.Namespace) -> str:
+    source = (
+        f"replay server ({'files: ' + ', '.join(args.replay) if args.replay else 'synthetic'})"
+        if args.replay is not None
+        else "public Jetstream " + ", ".join(settings.jetstream_urls)
+    )
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    return (
+        "appliance up: starting redis-server, ingester, batcher and API\n"
+        f"  source   {source}\n"
+        f"  data     {Path(settings.data_dir).resolve()}  (batches every {settings.batch_interval_s:g} s)\n"
+        f"  redis    {settings.redis_host}:{settings.redis_port}  (AOF in {Path(settings.redis_dir).resolve()})\n"
+        f"  API      {api}/v1/search?q=hello   docs {api}/docs\n"
+        f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics\n"
+        "Ctrl-C stops everything."
+    )
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    setup_logging(settings.log_level, settings.log_format)
+    if not settings.redis_password:
+        # A fresh password each run: redis.conf is rendered anew, the children get it by env.
+        settings = msgspec.structs.replace(settings, redis_password=secrets.token_hex(24))
+    replay_cmd: list[str] | None = None
+    try:
+        _check_ports(settings)
+        if args.replay is not None:
+            replay_port = args.replay_port or _free_port()
+            replay_cmd = replay_command(args, replay_port)
+            settings = msgspec.structs.replace(
+                settings, jetstream_urls=(f"ws://127.0.0.1:{replay_port}/subscribe",)
+            )
+    except SetupError as exc:
+        print(f"appliance up: {exc}", file=sys.stderr)
+        return 2
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    children = _children(settings, replay_cmd)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -188,23 +234,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-
-    source = (
-        f"replay server ({'files: ' + ', '.join(args.replay) if args.replay else 'synthetic'})"
-        if replay_cmd
-        else "public Jetstream " + ", ".join(settings.jetstream_urls)
-    )
-    api = f"http://{settings.api_host}:{settings.api_port}"
-    print(
-        "appliance up: starting redis-server, ingester, batcher and API\n"
-        f"  source   {source}\n"
-        f"  data     {Path(settings.data_dir).resolve()}  (batches every {settings.batch_interval_s:g} s)\n"
-        f"  redis    {settings.redis_host}:{settings.redis_port}  (AOF in {Path(settings.redis_dir).resolve()})\n"
-        f"  API      {api}/v1/search?q=hello   docs {api}/docs\n"
-        f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics\n"
-        "Ctrl-C stops everything.",
-        flush=True,
-    )
+    print(_banner(settings, args), flush=True)
     try:
         for child in children:
             if stopping:

@@ -36,9 +36,8 @@ from typing import IO, Any, NamedTuple
 import msgspec
 
 from appliance import events as ev
-from appliance.storage import day_of, table_for
+from appliance.store.layout import DAY_US, at_uri, day_of, natural_key, table_for
 
-DAY_US = 86_400_000_000
 DEFAULT_START_US = 1_782_864_000_000_000  # 2026-07-01T00:00:00Z
 DEFAULT_EVENTS_PER_DAY = 8_100_000
 _BLOCK_BITS = 10
@@ -504,9 +503,6 @@ class _Generator:
     def h(self, i: int) -> int:
         return _mix((self.key + (i + 1) * _GAMMA) & _M64)
 
-    def kind_of(self, h: int) -> int:
-        return self.kinds[h & 0xFFFF]
-
     def did_n_of(self, h: int) -> int:
         # Heavy tail: a small share of accounts makes a large share of events.
         u = ((h >> 16) & 0xFFFFFFFF) / 4294967296.0
@@ -690,153 +686,231 @@ class _Generator:
         rkey = tid(created, (h >> 40) & 0x3FF)
         collection = ""
         if kind == K_DELETE:
-            j = i - _DEL_M * self.del_lags[i % _DEL_M]
-            target_kind = self.kind_at(j) if j >= 0 else -1
-            if target_kind in _DELETABLE:
-                c = self.core(j)
-                did_n, rkey, collection = c.did_n, c.rkey, _DELETABLE[target_kind]
-            else:  # a record from before the stream
-                collection = _DELETABLE_LIST[(h >> 56) % len(_DELETABLE_LIST)]
-                rkey = tid(t - 3_600_000_000 - (h >> 24) % (300 * DAY_US), (h >> 30) & 0x3FF)
-            did = self.did(did_n)
-            rev = tid(t - 100_000, self.clock(did_n))
-            frame = (
-                f'{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"{rev}",'
-                f'"operation":"delete","collection":"{collection}","rkey":"{rkey}"}}}}'
-            ).encode()
+            did, collection, frame = self._delete_frame(i, t, h, did_n, rkey)
         elif kind in (K_IDENTITY, K_ACCOUNT):
-            did = self.did(did_n)
-            seq = self.seq0 + i
-            when = iso_ms(t - 500_000)
-            if kind == K_IDENTITY:
-                handle = f',"handle":"{self.handle(did_n)}"' if h >> 61 else ""
-                body = f'"identity":{{"did":"{did}"{handle},"seq":{seq},"time":"{when}"}}'
-                frame = f'{{"did":"{did}","time_us":{t},"kind":"identity",{body}}}'.encode()
-            else:
-                # Most account events say "active"; the rest a reason it is not.
-                status = (
-                    "" if h >> 62 else ("deactivated", "takendown", "deleted", "")[(h >> 60) & 3]
-                )
-                active = "false" if status else "true"
-                st = f',"status":"{status}"' if status else ""
-                body = (
-                    f'"account":{{"active":{active},"did":"{did}","seq":{seq}{st},"time":"{when}"}}'
-                )
-                frame = f'{{"did":"{did}","time_us":{t},"kind":"account",{body}}}'.encode()
+            did, frame = self._identity_or_account_frame(i, t, h, did_n, kind)
         else:
-            operation = "create"
-            record: dict[str, Any]
-            created_at = iso_ms(created)
-            # The most common kinds are written straight to JSON (keys in sorted order).
-            record_json = ""
-            if kind in (K_LIKE, K_REPOST):
-                collection = "app.bsky.feed.like" if kind == K_LIKE else "app.bsky.feed.repost"
-                uri, cid = self.subject_ref(i, h, t)
-                via = ""
-                if (h >> 59) < 6:  # liked or reposted via someone's repost
-                    via_uri, via_cid = self.old_ref(h ^ 0x71A, t, "app.bsky.feed.repost")
-                    via = f',"via":{{"cid":"{via_cid}","uri":"{via_uri}"}}'
-                record_json = (
-                    f'{{"$type":"{collection}","createdAt":"{created_at}",'
-                    f'"subject":{{"cid":"{cid}","uri":"{uri}"}}{via}}}'
-                )
-            elif kind in (K_FOLLOW, K_BLOCK):
-                collection = "app.bsky.graph.follow" if kind == K_FOLLOW else "app.bsky.graph.block"
-                subject = self.did(self.did_n_of(_mix(h ^ 0xF0)))
-                record_json = (
-                    f'{{"$type":"{collection}","createdAt":"{created_at}","subject":"{subject}"}}'
-                )
-            elif kind == K_POST:
-                collection = "app.bsky.feed.post"
-                record = self.post_record(i, h, t, created_at, rng)
-            elif kind == K_POST_UPDATE:
-                collection = "app.bsky.feed.post"
-                operation = "update"
-                edited = self.find_post(i, h, (50_000, 1_000_000))
-                if edited is not None and self.deleted_at(edited) is None:
-                    c = self.core(edited)
-                    did_n, rkey = c.did_n, c.rkey
-                else:  # edit of a post from before the stream
-                    rkey = tid(t - 86_400_000_000 - (h >> 30) % (30 * DAY_US), h & 0x3FF)
-                record = self.post_record(i, h, t, created_at, rng)
-            elif kind == K_LISTITEM:
-                collection = "app.bsky.graph.listitem"
-                owner = self.did(did_n)
-                list_rkey = tid(DEFAULT_START_US - (did_n % 1000) * 3_600_000_000, did_n & 0x3FF)
-                record = {
-                    "$type": collection,
-                    "createdAt": created_at,
-                    "list": f"at://{owner}/app.bsky.graph.list/{list_rkey}",
-                    "subject": self.did(self.did_n_of(_mix(h ^ 0x11))),
-                }
-            elif kind == K_PROFILE:
-                collection = "app.bsky.actor.profile"
-                operation = "update" if (h >> 60) else "create"
-                rkey = "self"
-                record = self.profile_record(did_n, h, created_at, rng)
-            elif kind in (K_THREADGATE, K_POSTGATE):
-                gated = self.find_post(i, h, (2_000, 50_000))
-                if gated is not None:
-                    c = self.core(gated)
-                    did_n, rkey = c.did_n, c.rkey
-                post_uri = f"at://{self.did(did_n)}/app.bsky.feed.post/{rkey}"
-                if kind == K_THREADGATE:
-                    collection = "app.bsky.feed.threadgate"
-                    rules = (
-                        [{"$type": "app.bsky.feed.threadgate#mentionRule"}],
-                        [{"$type": "app.bsky.feed.threadgate#followingRule"}],
-                        [],
-                    )[h % 3]
-                    record = {
-                        "$type": collection,
-                        "allow": rules,
-                        "createdAt": created_at,
-                        "hiddenReplies": [],
-                        "post": post_uri,
-                    }
-                else:
-                    collection = "app.bsky.feed.postgate"
-                    record = {
-                        "$type": collection,
-                        "createdAt": created_at,
-                        "detachedEmbeddingUris": [],
-                        "embeddingRules": [{"$type": "app.bsky.feed.postgate#disableRule"}],
-                        "post": post_uri,
-                    }
-            elif kind == K_UNKNOWN:
-                collection, operation, rkey, record = self.unknown_record(h, t, rkey, rng)
-            else:
-                collection, operation, rkey, record = self.other_bsky_record(h, t, rkey, rng)
-            if flag == OVERSIZED:
-                # A post whose images carry an enormous alt text: valid JSON, just too big.
-                pad = cfg.oversized_bytes
-                record["embed"] = {
-                    "$type": "app.bsky.embed.images",
-                    "images": [{"alt": "a" * pad, "image": _blob(h, "image/jpeg")}],
-                }
-            did = self.did(did_n)
-            rev = tid(t - 100_000, self.clock(did_n))
-            cid = self.cid_of(h)
-            head = (
-                f'{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"{rev}",'
-                f'"operation":"{operation}","collection":"{collection}","rkey":"{rkey}",'
-                '"record":'
+            did, collection, frame = self._commit_frame(
+                i, t, h, kind, did_n, rkey, created, flag, rng
             )
-            if record_json:
-                frame = f'{head}{record_json},"cid":"{cid}"}}}}'.encode()
-            else:
-                frame = b"".join(
-                    (head.encode(), _record_encoder.encode(record), f',"cid":"{cid}"}}}}'.encode())
-                )
         if flag == MALFORMED:
             frame = _corrupt(frame, h)
         return Item(i, t, did, collection, frame, flag)
+
+    def _delete_frame(
+        self, i: int, t: int, h: int, did_n: int, rkey: str
+    ) -> tuple[str, str, bytes]:
+        """(did, collection, frame) of a delete: of a record made earlier in the stream, or of
+        one from before it."""
+        j = i - _DEL_M * self.del_lags[i % _DEL_M]
+        target_kind = self.kind_at(j) if j >= 0 else -1
+        if target_kind in _DELETABLE:
+            c = self.core(j)
+            did_n, rkey, collection = c.did_n, c.rkey, _DELETABLE[target_kind]
+        else:  # a record from before the stream
+            collection = _DELETABLE_LIST[(h >> 56) % len(_DELETABLE_LIST)]
+            rkey = tid(t - 3_600_000_000 - (h >> 24) % (300 * DAY_US), (h >> 30) & 0x3FF)
+        did = self.did(did_n)
+        rev = tid(t - 100_000, self.clock(did_n))
+        frame = (
+            f'{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"{rev}",'
+            f'"operation":"delete","collection":"{collection}","rkey":"{rkey}"}}}}'
+        ).encode()
+        return did, collection, frame
+
+    def _identity_or_account_frame(
+        self, i: int, t: int, h: int, did_n: int, kind: int
+    ) -> tuple[str, bytes]:
+        did = self.did(did_n)
+        seq = self.seq0 + i
+        when = iso_ms(t - 500_000)
+        if kind == K_IDENTITY:
+            handle = f',"handle":"{self.handle(did_n)}"' if h >> 61 else ""
+            body = f'"identity":{{"did":"{did}"{handle},"seq":{seq},"time":"{when}"}}'
+            return did, f'{{"did":"{did}","time_us":{t},"kind":"identity",{body}}}'.encode()
+        # Most account events say "active"; the rest a reason it is not.
+        status = "" if h >> 62 else ("deactivated", "takendown", "deleted", "")[(h >> 60) & 3]
+        active = "false" if status else "true"
+        st = f',"status":"{status}"' if status else ""
+        body = f'"account":{{"active":{active},"did":"{did}","seq":{seq}{st},"time":"{when}"}}'
+        return did, f'{{"did":"{did}","time_us":{t},"kind":"account",{body}}}'.encode()
+
+    def _commit_frame(
+        self,
+        i: int,
+        t: int,
+        h: int,
+        kind: int,
+        did_n: int,
+        rkey: str,
+        created: int,
+        flag: int,
+        rng: random.Random,
+    ) -> tuple[str, str, bytes]:
+        """(did, collection, frame) of a create or update commit."""
+        created_at = iso_ms(created)
+        if kind in (K_LIKE, K_REPOST, K_FOLLOW, K_BLOCK):
+            # The most common kinds are written straight to JSON (keys in sorted order).
+            collection, record_json = self._subject_json(i, t, h, kind, created_at)
+            operation, record = "create", None
+        else:
+            collection, operation, did_n, rkey, record = self._record(
+                i, t, h, kind, did_n, rkey, created_at, rng
+            )
+            record_json = ""
+        if flag == OVERSIZED:
+            assert record is not None  # an oversized frame is never of the kinds above
+            # A post whose images carry an enormous alt text: valid JSON, just too big.
+            pad = self.cfg.oversized_bytes
+            record["embed"] = {
+                "$type": "app.bsky.embed.images",
+                "images": [{"alt": "a" * pad, "image": _blob(h, "image/jpeg")}],
+            }
+        did = self.did(did_n)
+        rev = tid(t - 100_000, self.clock(did_n))
+        cid = self.cid_of(h)
+        head = (
+            f'{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"{rev}",'
+            f'"operation":"{operation}","collection":"{collection}","rkey":"{rkey}",'
+            '"record":'
+        )
+        if record_json:
+            return did, collection, f'{head}{record_json},"cid":"{cid}"}}}}'.encode()
+        encoded = _record_encoder.encode(record)
+        return did, collection, b"".join((head.encode(), encoded, f',"cid":"{cid}"}}}}'.encode()))
+
+    def _subject_json(self, i: int, t: int, h: int, kind: int, created_at: str) -> tuple[str, str]:
+        """(collection, record JSON) of a like, repost, follow or block."""
+        if kind in (K_LIKE, K_REPOST):
+            collection = "app.bsky.feed.like" if kind == K_LIKE else "app.bsky.feed.repost"
+            uri, cid = self.subject_ref(i, h, t)
+            via = ""
+            if (h >> 59) < 6:  # liked or reposted via someone's repost
+                via_uri, via_cid = self.old_ref(h ^ 0x71A, t, "app.bsky.feed.repost")
+                via = f',"via":{{"cid":"{via_cid}","uri":"{via_uri}"}}'
+            return collection, (
+                f'{{"$type":"{collection}","createdAt":"{created_at}",'
+                f'"subject":{{"cid":"{cid}","uri":"{uri}"}}{via}}}'
+            )
+        collection = "app.bsky.graph.follow" if kind == K_FOLLOW else "app.bsky.graph.block"
+        subject = self.did(self.did_n_of(_mix(h ^ 0xF0)))
+        return collection, (
+            f'{{"$type":"{collection}","createdAt":"{created_at}","subject":"{subject}"}}'
+        )
+
+    def _record(
+        self,
+        i: int,
+        t: int,
+        h: int,
+        kind: int,
+        did_n: int,
+        rkey: str,
+        created_at: str,
+        rng: random.Random,
+    ) -> tuple[str, str, int, str, dict[str, Any]]:
+        """(collection, operation, did_n, rkey, record) of the other commit kinds."""
+        if kind == K_POST:
+            record = self.post_record(i, h, t, created_at, rng)
+            return "app.bsky.feed.post", "create", did_n, rkey, record
+        if kind == K_POST_UPDATE:
+            edited = self.find_post(i, h, (50_000, 1_000_000))
+            if edited is not None and self.deleted_at(edited) is None:
+                c = self.core(edited)
+                did_n, rkey = c.did_n, c.rkey
+            else:  # edit of a post from before the stream
+                rkey = tid(t - 86_400_000_000 - (h >> 30) % (30 * DAY_US), h & 0x3FF)
+            record = self.post_record(i, h, t, created_at, rng)
+            return "app.bsky.feed.post", "update", did_n, rkey, record
+        if kind == K_LISTITEM:
+            collection = "app.bsky.graph.listitem"
+            owner = self.did(did_n)
+            list_rkey = tid(DEFAULT_START_US - (did_n % 1000) * 3_600_000_000, did_n & 0x3FF)
+            record = {
+                "$type": collection,
+                "createdAt": created_at,
+                "list": f"at://{owner}/app.bsky.graph.list/{list_rkey}",
+                "subject": self.did(self.did_n_of(_mix(h ^ 0x11))),
+            }
+            return collection, "create", did_n, rkey, record
+        if kind == K_PROFILE:
+            operation = "update" if (h >> 60) else "create"
+            record = self.profile_record(did_n, h, created_at, rng)
+            return "app.bsky.actor.profile", operation, did_n, "self", record
+        if kind in (K_THREADGATE, K_POSTGATE):
+            return self._gate_record(i, h, kind, did_n, rkey, created_at)
+        if kind == K_UNKNOWN:
+            collection, operation, rkey, record = self.unknown_record(h, t, rkey, rng)
+        else:
+            collection, operation, rkey, record = self.other_bsky_record(h, t, rkey, rng)
+        return collection, operation, did_n, rkey, record
+
+    def _gate_record(
+        self, i: int, h: int, kind: int, did_n: int, rkey: str, created_at: str
+    ) -> tuple[str, str, int, str, dict[str, Any]]:
+        """A threadgate or postgate of a post made earlier in the stream (or of its own)."""
+        gated = self.find_post(i, h, (2_000, 50_000))
+        if gated is not None:
+            c = self.core(gated)
+            did_n, rkey = c.did_n, c.rkey
+        post_uri = f"at://{self.did(did_n)}/app.bsky.feed.post/{rkey}"
+        if kind == K_THREADGATE:
+            rules = (
+                [{"$type": "app.bsky.feed.threadgate#mentionRule"}],
+                [{"$type": "app.bsky.feed.threadgate#followingRule"}],
+                [],
+            )[h % 3]
+            record = {
+                "$type": "app.bsky.feed.threadgate",
+                "allow": rules,
+                "createdAt": created_at,
+                "hiddenReplies": [],
+                "post": post_uri,
+            }
+            return "app.bsky.feed.threadgate", "create", did_n, rkey, record
+        record = {
+            "$type": "app.bsky.feed.postgate",
+            "createdAt": created_at,
+            "detachedEmbeddingUris": [],
+            "embeddingRules": [{"$type": "app.bsky.feed.postgate#disableRule"}],
+            "post": post_uri,
+        }
+        return "app.bsky.feed.postgate", "create", did_n, rkey, record
 
     # records ------------------------------------------------------------------------------------
 
     def post_record(
         self, i: int, h: int, t: int, created_at: str, rng: random.Random
     ) -> dict[str, Any]:
+        # The draws from rng come in a fixed order (text, langs, embed): the same seed gives
+        # the same bytes.
+        text, facets, lang, external_uri = self._post_text(h, rng)
+        record: dict[str, Any] = {
+            "$type": "app.bsky.feed.post",
+            "createdAt": created_at,
+            "text": text,
+        }
+        if facets:
+            record["facets"] = facets
+        r = rng.random()
+        if r < 0.93:
+            record["langs"] = [lang]
+        elif r < 0.97:
+            record["langs"] = [lang, "en" if lang != "en" else "es"]
+        reply = self._reply(i, h, t)
+        if reply is not None:
+            record["reply"] = reply
+        embed = self._post_embed(i, h, t, rng, external_uri)
+        if embed is not None:
+            record["embed"] = embed
+        return record
+
+    def _post_text(
+        self, h: int, rng: random.Random
+    ) -> tuple[str, list[dict[str, Any]], str, str | None]:
+        """(text, facets, language, external link or None) of a post: sentences of its
+        language up to a length drawn from a long-tailed shape, maybe the benchmark words,
+        emoji, a mention, a link and hashtags, with facets at the right UTF-8 byte offsets."""
         bank = self.bank
         r = rng.random()
         lang = bank.langs[_bisect(bank.lang_cum, r * bank.lang_cum[-1])]
@@ -851,39 +925,19 @@ class _Generator:
             if shape < 0.85
             else rng.randint(200, 300)
         )
-        parts: list[str] = []
-        facets: list[dict[str, Any]] = []
-        nbytes = 0
-        ngraph = 0
-
-        def add(text: str, tb: int, tg: int, feature: dict[str, Any] | None = None) -> bool:
-            nonlocal nbytes, ngraph
-            gap = 1 if parts and sep else 0
-            if ngraph + gap + tg > 300:
-                return False
-            if gap:
-                parts.append(sep)
-            start = nbytes + gap
-            parts.append(text)
-            nbytes = start + tb
-            ngraph += gap + tg
-            if feature is not None:
-                facets.append(
-                    {"features": [feature], "index": {"byteEnd": nbytes, "byteStart": start}}
-                )
-            return True
-
+        text_ = _PostText(sep)
+        add = text_.add
         extras = rng.random()
         if extras < COMMON_WORD_FRACTION:
             word = COMMON_WORD if rng.random() < 0.8 else COMMON_WORD.capitalize()
             add(word, len(word), len(word))
         if _mix(h ^ 0x4A4E) % self.cfg.rare_word_every == 0:
             add(RARE_WORD, len(RARE_WORD), len(RARE_WORD))
-        while ngraph < target:
+        while text_.ngraph < target:
             # Prefer a sentence that fits the target length; a few tries, then the shortest.
             text, tb, tg = sentences[int(rng.random() * len(sentences))]
             for _ in range(3):
-                if ngraph + tg <= target:
+                if text_.ngraph + tg <= target:
                     break
                 other = sentences[int(rng.random() * len(sentences))]
                 if other[2] < tg:
@@ -925,18 +979,10 @@ class _Generator:
                     len(tag) + 1,
                     {"$type": "app.bsky.richtext.facet#tag", "tag": tag},
                 )
-        record: dict[str, Any] = {
-            "$type": "app.bsky.feed.post",
-            "createdAt": created_at,
-            "text": "".join(parts),
-        }
-        if facets:
-            record["facets"] = facets
-        r = rng.random()
-        if r < 0.93:
-            record["langs"] = [lang]
-        elif r < 0.97:
-            record["langs"] = [lang, "en" if lang != "en" else "es"]
+        return "".join(text_.parts), text_.facets, lang, external_uri
+
+    def _reply(self, i: int, h: int, t: int) -> dict[str, Any] | None:
+        """The reply reference of a post (about a third are replies), or None."""
         if (h >> 58) < 22:  # ~34% of posts are replies
             parent = self.find_post(i, h ^ 0xAE, _REPLY_SPANS)
             if parent is not None:
@@ -945,13 +991,17 @@ class _Generator:
             else:
                 puri, pcid = self.old_ref(h ^ 0xAE, t)
                 ruri, rcid = (puri, pcid) if h & 0x80 else self.old_ref(h ^ 0xA0, t)
-            record["reply"] = {
-                "parent": {"cid": pcid, "uri": puri},
-                "root": {"cid": rcid, "uri": ruri},
-            }
+            return {"parent": {"cid": pcid, "uri": puri}, "root": {"cid": rcid, "uri": ruri}}
+        return None
+
+    def _post_embed(
+        self, i: int, h: int, t: int, rng: random.Random, external_uri: str | None
+    ) -> dict[str, Any] | None:
+        """A post's embed: an external card for its link, images, a video, a quote (with or
+        without media), or None."""
         embed = rng.random()
         if external_uri is not None and embed < 0.6:
-            record["embed"] = {
+            return {
                 "$type": "app.bsky.embed.external",
                 "external": {
                     "description": _DESCRIPTIONS[int(rng.random() * len(_DESCRIPTIONS))],
@@ -961,9 +1011,9 @@ class _Generator:
                 },
             }
         elif embed < 0.20:
-            record["embed"] = self.images(rng)
+            return self.images(rng)
         elif embed < 0.24:
-            record["embed"] = {
+            return {
                 "$type": "app.bsky.embed.video",
                 "aspectRatio": {"height": 1920, "width": 1080},
                 "video": _blob(rng.getrandbits(64), "video/mp4"),
@@ -973,14 +1023,13 @@ class _Generator:
             uri, cid = self.post_ref(quoted) if quoted is not None else self.old_ref(h ^ 0x9A, t)
             quote = {"$type": "app.bsky.embed.record", "record": {"cid": cid, "uri": uri}}
             if embed < 0.26:
-                record["embed"] = {
+                return {
                     "$type": "app.bsky.embed.recordWithMedia",
                     "media": self.images(rng),
                     "record": quote,
                 }
-            else:
-                record["embed"] = quote
-        return record
+            return quote
+        return None
 
     def images(self, rng: random.Random) -> dict[str, Any]:
         images = []
@@ -1111,6 +1160,35 @@ class _Generator:
         return collection, "create", "self", record
 
 
+class _PostText:
+    """A post's text as it grows: pieces joined by `sep`, at most 300 graphemes, and the facets
+    of its mentions, links and tags at their UTF-8 byte offsets."""
+
+    def __init__(self, sep: str) -> None:
+        self.sep = sep
+        self.parts: list[str] = []
+        self.facets: list[dict[str, Any]] = []
+        self.nbytes = 0
+        self.ngraph = 0
+
+    def add(self, text: str, tb: int, tg: int, feature: dict[str, Any] | None = None) -> bool:
+        """Append `text` (tb bytes, tg graphemes) unless the post would pass 300 graphemes."""
+        gap = 1 if self.parts and self.sep else 0
+        if self.ngraph + gap + tg > 300:
+            return False
+        if gap:
+            self.parts.append(self.sep)
+        start = self.nbytes + gap
+        self.parts.append(text)
+        self.nbytes = start + tb
+        self.ngraph += gap + tg
+        if feature is not None:
+            self.facets.append(
+                {"features": [feature], "index": {"byteEnd": self.nbytes, "byteStart": start}}
+            )
+        return True
+
+
 def _blob(bits: int, mime: str) -> dict[str, Any]:
     bits = _mix(bits)
     return {
@@ -1233,7 +1311,7 @@ class GroundTruth(msgspec.Struct):
     rejected: dict[str, int] = msgspec.field(default_factory=dict)
     deleted_posts: KeyDigest = msgspec.field(default_factory=KeyDigest)
     deleted_post_uris: set[str] | None = msgspec.field(default_factory=set)
-    max_bytes: int = 1_000_000
+    max_bytes: int = ev.MAX_EVENT_BYTES
 
     def add(self, frame: bytes, now: int | None = None) -> None:
         self.frames += 1
@@ -1248,13 +1326,13 @@ class GroundTruth(msgspec.Struct):
         digest = per_day.get(day)
         if digest is None:
             digest = per_day[day] = KeyDigest()
-        digest.add(ev.natural_key(event))
+        digest.add(natural_key(event))
         if (
             table == "deletes"
             and isinstance(event, ev.CommitEvent)
             and event.commit.collection == "app.bsky.feed.post"
         ):
-            uri = ev.at_uri(event.did, event.commit.collection, event.commit.rkey)
+            uri = at_uri(event.did, event.commit.collection, event.commit.rkey)
             self.deleted_posts.add((uri,))
             if self.deleted_post_uris is not None:
                 self.deleted_post_uris.add(uri)
@@ -1304,7 +1382,7 @@ def _day(time_us: int) -> str:
 
 
 def ground_truth(
-    cfg: FirehoseConfig, *, max_bytes: int = 1_000_000, keep_deleted: bool = True
+    cfg: FirehoseConfig, *, max_bytes: int = ev.MAX_EVENT_BYTES, keep_deleted: bool = True
 ) -> GroundTruth:
     """Generate the whole stream and accumulate its ground truth (constant memory)."""
     truth = GroundTruth(max_bytes=max_bytes, deleted_post_uris=set() if keep_deleted else None)

@@ -207,7 +207,7 @@ class ParquetData:
     """Rows we choose, written as live Parquet files the way the batcher does it.
 
     `post()`, `delete()` and `identity()` queue rows; `flush()` writes each table's rows of a day
-    to one new file with `storage.write_atomic` and registers the files in one manifest update.
+    to one new file with the batcher's `write_file` and registers them with its `publish`.
     Every test therefore knows exactly which rows exist and what a query must return.
     """
 
@@ -288,31 +288,25 @@ class ParquetData:
         )
 
     def flush(self) -> list[str]:
-        """Write the queued rows (one file per table and day) and publish them in the manifest."""
+        """Write the queued rows (one file per table and day) and publish them in the manifest,
+        through the batcher's own file writer and manifest update (`batch.files`)."""
         import pyarrow as pa
 
-        from appliance import storage
+        from appliance.batch.files import publish, split_days, write_file
+        from appliance.store import layout
 
         self.flushes += 1
         written: dict[str, list[str]] = {}
         for table, rows in self.pending.items():
-            by_day: dict[str, list[dict[str, Any]]] = {}
-            for row in rows:
-                by_day.setdefault(storage.day_of(row["time_us"]), []).append(row)
-            for day, day_rows in by_day.items():
-                day_rows.sort(key=lambda r: r["time_us"])
-                arrow = pa.Table.from_pylist(day_rows, schema=storage.SCHEMAS[table])
-                path = storage.write_atomic(
-                    arrow,
-                    storage.partition_dir(self.data_dir, table, day),
-                    f"test-{self.flushes:04d}",
-                )
+            rows.sort(key=lambda r: r["time_us"])
+            arrow = pa.Table.from_pylist(rows, schema=layout.SCHEMAS[table])
+            for day, part in split_days(arrow).items():
+                name = f"test-{self.flushes:04d}"
+                path = write_file(self.data_dir, table, day, name, part, zstd_level=3)
                 written.setdefault(table, []).append(str(path.relative_to(self.data_dir)))
         self.pending = {}
-        with storage.update_manifest(self.data_dir) as manifest:
-            for table, paths in written.items():
-                manifest.files.setdefault(table, []).extend(paths)
-            manifest.last_batch = {"time": time.time(), "events": sum(map(len, written.values()))}
+        events = sum(map(len, written.values()))
+        publish(self.data_dir, written, {"time": time.time(), "events": events})
         return [p for paths in written.values() for p in paths]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from sanic_testing.reusable import ReusableClient
 
-from appliance.api import create_app
+from appliance.api.app import create_app
 from appliance.config import Settings
-from appliance.query import QueryEngine, QueryTimeout
+from appliance.query.engine import QueryEngine
+from appliance.query.model import QueryTimeout
 from tests.conftest import T0_US, ParquetData, free_port, make_settings
+from tests.helpers import metric_values, wait_until
 
 SEC = 1_000_000
 DAY = 86_400 * SEC
@@ -484,16 +485,6 @@ def test_a_query_past_the_timeout_is_504(
     a.error("/v1/export", {"q": "absent"}, status=504)
 
 
-def metric_values(text: str) -> dict[str, float]:
-    """Prometheus exposition text as {series: value}."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            out[series] = float(value)
-    return out
-
-
 # --- the rest of the surface -----------------------------------------------------------------
 
 
@@ -521,10 +512,8 @@ def test_request_ids_cors_and_preflight(api: Callable[..., Api], corpus: Any) ->
 def test_health_ready_stats_metrics_and_docs(api: Callable[..., Api], corpus: Any) -> None:
     a = api()
     assert a.get("/health").json == {"status": "ok"}
-    deadline = time.monotonic() + 20
-    while (ready := a.get("/ready")).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ready.status_code == 200 and ready.json["ready"] is True
+    ready = wait_until(lambda: (r := a.get("/ready")).status_code == 200 and r, 20, "/ready")
+    assert ready.json["ready"] is True
     stats = a.get("/v1/stats").json
     assert stats["posts"] == len(corpus) and stats["events"] == len(corpus) + 2
     assert [d["date"] for d in stats["days"]] == ["2026-06-01", "2026-06-02", "2026-06-03"]

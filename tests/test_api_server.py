@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,7 +19,7 @@ import pytest
 
 from appliance.config import Settings, to_environ
 from tests.conftest import T0_US, ParquetData, free_port, make_settings, stop_process
-from tests.test_api import metric_values
+from tests.helpers import metric_values, wait_until
 
 SEC = 1_000_000
 
@@ -55,20 +54,24 @@ def start_server(settings: Settings, tmp_path: Path, workers: int) -> Server:
     cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port),
            "--workers", str(workers), "--data-dir", settings.data_dir]  # fmt: skip
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Its own session: Sanic answers a second SIGTERM by killing its whole process group,
+        # which would otherwise be pytest's (seen twice in full runs on a loaded machine).
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"appliance serve exited: {log.read_text()[-3000:]}")
-        try:
-            if server.get("/ready")[0] == 200:
-                return server
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop_process(proc)
-    raise TimeoutError(f"appliance serve not ready: {log.read_text()[-3000:]}")
+        return server.get("/ready")[0] == 200
+
+    try:
+        wait_until(ready, 60, "appliance serve's /ready", interval=0.2, errors=(OSError,))
+    except AssertionError:
+        stop_process(proc)
+        raise AssertionError(f"appliance serve not ready: {log.read_text()[-3000:]}") from None
+    return server
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 nothing is stored twice, and every *.parquet file opens.
 
 The kill is deterministic: APPLIANCE_BATCH_CRASH_AT names the point where the batcher sends
-itself SIGKILL (appliance/batch.py CRASH_POINTS).
+itself SIGKILL (appliance/store/crash.py CRASH_POINTS).
 """
 
 from __future__ import annotations
@@ -11,47 +11,34 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from appliance import storage
-from appliance.config import Settings, to_environ
+from appliance.config import Settings
+from appliance.store.manifest import read_manifest
 from loadtest.firehose import FirehoseConfig, generate
-from tests.conftest import REPO_ROOT, RedisProcess, make_settings, stop_process
-from tests.test_batch import (
+from tests.conftest import RedisProcess, make_settings, stop_process
+from tests.helpers import (
     assert_all_parquet_files_open,
     assert_stored_equals,
     group_state,
     live_files,
     push,
+    start_batcher,
     truth_of,
+    wait_until,
 )
 
 
-def start_batcher(settings: Settings, log: Path, crash_at: str = "") -> subprocess.Popen[bytes]:
-    env = {**os.environ, **to_environ(settings), "APPLIANCE_BATCH_CRASH_AT": crash_at}
-    env["APPLIANCE_LOG_FORMAT"] = "json"
-    with open(log, "ab") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "appliance", "batch"],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-
-
 def wait_drained(settings: Settings, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while group_state(settings) != (0, 0):
+    def drained() -> bool:
         assert proc.poll() is None, f"batcher exited with {proc.returncode}"
-        assert time.monotonic() < deadline, "the batcher did not drain the stream in time"
-        time.sleep(0.1)
+        return group_state(settings) == (0, 0)
+
+    wait_until(drained, timeout, "the batcher to drain the stream", interval=0.1)
 
 
 @pytest.fixture
@@ -116,15 +103,12 @@ def test_the_service_serves_probes_and_exits_cleanly_on_sigterm(
     try:
         wait_drained(settings, proc)
         base = f"http://127.0.0.1:{settings.batch_port}"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ready", timeout=5) as resp:
-                    ready = json.loads(resp.read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+
+        def get_ready() -> dict[str, object]:
+            with urllib.request.urlopen(f"{base}/ready", timeout=5) as resp:
+                return dict(json.loads(resp.read()))
+
+        ready = wait_until(get_ready, 10, "the batcher's /ready", errors=(OSError,))
         assert ready["ready"] is True and ready["redis"] == "ok"
         with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
             assert json.loads(resp.read()) == {"status": "ok"}
@@ -139,8 +123,9 @@ def test_the_service_serves_probes_and_exits_cleanly_on_sigterm(
         assert proc.wait(30) == 0
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     written = [line for line in lines if line["msg"] == "batch written"]
-    assert written and written[-1]["rows"]["posts"] >= 0
-    assert storage.read_manifest(settings.data_dir).last_batch["events"] > 0
+    assert sum(line["events"] for line in written) == len(frames)
+    assert sum(line["rows"].get("posts", 0) for line in written) == posts
+    assert read_manifest(settings.data_dir).last_batch["events"] > 0
 
 
 def processes_with_env(marker: str) -> list[int]:
@@ -159,10 +144,7 @@ def processes_with_env(marker: str) -> list[int]:
 
 
 def wait_gone(marker: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while left := processes_with_env(marker):
-        assert time.monotonic() < deadline, f"processes left behind: {left}"
-        time.sleep(0.2)
+    wait_until(lambda: not processes_with_env(marker), timeout, f"no process left with {marker}")
 
 
 def test_with_worker_processes_a_kill9_leaves_no_worker_behind_and_the_redo_is_exact(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,22 +14,24 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from appliance import compact, storage
 from appliance.cli import main as cli_main
 from appliance.config import Settings
+from appliance.query.engine import QueryEngine
+from appliance.store import layout
 from loadtest.firehose import FirehoseConfig, ground_truth, time_at
 from tests.conftest import RedisProcess, ServerHandle, make_settings, stop_process
-from tests.test_batch import (
+from tests.helpers import (
+    all_keys,
     assert_all_parquet_files_open,
     assert_stored_equals,
     group_state,
     live_files,
+    start_batcher,
+    start_ingester,
     sync_client,
     visible_posts,
+    wait_until,
 )
-from tests.test_batch_crash import start_batcher
-from tests.test_compact import all_keys
-from tests.test_ingest import start_ingester, wait_for
 
 
 def saved_cursor(settings: Settings) -> int | None:
@@ -73,22 +74,23 @@ def test_a_replay_of_200k_events_lands_in_parquet_exactly_once(
         batcher = start_batcher(settings, tmp_path / "batch.log")
         procs += [ingester, batcher]
         # kill -9 both services part way; their restarts must lose and duplicate nothing.
-        wait_for(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 60_000), 120, "ingest")
+        wait_until(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 60_000), 120, "ingest")
         ingester.send_signal(signal.SIGKILL)
         ingester.wait(10)
         ingester = start_ingester(settings, tmp_path / "ingest.log")
         procs.append(ingester)
-        wait_for(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 120_000), 120, "ingest")
+        wait_until(lambda: (saved_cursor(settings) or 0) > time_at(cfg, 120_000), 120, "ingest")
         batcher.send_signal(signal.SIGKILL)
         batcher.wait(10)
         batcher = start_batcher(settings, tmp_path / "batch.log")
         procs.append(batcher)
-        wait_for(lambda: saved_cursor(settings) == last_us, 180, "the last event's cursor")
-        deadline = time.monotonic() + 180
-        while group_state(settings) != (0, 0):
+        wait_until(lambda: saved_cursor(settings) == last_us, 180, "the last event's cursor")
+
+        def drained() -> bool:
             assert batcher.poll() is None, "the batcher exited"
-            assert time.monotonic() < deadline, "the batcher did not drain the stream"
-            time.sleep(0.2)
+            return group_state(settings) == (0, 0)
+
+        wait_until(drained, 180, "the batcher to drain the stream", interval=0.2)
         for proc in (ingester, batcher):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
@@ -106,10 +108,17 @@ def test_a_replay_of_200k_events_lands_in_parquet_exactly_once(
     stored_posts = {uri for uri, _ in all_keys(data, "posts")}
     visible = visible_posts(data)
     assert visible == stored_posts - truth.deleted_post_uris
+    # What the API's engine counts (/v1/stats) is what was sent, each event once.
+    engine = QueryEngine(Settings(data_dir=str(data), result_limit=False))
+    try:
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert stats["events"] == truth.count() and stats["posts"] == truth.count("posts")
     first_day = live_files(data, "posts")[0].parent.name.removeprefix("date=")
     assert cli_main(["compact", "--day", first_day, "--data-dir", str(data)]) == 0
     day_posts = [p for p in live_files(data, "posts") if first_day in str(p)]
-    assert len(day_posts) == 1 and day_posts[0].name.startswith(compact.PREFIX)
-    compacted = set(storage.uri_array("posts", pq.read_table(day_posts[0])).to_pylist())
+    assert len(day_posts) == 1 and day_posts[0].name.startswith(layout.COMPACTED_PREFIX)
+    compacted = set(layout.uri_array("posts", pq.read_table(day_posts[0])).to_pylist())
     assert compacted and compacted.isdisjoint(truth.deleted_post_uris)
     assert visible_posts(data) == visible

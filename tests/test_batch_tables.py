@@ -8,33 +8,14 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from appliance import events, storage
-from appliance.tables import TableBuilder, parse_time_us, timestamps
+from appliance import events
+from appliance.batch.tables import TableBuilder, parse_time_us, timestamps
+from appliance.store import layout
+from tests.helpers import CID, DID, T0, commit
 
-DID = "did:plc:" + "a" * 24
+MAX = events.MAX_EVENT_BYTES
+
 OTHER = "did:plc:" + "b" * 24
-T0 = 1_783_175_888_000_000  # 2026-07-04T14:38:08Z
-CID = "bafyrei" + "c" * 52
-
-
-def commit(
-    record: dict[str, Any] | None,
-    *,
-    collection: str = "app.bsky.feed.post",
-    rkey: str = "3mptbyoeyc22k",
-    rev: str = "3mptbypcq372f",
-    did: str = DID,
-    time_us: int = T0,
-    operation: str = "create",
-) -> bytes:
-    """A Jetstream commit frame."""
-    body: dict[str, Any] = {"rev": rev, "operation": operation, "collection": collection}
-    body["rkey"] = rkey
-    if record is not None:
-        body["record"] = record
-        body["cid"] = CID
-    frame = {"did": did, "time_us": time_us, "kind": "commit", "commit": body}
-    return json.dumps(frame).encode()
 
 
 def build(*frames: bytes, store_cids: bool = False) -> tuple[TableBuilder, dict[str, pa.Table]]:
@@ -111,7 +92,7 @@ def test_cids_are_stored_only_when_asked_and_never_change_the_schema() -> None:
         _, tables = build(*frames, store_cids=store_cids)
         want = CID if store_cids else None
         for name in ("posts", "likes"):
-            assert tables[name].schema == storage.SCHEMAS[name]
+            assert tables[name].schema == layout.SCHEMAS[name]
         assert tables["posts"].to_pylist()[0]["cid"] == want
         row = tables["likes"].to_pylist()[0]
         assert (row["cid"], row["subject_cid"]) == (want, want)
@@ -228,9 +209,9 @@ def test_every_table_uses_its_storage_schema() -> None:
         json.dumps(identity).encode(),
         json.dumps(account).encode(),
     )
-    assert set(tables) == set(storage.TABLES)
+    assert set(tables) == set(layout.TABLES)
     for name, table in tables.items():
-        assert table.schema == storage.SCHEMAS[name], name
+        assert table.schema == layout.SCHEMAS[name], name
         assert table.num_rows == 1, name
     assert tables["likes"].to_pylist()[0]["subject_uri"] == "at://s/app.bsky.feed.post/1"
     assert tables["follows"].to_pylist()[0]["subject"] == OTHER
@@ -238,7 +219,7 @@ def test_every_table_uses_its_storage_schema() -> None:
     assert records["collection"] == "fm.teal.alpha.actor.status"
     assert json.loads(records["record"]) == {"name": "x"}
     deletes = tables["deletes"].to_pylist()[0]
-    deleted_uri = storage.uri_array("deletes", tables["deletes"]).to_pylist()
+    deleted_uri = layout.uri_array("deletes", tables["deletes"]).to_pylist()
     assert deleted_uri == [f"at://{DID}/app.bsky.feed.like/3mptbyoeyc22k"]
     assert deletes["collection"] == "app.bsky.feed.like"
     assert tables["identities"].to_pylist()[0]["handle"] == "a.b"
@@ -278,26 +259,26 @@ def test_rows_convert_in_chunks_without_changing_the_result() -> None:
 
 
 def test_decoding_a_whole_entry_matches_decoding_frame_by_frame() -> None:
-    from appliance.tables import decode_frames, decode_joined
+    from appliance.batch.decode import decode_frames, decode_joined
 
     good = [commit({"text": str(i)}, rkey=f"3aaaaaaaaa{i:03d}") for i in range(3)]
     bad_did = commit({"text": "x"}, did="did:plc:short")  # schema-valid, fails validation
     frames = [good[0], bad_did, good[1], good[2]]
     now = events.now_us()
-    joined = decode_joined(b"\n".join(frames), len(frames), now)
+    joined = decode_joined(b"\n".join(frames), len(frames), now, MAX)
     assert joined is not None
-    one_by_one = decode_frames(frames, now)
+    one_by_one = decode_frames(frames, now, MAX)
     assert joined[0] == one_by_one[0] == [events.decode(f) for f in good]
     assert [(f, e.reason) for f, e in joined[1]] == [(bad_did, "bad_did")]
     assert [(f, e.reason) for f, e in one_by_one[1]] == [(bad_did, "bad_did")]
     # A malformed frame or a count that does not match: not for the shortcut.
-    assert decode_joined(b"\n".join([good[0], b"{nope"]), 2, now) is None
-    assert decode_joined(b"\n".join(good), 2, now) is None
+    assert decode_joined(b"\n".join([good[0], b"{nope"]), 2, now, MAX) is None
+    assert decode_joined(b"\n".join(good), 2, now, MAX) is None
     assert decode_joined(b"\n".join(good), 3, now, max_bytes=100) is None
 
 
 def test_an_event_the_schema_cannot_hold_is_rejected_not_stored() -> None:
-    from appliance.tables import decode_frames, decode_joined
+    from appliance.batch.decode import decode_frames, decode_joined
 
     def identity(seq: int) -> bytes:
         body = {"did": DID, "seq": seq, "time": "2026-07-04T14:38:07Z"}
@@ -307,6 +288,9 @@ def test_an_event_the_schema_cannot_hold_is_rejected_not_stored() -> None:
 
     frames = [identity(1), identity(2**63), identity(3)]
     now = events.now_us()
-    for good, bad in (decode_frames(frames, now), decode_joined(b"\n".join(frames), 3, now)):
+    for good, bad in (
+        decode_frames(frames, now, MAX),
+        decode_joined(b"\n".join(frames), 3, now, MAX),
+    ):
         assert [e.identity.seq for e in good] == [1, 3]  # type: ignore[union-attr]
         assert [(f, e.reason) for f, e in bad] == [(frames[1], "schema")]

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance import batch as batch_mod
-from appliance import buffer, events, storage
-from appliance.tables import check_storable, columns_valid
+from appliance import buffer, events
+from appliance.batch import transform
+from appliance.batch.decode import check_storable, columns_valid
+from appliance.batch.tables import TableBuilder
+from appliance.store import layout
 from loadtest.firehose import FirehoseConfig, generate
-from tests.test_batch_tables import DID, T0, commit
+from tests.helpers import DID, T0, commit
 
 GOOD = commit({"text": "fine", "createdAt": "2026-07-04T00:00:00Z"}, rkey="3aaaaaaaaaaa2")
 
@@ -75,11 +77,11 @@ def expected_reasons(frames: list[bytes]) -> list[str | None]:
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["in-process", "one-worker"])
-def pool(request: pytest.FixtureRequest) -> Iterator[batch_mod.TransformPool | None]:
+def pool(request: pytest.FixtureRequest) -> Iterator[transform.TransformPool | None]:
     if not request.param:
         yield None
         return
-    p = batch_mod.TransformPool(request.param)
+    p = transform.TransformPool(request.param)
     p.start()
     yield p
     p.close()
@@ -91,24 +93,24 @@ def entries_of(frames: list[bytes], per_entry: int) -> list[tuple[str, dict[byte
     ]
 
 
-def rows_by_key(batch: batch_mod.Batch) -> dict[str, set[str]]:
-    return {t: set(storage.key_array(t, data).to_pylist()) for t, data in batch.tables().items()}
+def rows_by_key(batch: transform.Batch) -> dict[str, set[str]]:
+    return {t: set(layout.key_array(t, data).to_pylist()) for t, data in batch.tables().items()}
 
 
 @pytest.mark.parametrize("bad", BAD, ids=range(len(BAD)))
 def test_each_invalid_frame_is_rejected_with_its_reason_and_the_rest_kept(
-    bad: bytes, pool: batch_mod.TransformPool | None
+    bad: bytes, pool: transform.TransformPool | None
 ) -> None:
     # One invalid frame per batch: the fast path must catch each on its own.
     frames = [GOOD, *EDGE, bad, commit({"text": "ok"}, rkey="3ccccccccc222")]
-    batch = batch_mod.Batch("new", pool=pool)
+    batch = transform.Batch("new", pool=pool)
     batch.add_entries(entries_of(frames, 2))
     reasons = expected_reasons(frames)
     assert [(r.frame, r.reason) for r in batch.rejected] == [
         (f, r) for f, r in zip(frames, reasons, strict=True) if r is not None
     ]
     # The valid frames, and only they, are rows: the same as decoding event by event.
-    reference = batch_mod.Batch("new")
+    reference = transform.Batch("new")
     for frame, reason in zip(frames, reasons, strict=True):
         if reason is None:
             reference.builder.add(events.decode(frame))
@@ -117,7 +119,7 @@ def test_each_invalid_frame_is_rejected_with_its_reason_and_the_rest_kept(
 
 
 def test_valid_corner_cases_pass_the_column_checks() -> None:
-    builder = batch_mod.TableBuilder()
+    builder = TableBuilder()
     for frame in [GOOD, *EDGE]:
         builder.add(events.decode(frame))
     now = events.now_us()
@@ -126,18 +128,18 @@ def test_valid_corner_cases_pass_the_column_checks() -> None:
 
 
 def test_parts_keep_stream_order_and_isolate_a_bad_entry(
-    pool: batch_mod.TransformPool | None,
+    pool: transform.TransformPool | None,
 ) -> None:
     frames = list(generate(FirehoseConfig(seed=5, events=3_000)))
     entries = entries_of(frames, 100)
     entries.insert(7, ("1-torn", {buffer.FIELD_COUNT: b"5", buffer.FIELD_DATA: b"{}\n{}"}))
     entries.insert(20, ("1-gone", None))
-    batch = batch_mod.Batch("new", pool=pool)
+    batch = transform.Batch("new", pool=pool)
     batch.add_entries(entries[:15])
     batch.add_entries(entries[15:])
     assert set(batch.failed) == {"1-torn", "1-gone"}
     assert batch.ok == [e for e, _ in entries if e not in batch.failed]
-    reference = batch_mod.Batch("new")
+    reference = transform.Batch("new")
     reference.add_entries([e for e in entries if e[0] not in batch.failed])
     for table, data in reference.tables().items():
         # same rows in the same (stream) order
@@ -146,21 +148,21 @@ def test_parts_keep_stream_order_and_isolate_a_bad_entry(
 
 def test_a_dead_worker_costs_nothing_but_time() -> None:
     frames = list(generate(FirehoseConfig(seed=6, events=2_000)))
-    pool = batch_mod.TransformPool(1)
+    pool = transform.TransformPool(1)
     try:
         pool.start()
         for pid in pool.pids():
             os.kill(pid, signal.SIGKILL)
         # The broken pool is noticed on submit or on the result: either the part is redone
         # in-process or fresh workers take it; the next read uses fresh workers.
-        batch = batch_mod.Batch("new", pool=pool)
+        batch = transform.Batch("new", pool=pool)
         batch.add_entries(entries_of(frames, 100))
-        again = batch_mod.Batch("new", pool=pool)
+        again = transform.Batch("new", pool=pool)
         again.add_entries(entries_of(frames, 100))
         assert pool.pids()
     finally:
         pool.close()
-    reference = batch_mod.Batch("new")
+    reference = transform.Batch("new")
     reference.add_entries(entries_of(frames, 100))
     for b in (batch, again):
         assert b.frames == len(frames) and not b.failed

@@ -15,13 +15,16 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from appliance import compact, storage
 from appliance.cli import main as cli_main
 from appliance.config import Settings, to_environ
+from appliance.store import compact, layout
+from appliance.store.manifest import read_manifest, update_manifest
 from loadtest.firehose import FirehoseConfig, generate
 from tests.conftest import REPO_ROOT, RedisProcess, make_settings
-from tests.test_batch import (
+from tests.helpers import (
+    all_keys,
     assert_all_parquet_files_open,
+    commit,
     drain,
     live_files,
     push,
@@ -29,7 +32,6 @@ from tests.test_batch import (
     truth_of,
     visible_posts,
 )
-from tests.test_batch_tables import commit
 
 DAY = "2026-07-01"  # the generator starts at 2026-07-01T00:00:00Z
 
@@ -39,28 +41,19 @@ def visible_keys(data_dir: str | Path, table: str) -> set[tuple[str, str]]:
     files = [str(p) for p in live_files(data_dir, table)]
     deletes = [str(p) for p in live_files(data_dir, "deletes")]
     sql = f"""
-        SELECT uri, rev FROM (SELECT {storage.uri_sql(table)} AS uri, rev FROM read_parquet($files))
+        SELECT uri, rev FROM (SELECT {layout.uri_sql(table)} AS uri, rev FROM read_parquet($files))
         QUALIFY rev = max(rev) OVER (PARTITION BY uri)
     """
     rows = set(duckdb.sql(sql, params={"files": files}).fetchall())
     if deletes:
         dels = duckdb.sql(
-            f"SELECT {storage.uri_sql('deletes')} AS uri, max(rev) FROM read_parquet($d) "
+            f"SELECT {layout.uri_sql('deletes')} AS uri, max(rev) FROM read_parquet($d) "
             "GROUP BY uri",
             params={"d": deletes},
         ).fetchall()
         latest_delete = dict(dels)
         rows = {(u, r) for u, r in rows if not (u in latest_delete and latest_delete[u] > r)}
     return rows
-
-
-def all_keys(data_dir: str | Path, table: str) -> list[tuple[str, str]]:
-    """(uri, rev) of every stored row of a commit table ((did, seq) of identities, accounts)."""
-    files = [str(p) for p in live_files(data_dir, table)]
-    columns = ", ".join(storage.KEY_COLUMNS[table])
-    if table in (*storage.COMMIT_TABLES, "deletes"):
-        columns = f"{storage.uri_sql(table)}, rev"
-    return duckdb.sql(f"SELECT {columns} FROM read_parquet($f)", params={"f": files}).fetchall()
 
 
 @pytest.fixture
@@ -96,10 +89,10 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
 
     assert cli_main(["compact", "--day", DAY, "--data-dir", data]) == 0
 
-    m = storage.read_manifest(data)
-    for table in storage.TABLES:
+    m = read_manifest(data)
+    for table in layout.TABLES:
         files = m.table_files(table, [DAY])
-        assert len(files) == 1 and Path(files[0]).name.startswith(compact.PREFIX), table
+        assert len(files) == 1 and Path(files[0]).name.startswith(layout.COMPACTED_PREFIX), table
     for table, keys in expected.items():
         # Physically: exactly the visible versions, each once.
         stored = all_keys(data, table)
@@ -111,7 +104,7 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
     posts = live_files(data, "posts")[0]
     times = pq.read_table(posts, columns=["time_us"])["time_us"].to_pylist()
     assert times == sorted(times)
-    did = storage.SCHEMAS["posts"].get_field_index("did")
+    did = layout.SCHEMAS["posts"].get_field_index("did")
     encodings = pq.ParquetFile(posts).metadata.row_group(0).column(did).encodings
     assert "RLE_DICTIONARY" in encodings or "PLAIN_DICTIONARY" in encodings
     # The replaced files stay for queries still reading them, then go.
@@ -123,11 +116,11 @@ def test_compaction_merges_a_day_into_sorted_files_and_applies_deletions(
         before_files
     )
     assert not any(p.exists() for p in before_files)
-    assert not storage.read_manifest(data).retired
+    assert not read_manifest(data).retired
     # Nothing left to do: a second run changes nothing.
-    version = storage.read_manifest(data).version
+    version = read_manifest(data).version
     assert compact.compact_partition(batched, "posts", DAY) is None
-    assert storage.read_manifest(data).version == version
+    assert read_manifest(data).version == version
 
 
 def test_queries_during_a_compaction_see_every_visible_post_exactly_once(
@@ -195,15 +188,15 @@ def run_compact(settings: Settings, crash_at: str = "") -> subprocess.CompletedP
 def test_kill9_during_compaction_loses_nothing(point: str, batched: Settings) -> None:
     data = Path(batched.data_dir)
     expected = visible_keys(data, "likes")
-    inputs = storage.read_manifest(data).table_files("likes", [DAY])
+    inputs = read_manifest(data).table_files("likes", [DAY])
 
     crashed = run_compact(batched, crash_at=point)
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout.decode()[-2000:]
     assert_all_parquet_files_open(data)
-    after_crash = storage.read_manifest(data).table_files("likes", [DAY])
+    after_crash = read_manifest(data).table_files("likes", [DAY])
     if point == "compact_mid":
         assert after_crash == inputs  # not swapped: the old files are still the live ones
-        assert list((data / "likes" / f"date={DAY}").glob(f"{compact.PREFIX}*.parquet"))
+        assert list((data / "likes" / f"date={DAY}").glob(f"{layout.COMPACTED_PREFIX}*.parquet"))
     else:
         assert len(after_crash) == 1 and after_crash != inputs
     assert set(all_keys(data, "likes")) >= expected
@@ -214,7 +207,7 @@ def test_kill9_during_compaction_loses_nothing(point: str, batched: Settings) ->
     assert len(all_keys(data, "likes")) == len(expected)
     assert_all_parquet_files_open(data)
     # No orphan: every compacted file on disk is live.
-    on_disk = set((data / "likes" / f"date={DAY}").glob(f"{compact.PREFIX}*.parquet"))
+    on_disk = set((data / "likes" / f"date={DAY}").glob(f"{layout.COMPACTED_PREFIX}*.parquet"))
     assert on_disk == set(live_files(data, "likes"))
 
 
@@ -235,11 +228,11 @@ def test_the_batcher_compacts_a_day_once_it_is_closed(tmp_path: Path) -> None:
         drain(settings)  # one more cycle: compaction runs after the batch that closes the day
     finally:
         server.stop()
-    m = storage.read_manifest(settings.data_dir)
+    m = read_manifest(settings.data_dir)
     first = m.table_files("likes", [DAY])
-    assert len(first) == 1 and Path(first[0]).name.startswith(compact.PREFIX)
+    assert len(first) == 1 and Path(first[0]).name.startswith(layout.COMPACTED_PREFIX)
     second = m.table_files("likes", ["2026-07-02"])
-    assert second and not any(Path(p).name.startswith(compact.PREFIX) for p in second)
+    assert second and not any(Path(p).name.startswith(layout.COMPACTED_PREFIX) for p in second)
     truth = truth_of(frames)
     assert (
         stored_digests(settings.data_dir)["likes"]["2026-07-02"]
@@ -257,12 +250,12 @@ def test_compact_rejects_a_malformed_day(capsys: pytest.CaptureFixture[str]) -> 
 def test_a_retired_file_written_again_is_not_deleted(batched: Settings) -> None:
     """A batch redone under the name of a file compaction retired makes that file live again."""
     data = Path(batched.data_dir)
-    inputs = storage.read_manifest(data).table_files("blocks", [DAY])
+    inputs = read_manifest(data).table_files("blocks", [DAY])
     assert compact.compact_partition(batched, "blocks", DAY) is not None
-    retired = storage.read_manifest(data).retired[0][0]
-    with storage.update_manifest(data) as m:  # what write_batch does for a redone batch
+    retired = read_manifest(data).retired[0][0]
+    with update_manifest(data) as m:  # what write_batch does for a redone batch
         m.files["blocks"].append(retired)
     removed = compact.remove_expired(batched, now=time.time() + batched.compact_grace_s + 1)
     assert (data / retired).exists()
-    assert retired not in {p for p, _ in storage.read_manifest(data).retired}
+    assert retired not in {p for p, _ in read_manifest(data).retired}
     assert removed == len(inputs) - 1

@@ -15,9 +15,9 @@ import pytest
 import zstandard
 
 from appliance import events as ev
-from appliance.storage import table_for
+from appliance.store.layout import NaturalKey, at_uri, natural_key, table_for
 from loadtest import firehose as fh
-from loadtest.jetstream_server import read_items
+from loadtest.sources import read_items
 
 N = 30_000
 CFG = fh.FirehoseConfig(seed=11, events=N)
@@ -201,7 +201,7 @@ def test_posts_are_realistic(events: list[ev.Event]) -> None:
     embeds: collections.Counter[str] = collections.Counter()
     replies = replies_in_stream = quotes_in_stream = common = 0
     for e, record in posts:
-        uri = ev.at_uri(e.did, "app.bsky.feed.post", e.commit.rkey)
+        uri = at_uri(e.did, "app.bsky.feed.post", e.commit.rkey)
         text = record["text"]
         raw = text.encode()
         langs.update(record.get("langs", []))
@@ -293,9 +293,9 @@ def test_ground_truth_digest_is_order_independent(events: list[ev.Event]) -> Non
     truth = fh.ground_truth(fh.FirehoseConfig(seed=11, events=5000))
     sample = events[:5000]
     assert truth.count() == 5000
-    by_table: dict[str, list[ev.NaturalKey]] = collections.defaultdict(list)
+    by_table: dict[str, list[NaturalKey]] = collections.defaultdict(list)
     for e in sample:
-        by_table[table_for(e)].append(ev.natural_key(e))
+        by_table[table_for(e)].append(natural_key(e))
     for table, keys in by_table.items():
         random.Random(1).shuffle(keys)
         digest = fh.key_digest(keys)
@@ -305,7 +305,7 @@ def test_ground_truth_digest_is_order_independent(events: list[ev.Event]) -> Non
         # one key missing or changed is seen
         assert fh.key_digest(keys[1:]).digest != digest.digest
     deleted_posts = {
-        ev.at_uri(e.did, e.commit.collection, e.commit.rkey)
+        at_uri(e.did, e.commit.collection, e.commit.rkey)
         for e in sample
         if isinstance(e, ev.CommitEvent)
         and e.commit.operation == "delete"

@@ -5,23 +5,17 @@ Tests with the replay server live in tests/test_ingest_replay.py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import redis
-from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from websockets.client import ClientProtocol
@@ -31,63 +25,14 @@ from websockets.protocol import Protocol, Side, State
 from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
-from appliance import buffer, ingest
+from appliance import buffer
 from appliance.cli import build_parser
 from appliance.config import Settings, to_environ
+from appliance.ingest import frames, ingester, jetstream
 from tests.conftest import RedisProcess, free_port, make_settings, stop_process
+from tests.helpers import client, http_get, metric, scrape, start_ingester, wait_until
 
 # --- helpers shared with the replay tests ----------------------------------------------------------
-
-
-def start_ingester(settings: Settings, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    """`python -m appliance ingest` as a real child process (so it can be killed -9)."""
-    env = {**os.environ, **to_environ(settings)}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "appliance", "ingest", *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The ingester's /metrics as {(sample name, sorted labels): value}."""
-    status, body = http_get(settings.ingest_port, "/metrics")
-    assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def metric(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    """Sum of a metric's samples whose labels include `labels`."""
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
-    )
 
 
 def try_scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
@@ -95,12 +40,6 @@ def try_scrape(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str], ...
         return scrape(settings)
     except (OSError, AssertionError):
         return None
-
-
-def client(settings: Settings) -> redis.Redis:
-    return redis.Redis(
-        host=settings.redis_host, port=settings.redis_port, password=settings.redis_password
-    )
 
 
 # --- unit: URLs, backoff, validation, flags -------------------------------------------------------
@@ -113,7 +52,7 @@ def test_subscribe_url_carries_subscription_and_fresh_cursor() -> None:
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx",),
     )
     base = "wss://js.example/subscribe?compress=false&cursor=1&wantedDids=did:plc:old"
-    url = ingest.subscribe_url(base, settings, 1_782_864_000_000_000)
+    url = jetstream.subscribe_url(base, settings, 1_782_864_000_000_000)
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     assert (parts.scheme, parts.netloc, parts.path) == ("wss", "js.example", "/subscribe")
@@ -122,20 +61,20 @@ def test_subscribe_url_carries_subscription_and_fresh_cursor() -> None:
     assert query["cursor"] == ["1782864000000000"]  # replaced, not appended
     assert query["compress"] == ["false"]  # other parameters kept
     assert "maxMessageSizeBytes" not in query
-    assert "cursor" not in parse_qs(urlsplit(ingest.subscribe_url(base, settings, None)).query)
+    assert "cursor" not in parse_qs(urlsplit(jetstream.subscribe_url(base, settings, None)).query)
 
 
 def test_display_url_drops_credentials_and_query() -> None:
-    shown = ingest.display_url("wss://user:secret@js.example:8443/subscribe?cursor=5&x=y")
+    shown = jetstream.display_url("wss://user:secret@js.example:8443/subscribe?cursor=5&x=y")
     assert shown == "wss://js.example:8443/subscribe"
 
 
 def test_backoff_is_exponential_jittered_and_capped() -> None:
     for attempt in range(1, 40):
-        ceiling = min(1.0, ingest.BACKOFF_BASE_S * 2 ** (attempt - 1))
-        delays = [ingest.backoff_delay(attempt, cap_s=1.0) for _ in range(50)]
+        ceiling = min(1.0, jetstream.BACKOFF_BASE_S * 2 ** (attempt - 1))
+        delays = [jetstream.backoff_delay(attempt, cap_s=1.0) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
-    assert len({ingest.backoff_delay(3, cap_s=1.0) for _ in range(20)}) > 1  # jittered
+    assert len({jetstream.backoff_delay(3, cap_s=1.0) for _ in range(20)}) > 1  # jittered
 
 
 @pytest.mark.parametrize(
@@ -148,8 +87,8 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
 )
 def test_subscription_is_validated(overrides: dict[str, object], message: str) -> None:
     settings = make_settings(Path("/nonexistent"), **overrides)
-    with pytest.raises(ingest.SubscriptionError, match=message):
-        ingest.validate_subscription(settings)
+    with pytest.raises(jetstream.SubscriptionError, match=message):
+        jetstream.validate_subscription(settings)
 
 
 def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
@@ -158,7 +97,7 @@ def test_subscription_accepts_nsids_wildcards_and_dids() -> None:
         wanted_collections=("app.bsky.feed.post", "app.bsky.graph.*", "chat.bsky.*"),
         wanted_dids=("did:plc:abcdefghijklmnopqrstuvwx", "did:web:example.com"),
     )
-    ingest.validate_subscription(settings)
+    jetstream.validate_subscription(settings)
 
 
 @pytest.mark.parametrize("newline_in", [None, 0, 2])
@@ -173,10 +112,10 @@ def test_a_stream_entry_holds_its_frames_one_per_line(newline_in: int | None) ->
 
 
 def test_redis_errors_are_classified() -> None:
-    assert ingest.redis_error_cause(OutOfMemoryError("OOM command not allowed")) == "oom"
-    assert ingest.redis_error_cause(ReadOnlyError("READONLY replica")) == "readonly"
-    assert ingest.redis_error_cause(RedisConnectionError("refused")) == "connection"
-    assert ingest.redis_error_cause(ResponseError("WRONGTYPE")) == "other"
+    assert ingester.redis_error_cause(OutOfMemoryError("OOM command not allowed")) == "oom"
+    assert ingester.redis_error_cause(ReadOnlyError("READONLY replica")) == "readonly"
+    assert ingester.redis_error_cause(RedisConnectionError("refused")) == "connection"
+    assert ingester.redis_error_cause(ResponseError("WRONGTYPE")) == "other"
 
 
 def test_flags_override_urls_collections_and_dids() -> None:
@@ -193,7 +132,7 @@ def test_flags_override_urls_collections_and_dids() -> None:
             "did:plc:abcdefghijklmnopqrstuvwx",
         ]
     )
-    assert isinstance(args, argparse.Namespace)
+    assert args.func is ingester.main
     assert args.set_jetstream_urls == ("ws://a/subscribe", "ws://b/subscribe")
     assert args.set_wanted_collections == ("app.bsky.feed.post", "app.bsky.feed.like")
     assert args.set_wanted_dids == ("did:plc:abcdefghijklmnopqrstuvwx",)
@@ -250,8 +189,8 @@ def test_redis_down_at_start_opens_circuit_then_closes(
 ) -> None:
     settings = unreachable_settings
     proc = ingester_factory(settings)
-    wait_for(lambda: try_scrape(settings), 30, "the ingester's /metrics")
-    wait_for(
+    wait_until(lambda: try_scrape(settings), 30, "the ingester's /metrics")
+    wait_until(
         lambda: metric(scrape(settings), "appliance_ingest_circuit_open") == 1,
         10,
         "the circuit to open while Redis is down",
@@ -263,7 +202,7 @@ def test_redis_down_at_start_opens_circuit_then_closes(
 
     server = RedisProcess(settings)
     try:
-        wait_for(
+        wait_until(
             lambda: metric(scrape(settings), "appliance_ingest_circuit_open") == 0,
             15,
             "the circuit to close once Redis answers",
@@ -271,7 +210,7 @@ def test_redis_down_at_start_opens_circuit_then_closes(
         samples = scrape(settings)
         assert metric(samples, "appliance_ingest_circuit_transitions_total", state="closed") == 1
         # Nothing listens at the Jetstream URLs: reconnects with backoff, failing over, not ready.
-        wait_for(
+        wait_until(
             lambda: (
                 metric(
                     scrape(settings), "appliance_ingest_reconnects_total", cause="connect_failed"
@@ -292,7 +231,7 @@ def test_redis_down_at_start_opens_circuit_then_closes(
     assert settings.redis_password not in log
     # both URLs were tried (failover)
     for url in settings.jetstream_urls:
-        assert ingest.display_url(url) in log
+        assert jetstream.display_url(url) in log
 
 
 def test_sigterm_while_the_handshake_hangs_exits_promptly(
@@ -307,13 +246,14 @@ def test_sigterm_while_the_handshake_hangs_exits_promptly(
         server = RedisProcess(settings)
         try:
             proc = ingester_factory(settings)
-            wait_for(lambda: try_scrape(settings), 30, "the ingester's /metrics")
-            time.sleep(0.5)  # now inside the handshake (open timeout 10 s)
-            assert http_get(settings.ingest_port, "/ready")[0] == 503
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(15) == 0
-            assert time.monotonic() - started < 3
+            wait_until(lambda: try_scrape(settings), 30, "the ingester's /metrics")
+            blackhole.settimeout(30)
+            conn, _ = blackhole.accept()  # the ingester is now inside the handshake
+            with conn:
+                assert http_get(settings.ingest_port, "/ready")[0] == 503
+                proc.send_signal(signal.SIGTERM)
+                # it stops without sitting out the 10 s open timeout of the handshake
+                assert proc.wait(8) == 0
         finally:
             server.stop()
 
@@ -386,11 +326,11 @@ def _client_frames(written: bytes) -> list[Frame]:
 
 def _open_frame_connection(
     max_size: int = 1 << 20,
-) -> tuple[ClientProtocol, ingest.FrameConnection, _Transport, bytes]:
+) -> tuple[ClientProtocol, frames.FrameConnection, _Transport, bytes]:
     """A client FrameConnection on a fake transport, after its opening handshake request; also
     the server's 101 response to feed it."""
     protocol = ClientProtocol(parse_uri("ws://127.0.0.1/subscribe"), max_size=max_size)
-    conn = ingest.FrameConnection(protocol, ping_interval=None)
+    conn = frames.FrameConnection(protocol, ping_interval=None)
     transport = _Transport()
     conn.connection_made(transport)
     request = protocol.connect()

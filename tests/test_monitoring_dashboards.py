@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -191,3 +194,17 @@ def test_metric_names_are_found_in_promql(expr: str, names: set[str]) -> None:
 def test_the_catalogue_check_would_catch_a_misspelt_metric() -> None:
     assert "appliance_ingest_events_total" in catalogue()
     assert "appliance_ingest_event_total" not in catalogue() | recorded() | EXPORTER_METRICS
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool missing")
+def test_every_panel_query_parses(tmp_path: Path) -> None:
+    """promtool parses each query (variables substituted) as the expression of a rule."""
+    from tests.test_monitoring_live import panel_queries
+
+    queries = panel_queries()
+    rules = [{"record": f"panel:{n}", "expr": expr} for n, (_, _, expr) in enumerate(queries)]
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in done.stdout

@@ -1,8 +1,9 @@
 """monitoring/ against the real thing: Prometheus and Alertmanager on free loopback ports, with
 the node and Redis exporters, scraping the services of an `appliance up --replay` run.
 
-Checks every target up, every dashboard panel's query answered with data, and the stall alert
-going pending -> firing in Prometheus and reaching a local webhook through Alertmanager.
+Checks every target up, every dashboard panel's query answered with data, the stall alert
+going pending -> firing in Prometheus and reaching a local webhook through Alertmanager when the
+source goes silent, TargetDown reaching it when the ingester stops, and inhibition.
 
 The test-only override (`override_copy`): monitoring/ is copied to a temporary directory and there
 the scrape and evaluation interval become 1 s, every `for:` 3 s and every range window of the
@@ -12,6 +13,7 @@ webhook receiver and group_wait/group_interval of 1 s. The shipped files are not
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -137,7 +139,10 @@ def override_copy(dest: Path, ports: dict[str, int]) -> Path:
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Own session: Sanic kills its process group on a second signal; never pytest's.
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 @pytest.fixture
@@ -158,6 +163,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     logs.mkdir()
     webhook = Webhook()
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    stopped: list[int] = []
     env = {**os.environ, **to_environ(settings)}
     try:
         procs["appliance"] = start(
@@ -227,13 +233,12 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "prom": f"http://127.0.0.1:{ports['prometheus']}",
             "am": f"http://127.0.0.1:{ports['alertmanager']}",
             "logs": logs,
+            "stopped": stopped,
         }
     finally:
-        replay = None
-        if procs.get("appliance") and procs["appliance"].poll() is None:
-            replay = _children(procs["appliance"].pid).get("replay")
-        if replay:  # it may have been stopped (SIGSTOP) by the test
-            os.kill(replay, signal.SIGCONT)
+        for pid in stopped:  # processes the test paused, so that they can stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         for proc in reversed(procs.values()):
             stop_process(proc, timeout=60)
         webhook.close()
@@ -262,7 +267,7 @@ def panel_queries() -> list[tuple[str, str, str]]:
     return out
 
 
-def test_prometheus_scrapes_everything_runs_every_panel_and_alerts_on_a_stall(
+def test_prometheus_scrapes_everything_runs_every_panel_and_alerts_through_alertmanager(
     stack: dict[str, Any],
 ) -> None:
     prom, am, webhook = stack["prom"], stack["am"], stack["webhook"]
@@ -304,6 +309,7 @@ def test_prometheus_scrapes_everything_runs_every_panel_and_alerts_on_a_stall(
         # 4. The source goes silent: IngestStalled pending, then firing, then at the webhook.
         replay = _children(stack["procs"]["appliance"].pid)["replay"]
         os.kill(replay, signal.SIGSTOP)
+        stack["stopped"].append(replay)
         seen: list[str] = []
 
         def stall_state() -> bool:
@@ -324,7 +330,24 @@ def test_prometheus_scrapes_everything_runs_every_panel_and_alerts_on_a_stall(
         assert notes[0]["annotations"]["runbook_url"] == "docs/monitoring.md#ingeststalled"
         os.kill(replay, signal.SIGCONT)
 
-        # 5. Inhibition in Alertmanager: a TargetDown silences the same target's other alerts.
+        # 5. The ingester process stops (SIGSTOP: the supervisor does not restart it): its
+        # target goes down and TargetDown reaches the webhook.
+        ingester = _children(stack["procs"]["appliance"].pid)["ingest"]
+        os.kill(ingester, signal.SIGSTOP)
+        stack["stopped"].append(ingester)
+        down = wait_for(
+            "TargetDown at the webhook",
+            lambda: [
+                a
+                for a in webhook.alerts("TargetDown", "firing")
+                if a["labels"]["job"] == "ingester"
+            ],
+            60,
+        )
+        assert down[0]["labels"]["instance"] == "local"
+        os.kill(ingester, signal.SIGCONT)
+
+        # 6. Inhibition in Alertmanager: a TargetDown silences the same target's other alerts.
         labels = {"job": "ingester", "instance": "inhibit-check", "severity": "critical"}
         posted = [
             {"labels": {**labels, "alertname": name}} for name in ("TargetDown", "IngestLagHigh")

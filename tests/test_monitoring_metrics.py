@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance import batch as batch_mod
-from appliance import buffer, compact, metrics, storage
+from appliance import buffer, metrics
+from appliance.batch import batcher as batch_mod
 from appliance.config import Settings
+from appliance.store import compact
+from appliance.store.manifest import read_manifest
 from loadtest.firehose import FirehoseConfig, generate
 from tests.conftest import RedisProcess, make_settings
-from tests.test_batch import drain, push, sample
+from tests.helpers import drain, push, sample
 
 
 def test_data_root_gauges_report_the_filesystem_and_nan_when_it_is_gone(tmp_path: Path) -> None:
@@ -41,7 +43,7 @@ def test_batching_and_compaction_update_store_gauges_and_the_last_compaction(
         drain(settings)  # compaction runs after the batch that closes the first day
     finally:
         server.stop()
-    m = storage.read_manifest(settings.data_dir)
+    m = read_manifest(settings.data_dir)
     for table in ("likes", "posts"):
         paths = m.table_files(table)
         assert paths and sample("appliance_store_files", table=table) == len(paths)

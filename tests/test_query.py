@@ -11,20 +11,14 @@ import duckdb
 import pytest
 
 from appliance.config import Settings
-from appliance.query import (
-    Filters,
-    InvalidQuery,
-    Position,
-    QueryEngine,
-    QueryTimeout,
-    Segment,
-    _next_target,
-    _windows,
-    parse_q,
-)
+from appliance.query import planner
+from appliance.query.engine import FIRST_WINDOW_ROWS, WINDOW_GROWTH, QueryEngine
+from appliance.query.model import Filters, InvalidQuery, Position, QueryTimeout, parse_q
+from appliance.query.snapshot import Segment
 from tests.conftest import T0_US, ParquetData, make_settings, tid
 
 SEC = 1_000_000
+TUNING = {"first_rows": FIRST_WINDOW_ROWS, "growth": WINDOW_GROWTH}  # the engine's
 DAY = 86_400 * SEC
 
 
@@ -79,7 +73,7 @@ def test_windows_cover_every_time_once_in_walk_order(latest: bool) -> None:
         segments.append(
             Segment(f"f{i % 7}", lo, lo + rng.randrange(0, 500), rng.randrange(1, 90_000))
         )
-    windows = list(_windows(segments, latest, None, None))
+    windows = list(planner.windows(segments, latest, None, None, **TUNING))
     edges = [(lo, hi) for lo, hi, _ in windows]
     assert all(lo < hi for lo, hi in edges)
     ordered = edges if not latest else edges[::-1]
@@ -94,27 +88,33 @@ def test_windows_cover_every_time_once_in_walk_order(latest: bool) -> None:
 def test_windows_start_small_inside_a_row_group_and_grow_fourfold() -> None:
     # 40 row groups of 65,536 rows, each over 100 µs: 655.36 rows per µs
     segments = [Segment(f"f{i // 4}", i * 100, i * 100 + 99, 65_536) for i in range(40)]
-    windows = list(_windows(segments, True, None, None))
+    windows = list(planner.windows(segments, True, None, None, **TUNING))
     spans = [hi - lo for lo, hi, _ in windows]
     # 16k and 64k rows inside the newest row group; from 256k rows on, windows end on row-group
     # boundaries (multiples of 100) so that no row group is read by two windows
     assert spans[:4] == [25, 100, 375, 1600]
     assert all(lo % 100 == 0 for lo, _, _ in windows[2:])
     assert windows[0][1] == 4000 and windows[0][2] == ["f9"]
-    oldest = list(_windows(segments, False, 1000, None))
+    oldest = list(planner.windows(segments, False, 1000, None, **TUNING))
     assert [(lo, hi) for lo, hi, _ in oldest[:2]] == [(1000, 1025), (1025, 1125)]
 
 
 def test_the_next_window_follows_the_hit_rate_once_there_is_one() -> None:
-    assert _next_target(16_384, 50, 16_384, 0) == 65_536  # nothing seen yet: grow fourfold
+    assert (
+        planner.next_target(16_384, 50, 16_384, 0, **TUNING) == 65_536
+    )  # nothing seen yet: grow fourfold
     # 40 of 51 rows found in 1.36M rows: the last 11 need ~370k rows, plus half again
-    assert _next_target(1_048_576, 11, 1_363_968, 40) == pytest.approx(562_696, rel=1e-3)
-    assert _next_target(16_384, 50, 16_384, 1) == 65_536  # never more than fourfold
+    assert planner.next_target(1_048_576, 11, 1_363_968, 40, **TUNING) == pytest.approx(
+        562_696, rel=1e-3
+    )
+    assert (
+        planner.next_target(16_384, 50, 16_384, 1, **TUNING) == 65_536
+    )  # never more than fourfold
 
 
 def test_windows_over_single_instant_segments() -> None:
     segments = [Segment("a", 50, 50, 3), Segment("b", 50, 50, 2), Segment("c", 10, 90, 1)]
-    windows = list(_windows(segments, True, None, None))
+    windows = list(planner.windows(segments, True, None, None, **TUNING))
     assert windows[0][1] == 91 and windows[-1][0] == 10
     covered = [t for lo, hi, _ in windows for t in range(lo, hi)]
     assert sorted(covered) == list(range(10, 91))

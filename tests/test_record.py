@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 
 from loadtest import firehose as fh
 from loadtest.record import capture_files, record, with_cursor
+from tests.helpers import wait_until
 
 
 def read_capture(directory: Path) -> list[bytes]:
@@ -60,10 +61,8 @@ def test_cli_record_stops_cleanly_on_sigterm(jetstream_server: Any, tmp_path: Pa
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        # the file stays a temporary while recording (the stream is exhausted, not closed)
-        while not list(out.glob(".*.tmp")) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: list(out.glob(".*.tmp")), 20, "the capture's temporary file")
+        # it stays a temporary while recording (the stream is exhausted, not closed)
         time.sleep(1.0)
         assert capture_files(out) == []
         proc.send_signal(signal.SIGTERM)

@@ -14,9 +14,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from appliance import compact, metrics, query, storage, textindex
+from appliance import metrics
 from appliance.config import Settings
-from appliance.query import Filters, QueryEngine, parse_q
+from appliance.query import engine
+from appliance.query.engine import QueryEngine
+from appliance.query.model import Filters, parse_q
+from appliance.store import compact, layout, textindex
+from appliance.store.manifest import read_manifest
 from loadtest.firehose import ABSENT_WORD, COMMON_WORD, RARE_WORD, _bank
 from tests.conftest import T0_US, ParquetData, make_settings
 
@@ -111,8 +115,8 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Two compacted days of 2,500 posts each, in row groups of 64 rows, with token indexes."""
     monkeypatch.setattr(compact, "POSTS_ROW_GROUP_ROWS", 64)
     # walk in small windows, so that the index is consulted after the first one
-    monkeypatch.setattr(query, "FIRST_WINDOW_ROWS", 64)
-    monkeypatch.setattr(query, "NARROW_ROWS", 0)  # consult the index whatever the hit rate
+    monkeypatch.setattr(engine, "FIRST_WINDOW_ROWS", 64)
+    monkeypatch.setattr(engine, "NARROW_ROWS", 0)  # consult the index whatever the hit rate
     settings = make_settings(tmp_path, compact_grace_s=60.0)
     data = ParquetData(Path(settings.data_dir))
     rng = random.Random(5)
@@ -185,8 +189,8 @@ def test_the_tokenizer_splits_query_terms_as_the_index_splits_text() -> None:
 
 def test_compaction_writes_an_index_beside_each_posts_file(store: Settings) -> None:
     data_dir = Path(store.data_dir)
-    files = storage.read_manifest(data_dir).table_files("posts")
-    assert files and all(Path(p).name.startswith(compact.PREFIX) for p in files)
+    files = read_manifest(data_dir).table_files("posts")
+    assert files and all(Path(p).name.startswith(layout.COMPACTED_PREFIX) for p in files)
     for rel in files:
         sidecar = textindex.sidecar_path(data_dir / rel)
         assert sidecar.exists() and not sidecar.name.endswith(".parquet")
@@ -207,7 +211,7 @@ def test_compaction_writes_an_index_beside_each_posts_file(store: Settings) -> N
     con = duckdb.connect()
     globbed = con.execute(
         "SELECT DISTINCT filename FROM read_parquet($g, filename = true)",
-        {"g": storage.table_glob(data_dir, "posts")},
+        {"g": layout.table_glob(data_dir, "posts")},
     ).fetchall()
     assert globbed and all(name.endswith(".parquet") for (name,) in globbed)
 
@@ -283,7 +287,7 @@ def test_deleted_posts_stay_hidden_with_the_index(store: Settings) -> None:
 
 def test_a_missing_or_corrupt_index_falls_back_to_scanning(store: Settings) -> None:
     data_dir = Path(store.data_dir)
-    files = [data_dir / p for p in storage.read_manifest(data_dir).table_files("posts")]
+    files = [data_dir / p for p in read_manifest(data_dir).table_files("posts")]
     plain = _engine(store, False)
     expected = {
         q: _all_rows(plain, Filters(include=parse_q(q)[0])) for q in (RARE_WORD, "house", "日本")
@@ -305,7 +309,7 @@ def test_a_missing_or_corrupt_index_falls_back_to_scanning(store: Settings) -> N
 
 def test_an_index_of_another_file_is_refused(store: Settings) -> None:
     data_dir = Path(store.data_dir)
-    first, second = [data_dir / p for p in storage.read_manifest(data_dir).table_files("posts")]
+    first, second = [data_dir / p for p in read_manifest(data_dir).table_files("posts")]
     textindex.sidecar_path(second).write_bytes(textindex.sidecar_path(first).read_bytes())
     plain = _engine(store, False)
     expected = _all_rows(plain, Filters(include=(RARE_WORD,)))
@@ -320,13 +324,13 @@ def test_an_index_of_another_file_is_refused(store: Settings) -> None:
 def test_a_recompaction_retires_the_index_with_its_file(store: Settings) -> None:
     data_dir = Path(store.data_dir)
     day = DAY1
-    old = storage.read_manifest(data_dir).table_files("posts", [day])
+    old = read_manifest(data_dir).table_files("posts", [day])
     data = ParquetData(data_dir)
     data.flushes = 200
     data.post(f"a late {RARE_WORD}", t=T0_US + 5 * SEC)
     data.flush()
     assert compact.compact_partition(store, "posts", day) is not None
-    new = storage.read_manifest(data_dir).table_files("posts", [day])
+    new = read_manifest(data_dir).table_files("posts", [day])
     assert set(new).isdisjoint(old)
     for rel in new + old:  # the old index stays for the grace period, like its file
         assert textindex.sidecar_path(data_dir / rel).exists()

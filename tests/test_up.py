@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from appliance.config import to_environ
 from loadtest.firehose import COMMON_WORD
 from tests.conftest import free_port, make_settings, stop_process
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,19 +45,6 @@ def _children(pid: int) -> dict[str, int]:
 def _get_json(url: str) -> dict[str, object]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except (OSError, ValueError) as exc:
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
 
 
 def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_path: Path) -> None:
@@ -93,10 +80,12 @@ def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_pat
         threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
 
         try:
-            _wait(
+            wait_until(
                 lambda: _get_json(f"{api}/v1/search?q={COMMON_WORD}")["posts"],
                 120,
                 "posts from /v1/search",
+                interval=0.5,
+                errors=(OSError, ValueError),
             )
         except AssertionError:
             print(b"".join(output[-60:]).decode(errors="replace"))
@@ -105,10 +94,12 @@ def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_pat
         before = _children(proc.pid)
         assert {"redis", "replay", "ingest", "batch", "serve"} <= set(before)
         os.kill(before["batch"], signal.SIGKILL)
-        _wait(
+        wait_until(
             lambda: _children(proc.pid).get("batch") not in (None, before["batch"]),
             30,
             "the batcher to be restarted",
+            interval=0.5,
+            errors=(OSError, ValueError),
         )
     finally:
         try:

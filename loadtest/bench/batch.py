@@ -31,7 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from appliance import events, storage
+from appliance import events
+from appliance.store import layout
+from appliance.store.manifest import read_manifest
+from appliance.store.writer import writer_options
 from loadtest.bench import free_port, median, peak_rss_mb
 
 FIVE_MINUTES_AT_10X_PER_DAY = 144_000_000  # 500k events per 5 minutes
@@ -88,16 +91,16 @@ def _child(
 
     The transform workers are started before the clock starts, as the batcher starts them once.
     """
-    from appliance import batch as batch_mod
+    from appliance.batch import files, transform
+    from appliance.batch.tables import TableBuilder
     from appliance.buffer import pack
     from appliance.config import load_settings
-    from appliance.tables import TableBuilder
 
     overrides: dict[str, Any] = {"store_cids": store_cids}
     if workers is not None:
         overrides["batch_workers"] = workers
     settings = load_settings(environ={}, data_dir=data_dir, compact_auto=False, **overrides)
-    pool = batch_mod.TransformPool(settings.batch_workers) if settings.batch_workers else None
+    pool = transform.TransformPool(settings.batch_workers) if settings.batch_workers else None
     if pool is not None:
         pool.start()
     # Stream entries as XREADGROUP returns them (read line by line: only the entries stay).
@@ -115,7 +118,7 @@ def _child(
     started = time.perf_counter()
     cpu_started = time.process_time()
     builder = TableBuilder(max_bytes=settings.max_event_bytes, store_cids=settings.store_cids)
-    batch = batch_mod.Batch("new", builder, pool=pool)
+    batch = transform.Batch("new", builder, pool=pool)
     # As XREADGROUP replies of 200 entries, each dropped once transformed (as in the batcher).
     reads = [entries[i : i + 200] for i in range(0, len(entries), 200)]
     del entries
@@ -125,7 +128,7 @@ def _child(
     transformed = time.perf_counter()
     tables = batch.tables()
     built = time.perf_counter()
-    written = batch_mod.write_batch(settings, batch, batch_mod.StoredKeys())
+    written = files.write_batch(settings, batch, files.StoredKeys())
     finished = time.perf_counter()
     workers_peak = [peak_rss_mb(pid) for pid in pool.pids()] if pool is not None else []
     if pool is not None:
@@ -255,17 +258,17 @@ def _cid_binary(column: pa.ChunkedArray) -> pa.Array:
 
 def _encoded_size(table: pa.Table, level: int) -> int:
     buf = io.BytesIO()
-    pq.write_table(table, buf, **storage.writer_options(table.schema, level))
+    pq.write_table(table, buf, **writer_options(table.schema, level))
     return len(buf.getvalue())
 
 
 def _read_tables(data_dir: Path) -> dict[str, pa.Table]:
     tables = {}
-    for table in storage.TABLES:
+    for table in layout.TABLES:
         files = list((data_dir / table).glob("date=*/*.parquet"))
         if files:
             tables[table] = pa.concat_tables(
-                pq.read_table(f, schema=storage.SCHEMAS[table]) for f in files
+                pq.read_table(f, schema=layout.SCHEMAS[table]) for f in files
             )
     return tables
 
@@ -289,8 +292,8 @@ def _variants(data_dir: Path, cids_dir: Path, events_n: int) -> dict[str, float]
 
     def with_uri(name: str, t: pa.Table) -> pa.Table:
         # the layout before the uri was derived: at://did/collection/rkey as the first column
-        if name in (*storage.COMMIT_TABLES, "deletes"):
-            return t.add_column(0, "uri", storage.uri_array(name, t))
+        if name in (*layout.COMMIT_TABLES, "deletes"):
+            return t.add_column(0, "uri", layout.uri_array(name, t))
         return t
 
     def cid_binary(_: str, t: pa.Table) -> pa.Table:
@@ -314,120 +317,172 @@ def _variants(data_dir: Path, cids_dir: Path, events_n: int) -> dict[str, float]
 # --- run ---------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _inputs(args: argparse.Namespace, workdir: Path) -> tuple[list[bytes], Path, dict[str, int]]:
+    """Generate the events; write them as JSON lines; raw bytes per table ("all" for all)."""
     from loadtest.firehose import FirehoseConfig, generate
 
+    cfg = FirehoseConfig(
+        seed=args.seed,
+        events=args.events,
+        events_per_day=args.per_day,
+        population=args.population,
+    )
+    print(f"generating {args.events} events ...", flush=True)
+    frames = list(generate(cfg))
+    raw = {"all": sum(len(f) for f in frames)}
+    now = events.now_us()
+    for frame in frames:
+        try:
+            table = layout.table_for(events.decode(frame, now=now))
+        except events.Rejected:
+            continue
+        raw[table] = raw.get(table, 0) + len(frame)
+    frames_path = workdir / "frames.jsonl"
+    frames_path.write_bytes(b"\n".join(frames))
+    return frames, frames_path, raw
+
+
+def _timed_runs(
+    args: argparse.Namespace, frames_path: Path, workdir: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`--repeat` in-process runs (and the `--ab-workers` runs beside them), fresh processes."""
+    runs: list[dict[str, Any]] = []
+    ab_runs: list[dict[str, Any]] = []
+    for attempt in range(max(1, args.repeat)):
+        data_dir = workdir / f"data-{attempt}"
+        runs.append(_run_child(frames_path, data_dir, args.entry_events, workers=args.workers))
+        print(
+            f"  run {attempt + 1}: {runs[-1]['batch_seconds']:.2f} s wall, "
+            f"{runs[-1]['cpu_seconds']:.2f} s CPU, {runs[-1]['workers']} workers, "
+            f"load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        if args.ab_workers is not None:
+            ab_dir = workdir / f"data-ab-{attempt}"
+            ab_runs.append(
+                _run_child(frames_path, ab_dir, args.entry_events, workers=args.ab_workers)
+            )
+            print(
+                f"  B run {attempt + 1}: {ab_runs[-1]['batch_seconds']:.2f} s wall, "
+                f"{ab_runs[-1]['workers']} workers, load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    return runs, ab_runs
+
+
+def _run_figures(
+    runs: list[dict[str, Any]], raw: dict[str, int], zstd_jsonl: int
+) -> dict[str, Any]:
+    """Timing and storage figures of the best run, medians beside them."""
+    child = min(runs, key=lambda r: r["batch_seconds"])
+    n = child["batch_events"]
+    stored_all = sum(child["bytes"].values())
+    stored_posts = child["bytes"].get("posts", 0)
+    posts_rows = max(1, child["rows_by_table"].get("posts", 0))
+    return {
+        "batch_events": n,
+        "batch_seconds": round(child["batch_seconds"], 3),
+        "batch_seconds_median": round(median([r["batch_seconds"] for r in runs]), 3),
+        "cpu_seconds_median": round(median([r["cpu_seconds"] for r in runs]), 3),
+        "runs": len(runs),
+        "rows_per_s": round(child["rows"] / child["batch_seconds"]),
+        "events_per_s": round(n / child["batch_seconds"]),
+        "decode_route_seconds": round(child["decode_route_seconds"], 3),
+        "arrow_finish_seconds": round(child["arrow_finish_seconds"], 3),
+        "write_seconds": round(child["write_seconds"], 3),
+        "cpu_seconds": round(child["cpu_seconds"], 3),
+        "peak_rss_mb": round(child["peak_rss_mb"], 1),
+        "peak_rss_mb_median": round(median([r["peak_rss_mb"] for r in runs]), 1),
+        "workers": child["workers"],
+        "workers_peak_rss_mb": [round(x, 1) for x in child["workers_peak_rss_mb"]],
+        "load_average_1m_after_runs": round(os.getloadavg()[0], 2),
+        "input_rss_mb": round(child["rss_input_mb"], 1),
+        "raw_json_bytes_per_event": round(raw["all"] / n, 1),
+        "zstd_jsonl_bytes_per_event": round(zstd_jsonl / n, 1),
+        "bytes_per_event_all": round(stored_all / n, 1),
+        "saving_all": round(1 - stored_all / raw["all"], 4),
+        "saving_vs_zstd_jsonl": round(1 - stored_all / zstd_jsonl, 4),
+        "bytes_per_post": round(stored_posts / posts_rows, 1),
+        "raw_json_bytes_per_post": round(raw.get("posts", 0) / posts_rows, 1),
+        "saving_posts": round(1 - stored_posts / max(1, raw.get("posts", 0)), 4),
+        "bytes_per_row_by_table": {
+            t: round(b / child["rows_by_table"][t], 1) for t, b in child["bytes"].items()
+        },
+    }
+
+
+def _with_cids_figures(with_cids: dict[str, Any], raw: dict[str, int], n: int) -> dict[str, Any]:
+    stored = sum(with_cids["bytes"].values())
+    posts = with_cids["bytes"].get("posts", 0)
+    return {
+        "batch_seconds_with_cids": round(with_cids["batch_seconds"], 3),
+        "bytes_per_event_all_with_cids": round(stored / n, 1),
+        "saving_all_with_cids": round(1 - stored / raw["all"], 4),
+        "bytes_per_post_with_cids": round(
+            posts / max(1, with_cids["rows_by_table"].get("posts", 0)), 1
+        ),
+        "saving_posts_with_cids": round(1 - posts / max(1, raw.get("posts", 0)), 4),
+    }
+
+
+def _compaction_figures(data_dir: Path, n: int, raw: dict[str, int]) -> dict[str, Any]:
+    """Compaction of the same rows (sorted by time, zstd level 9): its time and sizes."""
+    from appliance.config import load_settings
+    from appliance.store import compact
+
+    settings = load_settings(environ={}, data_dir=str(data_dir), compact_grace_s=0)
+    started = time.perf_counter()
+    manifest = read_manifest(data_dir)
+    partitions = sorted(
+        {
+            (t, p.split("/")[1].removeprefix("date="))
+            for t in manifest.files
+            for p in manifest.files[t]
+        },
+        key=lambda td: td[0] != "deletes",
+    )
+    for table, day in partitions:
+        compact.compact_partition(settings, table, day)
+    compact.remove_expired(settings)
+    seconds = round(time.perf_counter() - started, 2)
+    compacted = read_manifest(data_dir)
+    sizes = {
+        t: sum((data_dir / p).stat().st_size for p in paths) for t, paths in compacted.files.items()
+    }
+    return {
+        "compact_seconds": seconds,
+        "compacted_bytes_per_event_all": round(sum(sizes.values()) / n, 1),
+        "compacted_saving_all": round(1 - sum(sizes.values()) / raw["all"], 4),
+        "compacted_saving_posts": round(1 - sizes.get("posts", 0) / max(1, raw.get("posts", 0)), 4),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-batch-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
-        cfg = FirehoseConfig(
-            seed=args.seed,
-            events=args.events,
-            events_per_day=args.per_day,
-            population=args.population,
-        )
-        print(f"generating {args.events} events ...", flush=True)
-        frames = list(generate(cfg))
-        raw_all = sum(len(f) for f in frames)
-        raw_by_table: dict[str, int] = {}
-        now = events.now_us()
-        for frame in frames:
-            try:
-                table = storage.table_for(events.decode(frame, now=now))
-            except events.Rejected:
-                continue
-            raw_by_table[table] = raw_by_table.get(table, 0) + len(frame)
-        frames_path = workdir / "frames.jsonl"
-        frames_path.write_bytes(b"\n".join(frames))
+        frames, frames_path, raw = _inputs(args, workdir)
         zstd_jsonl = len(zstandard.ZstdCompressor(level=3).compress(frames_path.read_bytes()))
         print(
-            f"raw JSON {raw_all / len(frames):.1f} B/event, "
+            f"raw JSON {raw['all'] / len(frames):.1f} B/event, "
             f"zstd-3 JSON lines {zstd_jsonl / len(frames):.1f} B/event",
             flush=True,
         )
-
-        runs = []
         load_before = os.getloadavg()[0]
-        ab_runs: list[dict[str, Any]] = []
-        for attempt in range(max(1, args.repeat)):
-            data_dir = workdir / f"data-{attempt}"
-            runs.append(_run_child(frames_path, data_dir, args.entry_events, workers=args.workers))
-            print(
-                f"  run {attempt + 1}: {runs[-1]['batch_seconds']:.2f} s wall, "
-                f"{runs[-1]['cpu_seconds']:.2f} s CPU, {runs[-1]['workers']} workers, "
-                f"load {os.getloadavg()[0]:.2f}",
-                flush=True,
-            )
-            if args.ab_workers is not None:
-                ab_dir = workdir / f"data-ab-{attempt}"
-                ab_runs.append(
-                    _run_child(frames_path, ab_dir, args.entry_events, workers=args.ab_workers)
-                )
-                print(
-                    f"  B run {attempt + 1}: {ab_runs[-1]['batch_seconds']:.2f} s wall, "
-                    f"{ab_runs[-1]['workers']} workers, load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
+        runs, ab_runs = _timed_runs(args, frames_path, workdir)
+        figures = _run_figures(runs, raw, zstd_jsonl)
+        figures["load_average_1m_before"] = round(load_before, 2)
+        n = figures["batch_events"]
         best = min(range(len(runs)), key=lambda i: runs[i]["batch_seconds"])
-        child = runs[best]
         data_dir = workdir / f"data-{best}"
-        n = child["batch_events"]
-        stored_all = sum(child["bytes"].values())
-        stored_posts = child["bytes"].get("posts", 0)
-        figures: dict[str, Any] = {
-            "batch_events": n,
-            "batch_seconds": round(child["batch_seconds"], 3),
-            "batch_seconds_median": round(median([r["batch_seconds"] for r in runs]), 3),
-            "cpu_seconds_median": round(median([r["cpu_seconds"] for r in runs]), 3),
-            "runs": len(runs),
-            "load_average_1m_before": round(load_before, 2),
-            "rows_per_s": round(child["rows"] / child["batch_seconds"]),
-            "events_per_s": round(n / child["batch_seconds"]),
-            "decode_route_seconds": round(child["decode_route_seconds"], 3),
-            "arrow_finish_seconds": round(child["arrow_finish_seconds"], 3),
-            "write_seconds": round(child["write_seconds"], 3),
-            "cpu_seconds": round(child["cpu_seconds"], 3),
-            "peak_rss_mb": round(child["peak_rss_mb"], 1),
-            "peak_rss_mb_median": round(median([r["peak_rss_mb"] for r in runs]), 1),
-            "workers": child["workers"],
-            "workers_peak_rss_mb": [round(x, 1) for x in child["workers_peak_rss_mb"]],
-            "load_average_1m_after_runs": round(os.getloadavg()[0], 2),
-            "input_rss_mb": round(child["rss_input_mb"], 1),
-            "raw_json_bytes_per_event": round(raw_all / n, 1),
-            "zstd_jsonl_bytes_per_event": round(zstd_jsonl / n, 1),
-            "bytes_per_event_all": round(stored_all / n, 1),
-            "saving_all": round(1 - stored_all / raw_all, 4),
-            "saving_vs_zstd_jsonl": round(1 - stored_all / zstd_jsonl, 4),
-            "bytes_per_post": round(
-                stored_posts / max(1, child["rows_by_table"].get("posts", 0)), 1
-            ),
-            "raw_json_bytes_per_post": round(
-                raw_by_table.get("posts", 0) / max(1, child["rows_by_table"].get("posts", 0)), 1
-            ),
-            "saving_posts": round(1 - stored_posts / max(1, raw_by_table.get("posts", 0)), 4),
-            "bytes_per_row_by_table": {
-                t: round(b / child["rows_by_table"][t], 1) for t, b in child["bytes"].items()
-            },
-        }
         print(
             f"in-process batch (best of {len(runs)}): {figures['batch_seconds']} s for {n} events "
             f"({figures['rows_per_s']} rows/s), peak RSS {figures['peak_rss_mb']} MiB",
             flush=True,
         )
-
         # The same batch with APPLIANCE_STORE_CIDS=true: the storage trade-off, side by side.
         cids_dir = workdir / "data-with-cids"
         with_cids = _run_child(frames_path, cids_dir, args.entry_events, store_cids=True)
-        stored_cids = sum(with_cids["bytes"].values())
-        posts_cids = with_cids["bytes"].get("posts", 0)
-        figures.update(
-            batch_seconds_with_cids=round(with_cids["batch_seconds"], 3),
-            bytes_per_event_all_with_cids=round(stored_cids / n, 1),
-            saving_all_with_cids=round(1 - stored_cids / raw_all, 4),
-            bytes_per_post_with_cids=round(
-                posts_cids / max(1, with_cids["rows_by_table"].get("posts", 0)), 1
-            ),
-            saving_posts_with_cids=round(1 - posts_cids / max(1, raw_by_table.get("posts", 0)), 4),
-        )
+        figures.update(_with_cids_figures(with_cids, raw, n))
         print(
             f"storage: {figures['bytes_per_event_all']} B/event, saving_all "
             f"{figures['saving_all']}, saving_posts {figures['saving_posts']} (CIDs not stored); "
@@ -435,7 +490,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{figures['saving_all_with_cids']}, saving_posts {figures['saving_posts_with_cids']}",
             flush=True,
         )
-
         if ab_runs:
             figures["ab"] = {
                 "workers": ab_runs[0]["workers"],
@@ -445,41 +499,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         if not args.skip_variants:
             figures["variants_bytes_per_event"] = _variants(data_dir, cids_dir, n)
-
-        # Compaction of the same rows: sorted by time, zstd level 9.
-        from appliance import compact
-        from appliance.config import load_settings
-
-        settings = load_settings(environ={}, data_dir=str(data_dir), compact_grace_s=0)
-        started = time.perf_counter()
-        manifest = storage.read_manifest(data_dir)
-        partitions = sorted(
-            {
-                (t, p.split("/")[1].removeprefix("date="))
-                for t in manifest.files
-                for p in manifest.files[t]
-            },
-            key=lambda td: td[0] != "deletes",
-        )
-        for table, day in partitions:
-            compact.compact_partition(settings, table, day)
-        compact.remove_expired(settings)
-        figures["compact_seconds"] = round(time.perf_counter() - started, 2)
-        compacted = storage.read_manifest(data_dir)
-        sizes = {
-            t: sum((data_dir / p).stat().st_size for p in paths)
-            for t, paths in compacted.files.items()
-        }
-        figures["compacted_bytes_per_event_all"] = round(sum(sizes.values()) / n, 1)
-        figures["compacted_saving_all"] = round(1 - sum(sizes.values()) / raw_all, 4)
-        figures["compacted_saving_posts"] = round(
-            1 - sizes.get("posts", 0) / max(1, raw_by_table.get("posts", 0)), 4
-        )
-
+        figures.update(_compaction_figures(data_dir, n, raw))
         if not args.skip_redis:
             print("through redis-server ...", flush=True)
             figures.update(_through_redis(frames, workdir, args.entry_events))
-
         figures["targets"] = {
             "batch_seconds_le_5": figures["batch_seconds"] <= 5,
             "saving_all_ge_0.85": figures["saving_all"] >= 0.85,

@@ -35,8 +35,9 @@ import msgspec
 import redis
 
 from appliance.config import Settings, load_settings, to_environ
-from appliance.ingest import WS_MAX_QUEUE, event_loop_factory
+from appliance.ingest.ingester import WS_MAX_QUEUE, event_loop_factory
 from appliance.redis_server import start_redis
+from appliance.store.layout import DAY_US
 from loadtest.bench import median, peak_rss_mb
 from loadtest.firehose import FirehoseConfig, time_at
 
@@ -193,7 +194,7 @@ def _run_ingester(
                 raise TimeoutError(f"ingester did not drain {cfg.events} events in {timeout} s")
             time.sleep(0.005)
         assert first is not None
-        first_index = (first[1] - cfg.start_us) * cfg.events_per_day // 86_400_000_000
+        first_index = (first[1] - cfg.start_us) * cfg.events_per_day // DAY_US
         events = cfg.events - 1 - first_index
         if events <= 0:
             raise RuntimeError("drained before the first poll: too few --events to measure")
@@ -210,6 +211,46 @@ def _run_ingester(
         "peak_rss_mb": rss,
         "entries": entries,
     }
+
+
+def _figures(
+    args: argparse.Namespace,
+    sizes: list[int],
+    bare: list[float],
+    bare_cpu: list[float],
+    server_cpu: list[float],
+    runs: dict[int, list[dict[str, float]]],
+    baseline_runs: list[dict[str, float]],
+) -> dict[str, Any]:
+    """Medians over the repeats; the first micro-batch size is the headline."""
+    head = sizes[0]
+    bare_rate = median(bare)
+    figures: dict[str, Any] = {
+        "events": args.events,
+        "repeats": args.repeats,
+        "entry_events": head,
+        "bare_receive_events_per_s": round(bare_rate),
+        "bare_receive_cpu_us_per_event": round(median(bare_cpu), 2),
+        "replay_server_cpu_us_per_event": round(median(server_cpu), 2),
+    }
+    for n in sizes:
+        rate = median([r["events_per_s"] for r in runs[n]])
+        suffix = "" if n == head else f"_entry{n}"
+        figures[f"ingest_events_per_s{suffix}"] = round(rate)
+        figures[f"ratio{suffix}"] = round(rate / bare_rate, 3)
+        figures[f"peak_rss_mb{suffix}"] = round(max(r["peak_rss_mb"] for r in runs[n]), 1)
+        figures[f"cpu_us_per_event{suffix}"] = round(
+            median([r["cpu_us_per_event"] for r in runs[n]]), 2
+        )
+    if baseline_runs:
+        rate = median([r["events_per_s"] for r in baseline_runs])
+        figures["baseline_events_per_s"] = round(rate)
+        figures["baseline_ratio"] = round(rate / bare_rate, 3)
+        figures["baseline_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in baseline_runs), 1)
+        figures["baseline_cpu_us_per_event"] = round(
+            median([r["cpu_us_per_event"] for r in baseline_runs]), 2
+        )
+    return figures
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,34 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if replay is not None:
             _stop(replay)
         _stop(redis_proc)
-    head = sizes[0]
-    bare_rate = median(bare)
-    figures: dict[str, Any] = {
-        "events": args.events,
-        "repeats": args.repeats,
-        "entry_events": head,
-        "bare_receive_events_per_s": round(bare_rate),
-        "load_average_before": round(load[0], 2),
-        "bare_receive_cpu_us_per_event": round(median(bare_cpu), 2),
-        "replay_server_cpu_us_per_event": round(median(server_cpu), 2),
-    }
-    for n in sizes:
-        rate = median([r["events_per_s"] for r in runs[n]])
-        suffix = "" if n == head else f"_entry{n}"
-        figures[f"ingest_events_per_s{suffix}"] = round(rate)
-        figures[f"ratio{suffix}"] = round(rate / bare_rate, 3)
-        figures[f"peak_rss_mb{suffix}"] = round(max(r["peak_rss_mb"] for r in runs[n]), 1)
-        figures[f"cpu_us_per_event{suffix}"] = round(
-            median([r["cpu_us_per_event"] for r in runs[n]]), 2
-        )
-    if baseline_runs:
-        rate = median([r["events_per_s"] for r in baseline_runs])
-        figures["baseline_events_per_s"] = round(rate)
-        figures["baseline_ratio"] = round(rate / bare_rate, 3)
-        figures["baseline_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in baseline_runs), 1)
-        figures["baseline_cpu_us_per_event"] = round(
-            median([r["cpu_us_per_event"] for r in baseline_runs]), 2
-        )
+    figures = _figures(args, sizes, bare, bare_cpu, server_cpu, runs, baseline_runs)
+    figures["load_average_before"] = round(load[0], 2)
     load = os.getloadavg()
     figures["load_average_after"] = round(load[0], 2)
     print(

@@ -31,7 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from appliance import compact, storage
+from appliance.store import compact, layout
+from appliance.store.manifest import read_manifest, update_manifest
+from appliance.store.writer import write_atomic
 from loadtest.bench import free_port, median, p95
 
 COMMON_WORD = "today"
@@ -44,7 +46,6 @@ RARE_RATE = 1e-5
 PHRASE_RATE = 0.004
 STORE_FORMAT = 2  # bump when the generated layout changes, so an old cached store is rebuilt
 START_DAY = datetime(2026, 6, 1, tzinfo=UTC)
-DAY_US = 86_400_000_000
 TID_ALPHABET = np.frombuffer(b"234567abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
 B32_ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz234567", dtype=np.uint8)
 LANGS = [["en"], ["ja"], ["pt"], ["de"], ["en", "es"], ["fr"]]
@@ -158,7 +159,7 @@ class _Pools:
 def _day_posts(rng: np.random.Generator, pools: _Pools, day: int, n: int) -> pa.Table:
     """One day's posts, sorted by time_us, as the compactor writes them."""
     start = int((START_DAY + timedelta(days=day)).timestamp() * 1_000_000)
-    time_us = np.sort(rng.integers(start, start + DAY_US, size=n))
+    time_us = np.sort(rng.integers(start, start + layout.DAY_US, size=n))
     author = rng.choice(len(pools.dids), size=n, p=pools.author_weights)
     did = pools.dids.take(pa.array(author))
     rkey = _tids(time_us - rng.integers(0, 2_000_000, size=n), rng.integers(0, 1024, size=n))
@@ -213,7 +214,7 @@ def _day_posts(rng: np.random.Generator, pools: _Pools, day: int, n: int) -> pa.
         "links": _lists(rng, n, 0.05, external.drop_null()),
         "tags": _lists(rng, n, 0.08, pools.tags),
     }
-    schema = storage.SCHEMAS["posts"]
+    schema = layout.SCHEMAS["posts"]
     return pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
@@ -240,7 +241,7 @@ def _day_deletes(rng: np.random.Generator, posts: pa.Table, pools: _Pools) -> pa
         }
     )
     table = table.sort_by("time_us")
-    schema = storage.SCHEMAS["deletes"]
+    schema = layout.SCHEMAS["deletes"]
     return pa.table([table.column(f.name).cast(f.type) for f in schema], schema=schema)
 
 
@@ -248,7 +249,7 @@ def _identities(pools: _Pools) -> pa.Table:
     n = len(pools.dids)
     t0 = int(START_DAY.timestamp() * 1_000_000)
     time_us = t0 + np.arange(n, dtype=np.int64)
-    schema = storage.SCHEMAS["identities"]
+    schema = layout.SCHEMAS["identities"]
     columns = {
         "did": pools.dids,
         "seq": pa.array(np.arange(n, dtype=np.int64)),
@@ -287,18 +288,18 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
         n = per_day if day < spec.days - 1 else spec.posts - posts_written
         posts = _day_posts(rng, pools, day, n)
         deletes = _day_deletes(rng, posts, pools)
-        date = storage.day_of(int(posts.column("time_us")[0].as_py()))
+        date = layout.day_of(int(posts.column("time_us")[0].as_py()))
         lowered = pc.utf8_lower(posts.column("text"))
         for name, word in PROBES.items():
             counts[name] += int(pc.sum(pc.match_substring(lowered, word)).as_py() or 0)
         for table_name, table in (("posts", posts), ("deletes", deletes)):
-            directory = storage.partition_dir(store, table_name, date)
+            directory = layout.partition_dir(store, table_name, date)
             time_col = table.schema.get_field_index("time_us")
             sorting = [pq.SortingColumn(time_col)]
             bounds = np.linspace(0, table.num_rows, spec.files_per_day + 1).astype(int)
             for part in range(spec.files_per_day):
                 chunk = table.slice(bounds[part], bounds[part + 1] - bounds[part])
-                path = storage.write_atomic(
+                path = write_atomic(
                     chunk,
                     directory,
                     f"compacted-{part:02d}",
@@ -328,12 +329,12 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
             f"{time.perf_counter() - began:.0f} s",
             flush=True,
         )
-    ident_dir = storage.partition_dir(
-        store, "identities", storage.day_of(int(START_DAY.timestamp() * 1e6))
+    ident_dir = layout.partition_dir(
+        store, "identities", layout.day_of(int(START_DAY.timestamp() * 1e6))
     )
-    path = storage.write_atomic(_identities(pools), ident_dir, "compacted-00")
+    path = write_atomic(_identities(pools), ident_dir, "compacted-00")
     files["identities"].append(str(path.relative_to(store)))
-    with storage.update_manifest(store) as manifest:
+    with update_manifest(store) as manifest:
         for table_name, paths in files.items():
             manifest.files[table_name] = paths
         manifest.last_batch = {"time": time.time(), "events": spec.posts, "source": "bench"}
@@ -359,7 +360,7 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
 
 FILTERS = ("none", "1d", "7d", "author")
 PLAIN_COLUMNS = (
-    f"{storage.uri_sql('posts')} AS uri, did, rev, time_us, created_at, text, langs, reply_parent, reply_root, quote_uri, "
+    f"{layout.uri_sql('posts')} AS uri, did, rev, time_us, created_at, text, langs, reply_parent, reply_root, quote_uri, "
     "embed_kind, external_uri, links, mentions, tags"
 )
 
@@ -463,7 +464,7 @@ def measure(
     """Every case through the API and as the plain DuckDB query; exports in each format."""
     import duckdb
 
-    manifest = storage.read_manifest(store)
+    manifest = read_manifest(store)
     files = [str(store / p) for p in manifest.table_files("posts")]
     plain = duckdb.connect(config={"threads": threads})
     api = _Api(store, threads, store.parent, text_index)

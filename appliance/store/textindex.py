@@ -34,7 +34,7 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from appliance import storage
+from appliance.store.writer import fsync_dir
 
 log = logging.getLogger("appliance.textindex")
 
@@ -139,7 +139,7 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    storage.fsync_dir(final.parent)
+    fsync_dir(final.parent)
     tokens = pq.read_metadata(final).num_rows
     return Built(final, final.stat().st_size, tokens, time.perf_counter() - began)
 

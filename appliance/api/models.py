@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from appliance.query import Filters, InvalidQuery, Post, parse_q
+from appliance.query.model import Filters, InvalidQuery, Post, parse_q
 
 Q_MAX = 512
 _DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]")

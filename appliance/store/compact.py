@@ -1,7 +1,7 @@
 """Compaction: a day's many small batch files → a few large files, sorted, deduplicated, with
 deletions applied; swapped in through the manifest so that a running query never fails.
 
-How the swap stays safe for readers (the choice the issue asks to document):
+How the swap stays safe for readers:
 
 - Readers take the list of live files from the manifest, never from a glob. Compaction writes
   its outputs (`c-<digest>-NNN.parquet`, temporary name first, fsync, rename, directory fsync),
@@ -9,8 +9,8 @@ How the swap stays safe for readers (the choice the issue asks to document):
   appends the inputs to `retired` with the time. A query sees either the old set or the new
   set, never both and never neither (no row twice, no row missing).
 - Retired files stay on disk for `compact_grace_s`, so a query that started on the previous
-  manifest keeps reading files that exist; only then are they deleted (FINDINGS: deleting a file
-  under a running DuckDB scan raises IOException).
+  manifest keeps reading files that exist; only then are they deleted (deleting a file under a
+  running DuckDB scan raises IOException).
 - Output names derive from the digest of the input list, so a compaction redone after a crash
   overwrites its own orphaned outputs; orphans of other attempts are swept (compactions hold
   `.compact.lock`, so no other compaction is writing at the same time).
@@ -53,29 +53,22 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from appliance import metrics, storage, textindex
+from appliance import metrics
 from appliance.config import Settings
 from appliance.logs import setup_logging
+from appliance.store import layout, textindex, visibility
+from appliance.store.crash import crash_point
+from appliance.store.manifest import Manifest, read_manifest, update_manifest
+from appliance.store.writer import AtomicParquetWriter
 
 log = logging.getLogger("appliance.compact")
 
-PREFIX = "c-"  # compacted files; batch files are named by their stream range
 ROW_GROUP_ROWS = 262_144
 # Posts files get smaller row groups, so the token index (textindex) can skip most of a day for a
 # rare word; measured on a 833k-post day: +1% bytes, a full text scan no slower than 262,144.
 POSTS_ROW_GROUP_ROWS = 16_384
 ORPHAN_AGE_S = 3600.0  # a batch file or temp file this old and not live is left by a crash
 _LOCK = ".compact.lock"
-DAY_US = 86_400_000_000
-
-TABLE_COLLECTION = storage.TABLE_COLLECTION
-COMMIT_TABLES = storage.COMMIT_TABLES
-
-
-def crash_point(settings: Settings, name: str) -> None:
-    from appliance.batch import crash_point as _crash
-
-    _crash(settings, name)
 
 
 @dataclass
@@ -109,48 +102,27 @@ def _day_of_path(rel: str) -> str:
 
 def needs_compaction(paths: list[str]) -> bool:
     """A partition with any batch file (not yet compacted) needs compaction."""
-    return any(not Path(p).name.startswith(PREFIX) for p in paths)
+    return any(not Path(p).name.startswith(layout.COMPACTED_PREFIX) for p in paths)
 
 
 def _query(table: str, files: list[str], deletes: list[str]) -> tuple[str, dict[str, Any]]:
-    """SQL (and its parameters) selecting the compacted rows of a partition's files."""
+    """SQL (and its parameters) selecting the compacted rows of a partition's files: one row
+    per natural key, and for commit tables only the visible versions (`store.visibility`)."""
     params: dict[str, Any] = {"files": files}
-    columns = ", ".join(storage.SCHEMAS[table].names)
+    columns = ", ".join(layout.SCHEMAS[table].names)
     source = f"(SELECT {columns} FROM read_parquet($files, hive_partitioning = false))"
-    key = ", ".join(storage.KEY_COLUMNS[table])
-    if table not in COMMIT_TABLES:
+    key = ", ".join(layout.KEY_COLUMNS[table])
+    if table not in layout.COMMIT_TABLES:
         sql = (
             f"SELECT * FROM {source} "
             f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY time_us) = 1 "
             f"ORDER BY time_us, {key}"
         )
         return sql, params
-    # A record is (did, rkey) in a typed table, (did, collection, rkey) in records.
-    record = storage.RECORD_COLUMNS[table]
-    latest = (
-        f"SELECT * FROM {source} "
-        f"QUALIFY row_number() OVER (PARTITION BY {', '.join(record)} "
-        "ORDER BY rev DESC, time_us) = 1"
-    )
-    if not deletes:
-        return f"{latest} ORDER BY time_us, {key}", params
-    params["deletes"] = deletes
-    if table == "records":
-        params["typed"] = list(storage.COLLECTION_TABLES)
-        only = "NOT list_contains($typed, collection)"
-    else:
-        params["collection"] = TABLE_COLLECTION[table]
-        only = "collection = $collection"
-    same = " AND ".join(f"d.{c} = s.{c}" for c in record)
-    sql = (
-        "WITH dels AS (SELECT did, collection, rkey, rev "
-        f"FROM read_parquet($deletes, hive_partitioning = false) WHERE {only}), "
-        f"latest AS ({latest}) "
-        "SELECT * FROM latest s "
-        f"WHERE NOT EXISTS (SELECT 1 FROM dels d WHERE {same} AND d.rev > s.rev) "
-        f"ORDER BY time_us, {key}"
-    )
-    return sql, params
+    sql, rule_params = visibility.visible_sql(table, source, with_deletes=bool(deletes))
+    if deletes:
+        params["deletes"] = deletes
+    return sql, {**params, **rule_params}
 
 
 def _connect(settings: Settings) -> duckdb.DuckDBPyConnection:
@@ -164,7 +136,7 @@ def _connect(settings: Settings) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _sweep_orphans(data_dir: Path, directory: Path, manifest: storage.Manifest) -> int:
+def _sweep_orphans(data_dir: Path, directory: Path, manifest: Manifest) -> int:
     """Delete files in a partition that no manifest refers to and no writer is still writing."""
     if not directory.is_dir():
         return 0
@@ -177,7 +149,9 @@ def _sweep_orphans(data_dir: Path, directory: Path, manifest: storage.Manifest) 
         if rel in keep or not path.is_file():
             continue
         name = path.name
-        ours = name.startswith((PREFIX, f".{PREFIX}"))  # we hold the compaction lock
+        ours = name.startswith(
+            (layout.COMPACTED_PREFIX, f".{layout.COMPACTED_PREFIX}")
+        )  # we hold the compaction lock
         stale = now - path.stat().st_mtime > ORPHAN_AGE_S
         if name.endswith(textindex.SUFFIX):
             # an index lives as long as its data file (retired with it, removed with it)
@@ -219,96 +193,121 @@ def index_posts_file(con: duckdb.DuckDBPyConnection, path: Path) -> textindex.Bu
     return built
 
 
+class _Outputs:
+    """The compacted files of one partition: row groups of `group_rows`, a new file every
+    `compact_max_rows` rows, each posts file indexed once it is complete."""
+
+    def __init__(
+        self, settings: Settings, con: duckdb.DuckDBPyConnection, table: str, directory: Path,
+        digest: str,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.con = con
+        self.table = table
+        self.directory = directory
+        self.digest = digest
+        self.schema = layout.SCHEMAS[table]
+        self.group_rows = POSTS_ROW_GROUP_ROWS if table == "posts" else ROW_GROUP_ROWS
+        self.paths: list[Path] = []
+        self.rows = 0
+        self._writer: AtomicParquetWriter | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    def add(self, raw: pa.RecordBatch) -> None:
+        batch = raw.cast(self.schema)
+        self.rows += batch.num_rows
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        room = self.settings.compact_max_rows - (self._writer.rows if self._writer else 0)
+        if self._pending_rows >= min(self.group_rows, room):
+            self._flush_group()
+
+    def finish(self) -> None:
+        self._flush_group()
+        if self._writer is not None:
+            self._close_file()
+
+    def abort(self) -> None:
+        """Remove every output (complete or not) and its token index."""
+        if self._writer is not None:
+            self._writer.abort()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+            textindex.sidecar_path(path).unlink(missing_ok=True)
+
+    def _flush_group(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._writer = AtomicParquetWriter(
+                self.directory,
+                f"{layout.COMPACTED_PREFIX}{self.digest}-{len(self.paths):03d}",
+                self.schema,
+                zstd_level=self.settings.compact_zstd_level,
+                sorting_columns=[pq.SortingColumn(self.schema.get_field_index("time_us"))],
+            )
+        self._writer.write(pa.Table.from_batches(self._pending), row_group_size=self.group_rows)
+        self._pending, self._pending_rows = [], 0
+        if self._writer.rows >= self.settings.compact_max_rows:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        assert self._writer is not None
+        self.paths.append(self._writer.close())
+        self._writer = None
+        if self.table == "posts":
+            index_posts_file(self.con, self.paths[-1])
+        crash_point(self.settings, "compact_mid")
+
+
+def _deletes_for(data_dir: Path, manifest: Manifest, table: str, day: str) -> list[str]:
+    """The deletes files that can hide rows of a commit table's day: that day's and later."""
+    if table not in layout.COMMIT_TABLES:
+        return []
+    first = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
+    return [str(data_dir / p) for p in manifest.table_files("deletes") if _day_of_path(p) >= first]
+
+
 def compact_partition(
     settings: Settings, table: str, day: str, *, force: bool = False
 ) -> Compacted | None:
     """Compact one (table, day); None if there is nothing to do."""
     data_dir = Path(settings.data_dir)
     with compaction_lock(data_dir):
-        manifest = storage.read_manifest(data_dir)
+        manifest = read_manifest(data_dir)
         inputs = manifest.table_files(table, [day])
         if not inputs or not (force or needs_compaction(inputs)):
             return None
         started = time.monotonic()
-        directory = storage.partition_dir(data_dir, table, day)
+        directory = layout.partition_dir(data_dir, table, day)
         _sweep_orphans(data_dir, directory, manifest)
         digest = hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:16]
-        deletes: list[str] = []
-        if table in COMMIT_TABLES:
-            first = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
-            deletes = [
-                str(data_dir / p)
-                for p in manifest.table_files("deletes")
-                if _day_of_path(p) >= first
-            ]
+        deletes = _deletes_for(data_dir, manifest, table, day)
         files = [str(data_dir / p) for p in inputs]
         rows_in = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        schema = storage.SCHEMAS[table]
-        group_rows = POSTS_ROW_GROUP_ROWS if table == "posts" else ROW_GROUP_ROWS
-        outputs: list[Path] = []
-        rows_out = 0
         con = _connect(settings)
         try:
+            out = _Outputs(settings, con, table, directory, digest)
             sql, params = _query(table, files, deletes)
-            reader = con.sql(sql, params=params).to_arrow_reader(65_536)
-            writer: storage.AtomicParquetWriter | None = None
-            pending: list[pa.RecordBatch] = []
-            pending_rows = 0
-
-            def flush_group() -> None:
-                nonlocal writer, pending, pending_rows
-                if not pending:
-                    return
-                if writer is None:
-                    writer = storage.AtomicParquetWriter(
-                        directory,
-                        f"{PREFIX}{digest}-{len(outputs):03d}",
-                        schema,
-                        zstd_level=settings.compact_zstd_level,
-                        sorting_columns=[pq.SortingColumn(schema.get_field_index("time_us"))],
-                    )
-                writer.write(pa.Table.from_batches(pending), row_group_size=group_rows)
-                pending, pending_rows = [], 0
-                if writer.rows >= settings.compact_max_rows:
-                    outputs.append(writer.close())
-                    writer = None
-                    if table == "posts":
-                        index_posts_file(con, outputs[-1])
-                    crash_point(settings, "compact_mid")
-
             try:
-                for raw in reader:
-                    batch = raw.cast(schema)
-                    rows_out += batch.num_rows
-                    pending.append(batch)
-                    pending_rows += batch.num_rows
-                    room = settings.compact_max_rows - (writer.rows if writer else 0)
-                    if pending_rows >= min(group_rows, room):
-                        flush_group()
-                flush_group()
-                if writer is not None:
-                    outputs.append(writer.close())
-                    writer = None
-                    if table == "posts":
-                        index_posts_file(con, outputs[-1])
-                    crash_point(settings, "compact_mid")
+                for raw in con.sql(sql, params=params).to_arrow_reader(65_536):
+                    out.add(raw)
+                out.finish()
             except BaseException:
-                if writer is not None:
-                    writer.abort()
-                for path in outputs:
-                    path.unlink(missing_ok=True)
-                    textindex.sidecar_path(path).unlink(missing_ok=True)
+                out.abort()
                 raise
         finally:
             con.close()
-        new = [p.relative_to(data_dir).as_posix() for p in outputs]
+        new = [p.relative_to(data_dir).as_posix() for p in out.paths]
         now = time.time()
-        with storage.update_manifest(data_dir) as m:
+        with update_manifest(data_dir) as m:
             live = [p for p in m.files.get(table, []) if p not in inputs]
             m.files[table] = live + new
             m.retired.extend((p, now) for p in inputs if p not in new)
         crash_point(settings, "compact_after_swap")
     seconds = time.monotonic() - started
+    rows_out = out.rows
     metrics.compact_runs.labels(table).inc()
     metrics.compact_duration.observe(seconds)
     metrics.compact_rows_dropped.labels(table).inc(rows_in - rows_out)
@@ -331,11 +330,11 @@ def compact_partition(
 def remove_expired(settings: Settings, now: float | None = None) -> int:
     """Delete retired files older than compact_grace_s; return how many were deleted."""
     data_dir = Path(settings.data_dir)
-    if not storage.read_manifest(data_dir).retired:
+    if not read_manifest(data_dir).retired:
         return 0
     now = time.time() if now is None else now
     removed = 0
-    with storage.update_manifest(data_dir) as m:
+    with update_manifest(data_dir) as m:
         live = {p for paths in m.files.values() for p in paths}
         keep = []
         for path, retired_at in m.retired:
@@ -353,10 +352,10 @@ def remove_expired(settings: Settings, now: float | None = None) -> int:
     return removed
 
 
-def closed_partitions(manifest: storage.Manifest, cutoff_us: int) -> list[tuple[str, str]]:
+def closed_partitions(manifest: Manifest, cutoff_us: int) -> list[tuple[str, str]]:
     """(table, day) of days ending at or before cutoff_us that still hold batch files."""
     out = []
-    for table in storage.TABLES:
+    for table in layout.TABLES:
         days = sorted({_day_of_path(p) for p in manifest.table_files(table)})
         for day in days:
             if day_end_us(day) <= cutoff_us and needs_compaction(
@@ -371,7 +370,7 @@ def compact_closed(settings: Settings, cutoff_us: int) -> list[Compacted]:
 
     `deletes` partitions go first, so the deletes of a day are compact when its posts are.
     """
-    manifest = storage.read_manifest(settings.data_dir)
+    manifest = read_manifest(settings.data_dir)
     todo = closed_partitions(manifest, cutoff_us)
     todo.sort(key=lambda td: (td[1], td[0] != "deletes"))
     done = [r for t, d in todo if (r := compact_partition(settings, t, d)) is not None]
@@ -381,7 +380,7 @@ def compact_closed(settings: Settings, cutoff_us: int) -> list[Compacted]:
 
 def default_cutoff(settings: Settings) -> int:
     """Event-time cutoff: the newest stored time_us (else now) minus compact_after_s."""
-    newest = storage.read_manifest(settings.data_dir).last_batch.get("max_time_us")
+    newest = read_manifest(settings.data_dir).last_batch.get("max_time_us")
     now_us = time.time_ns() // 1000
     reference = min(int(newest), now_us) if newest else now_us
     return reference - int(settings.compact_after_s * 1_000_000)
@@ -407,7 +406,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--day", type=_day_arg, help="compact this day (YYYY-MM-DD); default: every closed day"
     )
     parser.add_argument(
-        "--table", choices=storage.TABLES, help="compact only this table; default: all"
+        "--table", choices=layout.TABLES, help="compact only this table; default: all"
     )
     parser.add_argument(
         "--force",
@@ -421,7 +420,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
-    tables = [args.table] if args.table else list(storage.TABLES)
+    tables = [args.table] if args.table else list(layout.TABLES)
     tables.sort(key=lambda t: t != "deletes")
     results: list[Any] = []
     if args.day:
@@ -431,7 +430,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 results.append(r)
         remove_expired(settings)
     else:
-        manifest = storage.read_manifest(settings.data_dir)
+        manifest = read_manifest(settings.data_dir)
         cutoff = default_cutoff(settings)
         for table in tables:
             days = sorted({_day_of_path(p) for p in manifest.table_files(table)})

@@ -1,0 +1,140 @@
+"""Export formats of /v1/export: CSV (RFC 4180), JSON lines and Parquet, written in chunks."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from appliance.query.model import Post
+
+EXPORT_FIELDS = [f.name for f in msgspec.structs.fields(Post)]
+_LIST_FIELDS = {"langs", "links", "mentions", "tags"}
+_TIME_FIELDS = {"created_at", "indexed_at"}
+
+
+def _iso(value: datetime | None) -> str:
+    return "" if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+class _CsvWriter:
+    """RFC 4180 CSV (CRLF, quotes doubled), UTF-8; list columns as JSON arrays."""
+
+    content_type = "text/csv; charset=utf-8; header=present"
+    extension = "csv"
+
+    def _encode(self, rows: list[list[str]]) -> bytes:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\r\n").writerows(rows)
+        return out.getvalue().encode()
+
+    def begin(self) -> bytes:
+        return self._encode([EXPORT_FIELDS])
+
+    def rows(self, posts: list[Post]) -> bytes:
+        table = []
+        for post in posts:
+            row = []
+            for name in EXPORT_FIELDS:
+                value = getattr(post, name)
+                if name in _LIST_FIELDS:
+                    row.append(msgspec.json.encode(value).decode())
+                elif name in _TIME_FIELDS:
+                    row.append(_iso(value))
+                else:
+                    row.append("" if value is None else str(value))
+            table.append(row)
+        return self._encode(table)
+
+    def end(self) -> bytes:
+        return b""
+
+
+class _JsonlWriter:
+    """One JSON object per line, the same objects /v1/search returns."""
+
+    content_type = "application/x-ndjson"
+    extension = "jsonl"
+
+    def begin(self) -> bytes:
+        return b""
+
+    def rows(self, posts: list[Post]) -> bytes:
+        return b"".join(msgspec.json.encode(p) + b"\n" for p in posts)
+
+    def end(self) -> bytes:
+        return b""
+
+
+_STRS = pa.list_(pa.string())
+_TS = pa.timestamp("us", tz="UTC")
+EXPORT_SCHEMA = pa.schema(
+    [
+        pa.field(
+            name,
+            _STRS if name in _LIST_FIELDS else _TS if name in _TIME_FIELDS else pa.string(),
+            nullable=name not in {"uri", "did", "indexed_at"},
+        )
+        for name in EXPORT_FIELDS
+    ]
+)
+
+
+class _Sink(io.RawIOBase):
+    """A write-only file that hands back what was written since the last drain."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._parts.append(chunk)
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def drain(self) -> bytes:
+        out, self._parts = b"".join(self._parts), []
+        return out
+
+
+class _ParquetWriter:
+    """Parquet (zstd), one row group per batch, written as the batches arrive."""
+
+    content_type = "application/vnd.apache.parquet"
+    extension = "parquet"
+
+    def __init__(self) -> None:
+        self._sink = _Sink()
+        self._writer = pq.ParquetWriter(self._sink, EXPORT_SCHEMA, compression="zstd")
+
+    def begin(self) -> bytes:
+        return self._sink.drain()
+
+    def rows(self, posts: list[Post]) -> bytes:
+        columns = {name: [getattr(p, name) for p in posts] for name in EXPORT_FIELDS}
+        self._writer.write_table(pa.table(columns, schema=EXPORT_SCHEMA))
+        return self._sink.drain()
+
+    def end(self) -> bytes:
+        self._writer.close()
+        return self._sink.drain()
+
+
+WRITERS: dict[str, Callable[[], _CsvWriter | _JsonlWriter | _ParquetWriter]] = {
+    "csv": _CsvWriter,
+    "jsonl": _JsonlWriter,
+    "parquet": _ParquetWriter,
+}

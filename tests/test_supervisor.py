@@ -1,0 +1,105 @@
+"""`appliance up`'s supervisor on its own: restarts with backoff, ordered stops, and the replay
+server as an explicit, optional part (real child processes; the whole stack is tests/test_up.py)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance import supervisor
+from appliance.supervisor import Child, SetupError
+from tests.conftest import make_settings
+from tests.helpers import wait_until
+
+
+def replay_args(*files: str) -> argparse.Namespace:
+    return argparse.Namespace(replay=list(files), replay_speed="max", replay_events=1000)
+
+
+def test_the_replay_command_runs_the_loadtest_server_with_the_given_source(
+    tmp_path: Path,
+) -> None:
+    synthetic = supervisor.replay_command(replay_args(), 7000)
+    assert synthetic[1:] == ["-m", "loadtest", "serve", "--port", "7000", "--speed", "max",
+                             "--events", "1000", "--seed", "1"]  # fmt: skip
+    capture = tmp_path / "capture.jsonl"
+    capture.write_text("")
+    assert supervisor.replay_command(replay_args(str(capture)), 7000)[-2:] == [
+        "--from",
+        str(capture),
+    ]
+    with pytest.raises(SetupError, match=r"replay file .*missing\.jsonl not found"):
+        supervisor.replay_command(replay_args(str(tmp_path / "missing.jsonl")), 7000)
+
+
+def test_without_the_replay_package_replay_stops_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(supervisor, "REPLAY_PACKAGE", "no_such_replay_package")
+    with pytest.raises(SetupError, match="no_such_replay_package"):
+        supervisor.replay_command(replay_args(), 7000)
+    settings = make_settings(tmp_path)
+    args = argparse.Namespace(**vars(replay_args()), replay_port=0)
+    assert supervisor.main(settings, args) == 2
+    assert "--replay needs the replay server" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def _python(code: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_child_that_exits_is_restarted_after_a_doubling_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supervisor, "BACKOFF_START_S", 0.2)
+    child = Child("short-lived", lambda: _python("raise SystemExit(3)"), backoff_s=0.2)
+    child.launch()
+    try:
+        assert child.proc is not None
+        child.proc.wait(10)
+        supervisor._supervise([child])  # notices the exit, schedules the restart
+        assert child.restart_at is not None and child.backoff_s == 0.4
+        first = child.proc.pid
+
+        def restarted() -> bool:
+            supervisor._supervise([child])
+            return child.restarts == 1
+
+        wait_until(restarted, timeout=10, what="the restart")
+        assert child.proc.pid != first and child.restart_at is None
+    finally:
+        supervisor._stop_all([child])
+
+
+def test_stop_all_stops_the_newest_child_first_and_waits_for_each(tmp_path: Path) -> None:
+    order = tmp_path / "order"
+    code = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    open({str(order)!r}, 'a').write(sys.argv[1] + '\\n'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"open({str(tmp_path)!r} + '/ready-' + sys.argv[1], 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    children = [
+        Child(name, lambda name=name: subprocess.Popen([sys.executable, "-c", code, name]))
+        for name in ("redis", "ingester", "api")
+    ]
+    for child in children:
+        child.launch()
+    wait_until(
+        lambda: all((tmp_path / f"ready-{c.name}").exists() for c in children),
+        timeout=20,
+        what="the children to install their SIGTERM handlers",
+    )
+    started = time.monotonic()
+    supervisor._stop_all(children)
+    assert order.read_text().split() == ["api", "ingester", "redis"]
+    assert all(c.proc is not None and c.proc.returncode == 0 for c in children)
+    assert time.monotonic() - started < 20
