@@ -308,6 +308,20 @@ api_hidden_rows = Counter(
     "Candidate rows a query skipped because a newer version or a delete hides them",
     registry=API,
 )
+api_rejected = Counter(
+    "appliance_api_rejected_total",
+    "Requests answered 503 by admission control, by reason (queue_full, wait)",
+    ["reason"],
+    registry=API,
+)
+for _reason in ("queue_full", "wait"):
+    api_rejected.labels(_reason)
+api_waiting = Gauge(
+    "appliance_api_waiting_queries",
+    "Requests waiting for a query slot (summed over workers)",
+    multiprocess_mode="livesum",
+    registry=API,
+)
 api_export_rows = Counter(
     "appliance_api_export_rows_total",
     "Rows streamed by /v1/export, by format",
