@@ -18,8 +18,9 @@ each worker keeps its in-memory index of the rows that can hide a version (post 
 post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per live file
 (`query.index`). Candidate rows of a page are checked against it in microseconds; the walk
 fetches more candidates when some are hidden. A second index holds the latest handle of each
-DID (from identities), for the handles shown in results and for author=/mention= given as a
-handle.
+DID (from identities, the firehose's identity events); `identity.directory` merges it with the
+identity store the background worker fills, for the handles shown in results and for
+author=/mention= given as a handle (resolved at query time when neither knows it).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
+import msgspec
 import numpy as np
 import pyarrow.parquet as pq
 
 from appliance import metrics
 from appliance.config import Settings
+from appliance.identity.directory import Directory, HandleLookup
 from appliance.query.cursor import CursorCodec
 from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
 from appliance.query.model import (
@@ -172,6 +175,7 @@ class QueryEngine:
             tuple(visibility.hiders("posts")), load_hiding, visibility.HidingIndex.from_tables
         )
         self._handles = PerFileIndex(("identities",), load_handles, merge_handles)
+        self.identity = Directory(settings)
         self.warmed = threading.Event()
 
     def close(self) -> None:
@@ -275,6 +279,10 @@ class QueryEngine:
     ) -> SearchResult:
         """One page of visible posts, by page number (1-based) or by an opaque cursor."""
         snap = self.snapshot()
+        resolved = self.with_dids(snap, filters)
+        if resolved is None:  # author= or mention= names no one we can find: nothing to show
+            return SearchResult([], False, False, max(page or 1, 1), None, snap.version)
+        filters = resolved
         cap = self.settings.result_limit_max if self.settings.result_limit else None
         if cursor is not None:
             after, delivered = self.codec.decode(cursor, filters)
@@ -339,6 +347,10 @@ class QueryEngine:
         Each step runs under its own timeout; the caller runs the iterator in a thread.
         """
         snap = self.snapshot()
+        resolved = self.with_dids(snap, filters)
+        if resolved is None:
+            return
+        filters = resolved
         cur = self._cursor()
         try:
             walk = self._walk(cur, snap, filters, None, need=max_rows)
@@ -386,6 +398,7 @@ class QueryEngine:
                 else None
             ),
             last_batch_events=last.get("events") if isinstance(last.get("events"), int) else None,
+            identity=self.identity.summary(),
         )
         return body
 
@@ -396,6 +409,27 @@ class QueryEngine:
         if who.startswith("did:"):
             return who
         return self._handles.current(cur, snap).holder_of(who)
+
+    def lookup_handle(self, handle: str, snap: Snapshot | None = None) -> HandleLookup:
+        """The DID a handle names (firehose identity events, the identity store, or a live
+        resolution within identity_query_timeout_s), and where the answer came from."""
+        snap = snap or self.snapshot()
+        claim = self.run(lambda cur: self._handles.current(cur, snap).claim_of(handle.lower()))
+        return self.identity.did_of(handle, claim)
+
+    def with_dids(self, snap: Snapshot, filters: Filters) -> Filters | None:
+        """The filters with author=/mention= handles replaced by their DIDs (so the cache and
+        cursors key on the DID); None if a handle names no one that can be found."""
+        changes = {}
+        for name in ("author", "mention"):
+            value = getattr(filters, name)
+            if value is None or value.startswith("did:"):
+                continue
+            found = self.lookup_handle(value, snap)
+            if found.did is None:
+                return None
+            changes[name] = found.did
+        return msgspec.structs.replace(filters, **changes) if changes else filters
 
     def _attach_handles(
         self,
@@ -408,7 +442,8 @@ class QueryEngine:
             return
         index = self._handles.current(cur, snap)
         hashes = np.array([r[DID_HASH] for r in rows], dtype=np.uint64)
-        for post, handle in zip(posts, index.handles_of(hashes), strict=True):
+        shown = self.identity.handles_of([p.did for p in posts], index.latest_of(hashes))
+        for post, handle in zip(posts, shown, strict=True):
             post.handle = handle
 
     def _walk(
