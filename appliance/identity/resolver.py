@@ -135,7 +135,7 @@ def dns_txt_lookup(servers: Sequence[str], timeout_s: float) -> TxtLookup:
         if answer.rrset is None:
             return []
         return [
-            b"".join(rdata.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
+            b"".join(rdata.strings).decode("utf-8", "replace")
             for rdata in answer.rrset
         ]
 

@@ -246,8 +246,8 @@ def summarize(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
         "not_found": not_found,
         "queue": due,
         "posts_counted": posts,
-        "posts_with_verified_handle": round(posts_ok / posts, 4) if posts else None,
-        "posts_with_handle": round(posts_known / posts, 4) if posts else None,
+        "posts_with_verified_handle": posts_ok / posts if posts else None,
+        "posts_with_handle": posts_known / posts if posts else None,
         "last_resolution_at": last,
     }
 

@@ -67,6 +67,9 @@ class TokenBucket:
         self.stamp = time.monotonic()
         self.paused_until = 0.0  # monotonic
 
+    def paused(self) -> bool:
+        return time.monotonic() < self.paused_until
+
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
         self.tokens = 0.0
@@ -149,7 +152,7 @@ class Worker:
         self.data_dir = Path(settings.data_dir)
         self.bucket = TokenBucket(settings.identity_rate) if settings.identity_rate > 0 else None
         self.slots = asyncio.Semaphore(IN_FLIGHT)
-        self.plc_failures = 0
+        self.plc_pause = 0.0  # the current PLC outage backoff (0 while the PLC answers)
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: Counter[str] = Counter()
@@ -219,16 +222,25 @@ class Worker:
             return
         except Unavailable as exc:
             self._count("unavailable")
-            if exc.plc:
-                self.plc_failures += 1
+            if exc.plc:  # the directory is down, not this DID: every resolution waits
                 assert self.bucket is not None
-                self.bucket.pause(min(2.0 ** (self.plc_failures - 1), PLC_BACKOFF_MAX_S))
-            await asyncio.to_thread(self.store.failed, did, did_backoff)
-            log.debug("resolution failed", extra={"did": did, "error": str(exc)})
+                if not self.bucket.paused():  # requests sent before the pause do not double it
+                    self.plc_pause = min(max(self.plc_pause * 2, 1.0), PLC_BACKOFF_MAX_S)
+                    self.bucket.pause(self.plc_pause)
+                    log.warning(
+                        "PLC directory unavailable",
+                        extra={"error": str(exc), "pause_s": self.plc_pause},
+                    )
+                await asyncio.to_thread(self.store.release, [did], time.time() + self.plc_pause)
+            else:  # this DID's own host (did:web, its handle's DNS or HTTPS) failed
+                delay = await asyncio.to_thread(self.store.failed, did, did_backoff)
+                log.info(
+                    "resolution failed", extra={"did": did, "error": str(exc), "retry_s": delay}
+                )
             return
         finally:
             self.slots.release()
-        self.plc_failures = 0
+        self.plc_pause = 0.0
         self._count(result.outcome)
         ttl = self.settings.identity_ttl_s
         if result.outcome == "invalid":
@@ -312,5 +324,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     asyncio.run(run(settings))
     return 0

@@ -26,6 +26,7 @@ author=/mention= given as a handle (resolved at query time when neither knows it
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -300,12 +301,14 @@ class QueryEngine:
         cached = self._cache.get(key)
         if cached is not None:
             metrics.api_cache.labels("hit").inc()
-            return cached
+            # Handles change without the data changing (the identity worker resolves them
+            # meanwhile): a cached page gets its authors' handles anew.
+            return self._rehandled(snap, *cached)
         metrics.api_cache.labels("miss").inc()
         end = delivered + limit if cap is None else min(delivered + limit, cap)
         skip = 0 if after is not None else delivered
 
-        def work(cur: duckdb.DuckDBPyConnection) -> SearchResult:
+        def work(cur: duckdb.DuckDBPyConnection) -> tuple[SearchResult, np.ndarray]:
             began = time.perf_counter()
             rows: list[tuple[Any, ...]] = []
             for batch in self._walk(cur, snap, filters, after, need=end - delivered + skip + 1):
@@ -313,7 +316,7 @@ class QueryEngine:
             more = len(rows) > end - delivered + skip
             page_rows = rows[skip : skip + end - delivered]
             posts = [row_to_post(r) for r in page_rows]
-            self._attach_handles(cur, snap, posts, page_rows)
+            hashes = self._attach_handles(cur, snap, posts, page_rows)
             capped = more and cap is not None and end >= cap
             has_more = more and not capped
             token = None
@@ -321,7 +324,7 @@ class QueryEngine:
                 last = page_rows[-1]
                 token = self.codec.encode(filters, Position(last[TIME_US], last[URI]), end)
             metrics.api_query_seconds.labels("search").observe(time.perf_counter() - began)
-            return SearchResult(
+            result = SearchResult(
                 posts=posts,
                 has_more=has_more,
                 capped=capped,
@@ -329,16 +332,17 @@ class QueryEngine:
                 cursor=token,
                 data_version=snap.version,
             )
+            return result, hashes
 
         try:
-            result = self.run(work)
+            result, hashes = self.run(work)
         except duckdb.IOException:
             # A file of our snapshot was removed (a compaction's grace period ended while we
             # held an old manifest): once the manifest has moved on, one retry on the new one.
             if self.snapshot().version == snap.version:
                 raise
             return self.search(filters, limit=limit, page=page, cursor=cursor)
-        self._cache.put(key, result)
+        self._cache.put(key, (result, hashes))
         return result
 
     def export(self, filters: Filters, max_rows: int) -> Generator[list[Post], None, None]:
@@ -437,14 +441,32 @@ class QueryEngine:
         snap: Snapshot,
         posts: list[Post],
         rows: list[tuple[Any, ...]],
-    ) -> None:
-        if not posts:
-            return
-        index = self._handles.current(cur, snap)
+    ) -> np.ndarray:
+        """Set each post's handle; returns the hash(did) of each row (to refresh them later)."""
         hashes = np.array([r[DID_HASH] for r in rows], dtype=np.uint64)
-        shown = self.identity.handles_of([p.did for p in posts], index.latest_of(hashes))
-        for post, handle in zip(posts, shown, strict=True):
-            post.handle = handle
+        if posts:
+            index = self._handles.current(cur, snap)
+            shown = self.identity.handles_of([p.did for p in posts], index.latest_of(hashes))
+            for post, handle in zip(posts, shown, strict=True):
+                post.handle = handle
+        return hashes
+
+    def _rehandled(self, snap: Snapshot, cached: SearchResult, hashes: np.ndarray) -> SearchResult:
+        """A copy of a cached page with its authors' current handles."""
+        if not cached.posts:
+            return cached
+        cur = self._cursor()
+        try:
+            index = self._handles.current(cur, snap)
+        finally:
+            cur.close()
+        dids = [p.did for p in cached.posts]
+        shown = self.identity.handles_of(dids, index.latest_of(hashes))
+        posts = [
+            msgspec.structs.replace(post, handle=handle)
+            for post, handle in zip(cached.posts, shown, strict=True)
+        ]
+        return dataclasses.replace(cached, posts=posts)
 
     def _walk(
         self,
