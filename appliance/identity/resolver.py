@@ -134,10 +134,7 @@ def dns_txt_lookup(servers: Sequence[str], timeout_s: float) -> TxtLookup:
             raise Unavailable(f"DNS {name}: {type(exc).__name__}") from exc
         if answer.rrset is None:
             return []
-        return [
-            b"".join(rdata.strings).decode("utf-8", "replace")
-            for rdata in answer.rrset
-        ]
+        return [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer.rrset]
 
     return lookup
 
