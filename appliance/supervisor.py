@@ -199,12 +199,12 @@ def _banner(settings: Settings, args: argparse.Namespace) -> str:
     )
     api = f"http://{settings.api_host}:{settings.api_port}"
     return (
-        "appliance up: starting redis-server, ingester, batcher and API\n"
+        "appliance up: starting redis-server, ingester, batcher, API and identity worker\n"
         f"  source   {source}\n"
         f"  data     {Path(settings.data_dir).resolve()}  (batches every {settings.batch_interval_s:g} s)\n"
         f"  redis    {settings.redis_host}:{settings.redis_port}  (AOF in {Path(settings.redis_dir).resolve()})\n"
         f"  API      {api}/v1/search?q=hello   docs {api}/docs\n"
-        f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics\n"
+        f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics  identity :{settings.identity_port}/metrics\n"
         "Ctrl-C stops everything."
     )
 

@@ -106,9 +106,10 @@ class Store:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(
-                    "INSERT INTO dids (did, posts) VALUES (?, ?) "
+                    # a new DID is due at once, the more posts the sooner (-posts sorts first)
+                    "INSERT INTO dids (did, posts, next_attempt) VALUES (?, ?, -?) "
                     "ON CONFLICT (did) DO UPDATE SET posts = posts + excluded.posts",
-                    counts.items(),
+                    ((did, n, n) for did, n in counts.items()),
                 )
                 self._conn.execute("INSERT OR IGNORE INTO scanned (path) VALUES (?)", (path,))
             except BaseException:

@@ -409,17 +409,20 @@ class QueryEngine:
     # --- the walk ------------------------------------------------------------------------------
 
     def resolve(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, who: str) -> str | None:
-        """A DID for an author/mention value: a DID as is, a handle through identities."""
+        """A DID for an author/mention value: a DID as is, a handle through `_lookup`."""
         if who.startswith("did:"):
             return who
-        return self._handles.current(cur, snap).holder_of(who)
+        return self._lookup(cur, snap, who).did
+
+    def _lookup(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, handle: str) -> HandleLookup:
+        claim = self._handles.current(cur, snap).claim_of(handle.lower())
+        return self.identity.did_of(handle, claim)
 
     def lookup_handle(self, handle: str, snap: Snapshot | None = None) -> HandleLookup:
         """The DID a handle names (firehose identity events, the identity store, or a live
         resolution within identity_query_timeout_s), and where the answer came from."""
         snap = snap or self.snapshot()
-        claim = self.run(lambda cur: self._handles.current(cur, snap).claim_of(handle.lower()))
-        return self.identity.did_of(handle, claim)
+        return self.run(lambda cur: self._lookup(cur, snap, handle))
 
     def with_dids(self, snap: Snapshot, filters: Filters) -> Filters | None:
         """The filters with author=/mention= handles replaced by their DIDs (so the cache and
