@@ -31,9 +31,9 @@ from appliance.identity.resolver import (
 from appliance.identity.store import Store
 from appliance.query.engine import QueryEngine
 from appliance.query.model import Filters
+from loadtest.identity_fakes import DnsServer, IdentityWeb, plc_document
 from tests.conftest import T0_US, ParquetData, free_port, make_settings, stop_process
 from tests.helpers import http_get, wait_until
-from tests.identity_fakes import DnsServer, IdentityWeb, plc_document
 
 SEC = 1_000_000
 ALICE = "did:plc:" + "a" * 24

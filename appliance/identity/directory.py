@@ -78,6 +78,8 @@ class Directory:
             log.warning("identity store unreadable; showing firehose handles only", exc_info=True)
             known = {}
         out: list[str | None] = []
+        results: collections.Counter[str] = collections.Counter()
+        shown: collections.Counter[str] = collections.Counter()
         for did, fire in zip(dids, firehose, strict=True):
             entry = known.get(did)
             if fire is not None and (
@@ -89,12 +91,17 @@ class Directory:
                 handle, result = entry.handle, "hit" if entry.fresh else "stale"
             else:
                 handle, result = None, "miss"
-            metrics.api_identity_lookups.labels("handle_of", result).inc()
-            shown = (
-                "none" if handle is None else "invalid" if handle == INVALID_HANDLE else "verified"
-            )
-            metrics.api_posts_shown.labels(shown).inc()
+            results[result] += 1
+            if handle is None:
+                shown["none"] += 1
+            else:
+                shown["invalid" if handle == INVALID_HANDLE else "verified"] += 1
             out.append(handle)
+        # counted once per page or export batch, not per post (an export streams millions)
+        for result, n in results.items():
+            metrics.api_identity_lookups.labels("handle_of", result).inc(n)
+        for kind, n in shown.items():
+            metrics.api_posts_shown.labels(kind).inc(n)
         return out
 
     # --- handle -> DID ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from appliance.identity.resolver import INVALID_HANDLE
 
 STORE_NAME = "identity.sqlite3"
 BUSY_TIMEOUT_MS = 2000
+READ_CHUNK = 500  # DIDs per lookup query (SQLite bounds the bound parameters of one query)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dids (
@@ -275,16 +276,18 @@ class Reader:
         if conn is None or not dids:
             return {}
         now = time.time()
-        marks = ",".join("?" * len(dids))
-        rows = conn.execute(
-            f"SELECT did, handle, resolved_at, next_attempt, status FROM dids "
-            f"WHERE did IN ({marks})",
-            list(dids),
-        ).fetchall()
-        return {
-            did: Known(handle, at, status != "pending" and nxt > now)
-            for did, handle, at, nxt, status in rows
-        }
+        out = {}
+        for start in range(0, len(dids), READ_CHUNK):
+            chunk = list(dids[start : start + READ_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT did, handle, resolved_at, next_attempt, status FROM dids "
+                f"WHERE did IN ({marks})",
+                chunk,
+            ).fetchall()
+            for did, handle, at, nxt, status in rows:
+                out[did] = Known(handle, at, status != "pending" and nxt > now)
+        return out
 
     def holder(self, handle: str) -> tuple[str, float] | None:
         """The DID whose verified handle this is (the latest resolution if several)."""

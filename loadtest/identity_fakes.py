@@ -1,10 +1,12 @@
-"""Loopback fakes of what the identity resolver talks to, speaking the real protocols.
+"""Loopback fakes of what the identity resolver talks to, speaking the real protocols (used
+by tests/test_identity.py and `loadtest identity-replay`).
 
 - `IdentityWeb`: one HTTP server that is the PLC directory (`GET /did:plc:...` -> the DID
   document JSON, 404 if unknown) and every handle's and did:web host's HTTPS side
   (`GET /.well-known/atproto-did` and `/.well-known/did.json`, chosen by the Host header, as the
   resolver sends them with `identity_web_origin`). It can answer 429 with a Retry-After or 503,
-  and it logs the time of every PLC request.
+  and it logs the time of every PLC request. With `auto`, every did:plc has a document claiming
+  `<its 24 letters>.auto.test`, and that host's atproto-did names it back.
 - `DnsServer`: a UDP DNS server (dnspython's wire format) answering TXT queries from a dict,
   NXDOMAIN otherwise.
 """
@@ -22,6 +24,8 @@ from typing import Any
 import dns.message
 import dns.rcode
 import dns.rrset
+
+AUTO_SUFFIX = ".auto.test"
 
 
 def plc_document(did: str, handle: str | None) -> dict[str, Any]:
@@ -49,6 +53,7 @@ class WebState:
     rate_limited: int = 0  # answer this many PLC requests with 429
     retry_after: str = "1"
     down: bool = False  # answer every PLC request with 503
+    auto: bool = False  # every did:plc exists, with a handle that verifies over HTTPS
     plc_requests: list[tuple[float, str, int]] = field(default_factory=list)  # (time, did, status)
     web_requests: list[tuple[str, str]] = field(default_factory=list)  # (host, path)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -60,7 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    def _send(
+        self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -80,10 +87,14 @@ class _Handler(BaseHTTPRequestHandler):
                 elif state.rate_limited > 0:
                     state.rate_limited -= 1
                     status = 429
+                elif state.auto and did.startswith("did:plc:"):
+                    status = 200
                 else:
                     status = 200 if did in state.documents else 404
                 state.plc_requests.append((time.monotonic(), did, status))
                 document = state.documents.get(did)
+                if document is None and status == 200:
+                    document = plc_document(did, f"{did.removeprefix('did:plc:')}{AUTO_SUFFIX}")
             if status == 429:
                 self._send(
                     429,
@@ -101,6 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
             state.web_requests.append((host, path))
         if path == "/.well-known/atproto-did" and host in state.atproto_did:
             self._send(200, state.atproto_did[host].encode(), "text/plain")
+        elif path == "/.well-known/atproto-did" and state.auto and host.endswith(AUTO_SUFFIX):
+            self._send(200, f"did:plc:{host.removesuffix(AUTO_SUFFIX)}".encode(), "text/plain")
         elif path == "/.well-known/did.json" and host in state.did_web:
             self._send(200, json.dumps(state.did_web[host]).encode(), "application/json")
         else:
