@@ -190,8 +190,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         int, _h("Queries an API worker lets wait for a slot; more are answered 503", ge=0)
     ] = 32
     api_max_wait_s: Annotated[
-        float, _h("Longest a query waits for a slot before it is answered 503", gt=0)
+        float,
+        _h("Longest a query waits for a slot (or a long scan for its lane) before a 503", gt=0),
     ] = 5.0
+    query_long_scans: Annotated[
+        int, _h("Long scans (searches past 2M rows read) an API worker runs at once", ge=1)
+    ] = 1
     cors_origins: Annotated[
         tuple[str, ...], _h("Origins allowed by CORS, comma-separated; empty = none")
     ] = ()

@@ -18,6 +18,7 @@ import pytest
 from sanic import Sanic
 
 from appliance.api.app import create_app
+from appliance.query import engine as engine_mod
 from appliance.query.engine import QueryEngine
 from tests.conftest import T0_US, ParquetData, free_port, make_settings
 from tests.helpers import metric_values, wait_until
@@ -29,6 +30,7 @@ class Served:
 
     def __init__(self, app: Sanic, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
+        self.app = app
         self.loop = asyncio.new_event_loop()
         self.stopping = asyncio.Event()
         started = threading.Event()
@@ -162,3 +164,44 @@ def test_a_waiting_query_is_served_when_the_slot_frees(
     for t in (thread, second):
         t.join(30)
     assert [r.status_code for r in out + waiting] == [200, 200]
+
+
+def test_a_long_scan_waits_for_the_lane_and_is_503_when_it_stays_taken(
+    tmp_path: Path, parquet_data: ParquetData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past LONG_SCAN_ROWS a walk needs the worker's long-scan lane; while another long scan
+    holds it for longer than api_max_wait_s the search is 503 (Retry-After), short searches are
+    served meanwhile, and every walk gives the lane back however it ends."""
+    for i in range(3000):
+        parquet_data.post(f"filler {i}", t=T0_US + i * 1_000_000)
+    parquet_data.flush()
+    monkeypatch.setattr(engine_mod, "FIRST_WINDOW_ROWS", 64)
+    monkeypatch.setattr(engine_mod, "LONG_SCAN_ROWS", 256)
+    Sanic.test_mode = True
+    server = Served(
+        create_app(make_settings(tmp_path, api_max_wait_s=0.2, cache_entries=0)), free_port()
+    )
+    try:
+        ready = server.get("/ready")
+        assert ready.status_code == 200
+        assert server.get("/v1/search?q=absent").status_code == 200  # the lane is free
+        engine: QueryEngine = server.app.ctx.engine
+        assert engine._long_lane.acquire(timeout=1)  # another long scan holds it
+        try:
+            refused = server.get("/v1/search?q=absent")
+            assert refused.status_code == 503
+            assert int(refused.headers["retry-after"]) >= 1
+            assert "long scans" in refused.json()["detail"]
+            short = server.get("/v1/search?q=filler")  # a page full in the first window
+            assert short.status_code == 200 and len(short.json()["posts"]) == 50
+        finally:
+            engine._long_lane.release()
+        assert server.get("/v1/search?q=absent").status_code == 200
+        values = metric_values(server.get("/metrics").text)
+        assert values['appliance_api_long_scans_total{outcome="refused"}'] == 1
+        assert values['appliance_api_long_scans_total{outcome="run"}'] == 2
+        assert values['appliance_api_rejected_total{reason="long_scan"}'] == 1
+        assert engine._long_lane.acquire(blocking=False)  # given back after each walk
+        engine._long_lane.release()
+    finally:
+        server.stop()

@@ -27,6 +27,7 @@ from appliance import metrics
 from appliance.api.http import json_response, request_id
 from appliance.api.models import ErrorResponse
 from appliance.config import Settings
+from appliance.query.model import Busy
 
 T = TypeVar("T")
 
@@ -105,9 +106,14 @@ async def admitted(
 
 async def on_overloaded(request: Request, exc: Exception) -> HTTPResponse:
     """503 with Retry-After, as JSON like every other error."""
-    if not isinstance(exc, Overloaded):
+    if isinstance(exc, Busy):  # the engine's long-scan lane stayed taken
+        admission: Admission = request.app.ctx.admission
+        retry, detail = admission.retry_after(), str(exc)
+        metrics.api_rejected.labels("long_scan").inc()
+    elif isinstance(exc, Overloaded):
+        retry, detail = exc.retry_after, exc.detail
+    else:
         raise exc
-    retry, detail = exc.retry_after, exc.detail
     body = ErrorResponse(
         error="overloaded",
         detail=f"{detail}; retry after {retry} s",

@@ -35,6 +35,7 @@ from appliance.api.routes import export, health, metrics_endpoint, ready, search
 from appliance.config import Settings
 from appliance.logs import setup_logging
 from appliance.query.engine import QueryEngine
+from appliance.query.model import Busy
 
 log = logging.getLogger("appliance.api")
 
@@ -91,6 +92,7 @@ def create_app(
     app.register_middleware(on_response, "response")  # type: ignore[arg-type]
     app.error_handler.add(Exception, on_error)
     app.error_handler.add(Overloaded, on_overloaded)
+    app.error_handler.add(Busy, on_overloaded)
     return app
 
 

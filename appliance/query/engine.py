@@ -47,6 +47,7 @@ from appliance.identity.directory import Directory, HandleLookup
 from appliance.query.cursor import CursorCodec
 from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
 from appliance.query.model import (
+    Busy,
     Filters,
     InvalidQuery,
     Position,
@@ -83,6 +84,10 @@ INDEX_MAX_FRACTION = 0.5
 # would need more rows than this (a common word's page or export is then only a few windows away,
 # and the lookup would cost more than it saves).
 NARROW_ROWS = 1_000_000
+# A walk that has read this many rows (estimated) and still needs more is a long scan: it goes
+# on only holding the worker's long-scan lane, so at most `query_long_scans` of them run at once
+# and short searches keep the other query threads (and the cores) meanwhile.
+LONG_SCAN_ROWS = 2_000_000
 
 
 class _LRU:
@@ -141,6 +146,29 @@ class _Guard:
             raise QueryTimeout(f"query interrupted after {self.seconds:g} s") from exc
 
 
+class _Lane:
+    """A walk's hold on the worker's long-scan lane: taken once, when the walk turns long."""
+
+    def __init__(self, lane: threading.BoundedSemaphore, wait_s: float) -> None:
+        self._lane = lane
+        self._wait_s = wait_s
+        self.held = False
+
+    def enter(self) -> None:
+        if self.held:
+            return
+        if not self._lane.acquire(timeout=self._wait_s):
+            metrics.api_long_scans.labels("refused").inc()
+            raise Busy(f"other long scans kept the lane for {self._wait_s:g} s")
+        metrics.api_long_scans.labels("run").inc()
+        self.held = True
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self._lane.release()
+
+
 class QueryEngine:
     """Search, export and stats over the live Parquet files, for one API worker."""
 
@@ -169,8 +197,9 @@ class QueryEngine:
         self._snapshot: Snapshot | None = None
         self._manifest_stat: tuple[int, int, int] | None = None
         self._row_groups: dict[str, list[Segment]] = {}
-        self._indexed: dict[str, bool] = {}  # posts file -> has a valid token index
+        self._indexed: dict[str, int] = {}  # posts file -> format of its valid index, or 0
         self._cache = _LRU(settings.cache_entries)
+        self._long_lane = threading.BoundedSemaphore(settings.query_long_scans)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
         self._hidden = PerFileIndex(
             tuple(visibility.hiders("posts")), load_hiding, visibility.HidingIndex.from_tables
@@ -209,7 +238,7 @@ class QueryEngine:
                 self._manifest_stat = stat_key
                 live = {p for by_day in days.values() for paths in by_day.values() for p in paths}
                 self._row_groups = {p: s for p, s in self._row_groups.items() if p in live}
-                self._indexed = {p: ok for p, ok in self._indexed.items() if p in live}
+                self._indexed = {p: f for p, f in self._indexed.items() if p in live}
             return self._snapshot
 
     def _segments(self, path: str, day: str) -> list[Segment]:
@@ -356,8 +385,8 @@ class QueryEngine:
             return
         filters = resolved
         cur = self._cursor()
+        walk = self._walk(cur, snap, filters, None, need=max_rows)
         try:
-            walk = self._walk(cur, snap, filters, None, need=max_rows)
             while True:
                 batch = self._step(cur, walk)
                 if batch is None:
@@ -366,6 +395,7 @@ class QueryEngine:
                 self._attach_handles(cur, snap, posts, batch)
                 yield posts
         finally:
+            walk.close()  # gives back the long-scan lane if it held it
             cur.close()
 
     def _step(
@@ -478,7 +508,7 @@ class QueryEngine:
         filters: Filters,
         after: Position | None,
         need: int,
-    ) -> Iterator[list[tuple[Any, ...]]]:
+    ) -> Generator[list[tuple[Any, ...]], None, None]:
         """Yield batches of visible rows in sort order, `need` rows in all (fewer if no more)."""
         author = mention = None
         if filters.author is not None:
@@ -505,51 +535,68 @@ class QueryEngine:
         segments = self._segments_in(snap, first_day, last_day, lo_bound, hi_bound)
         planner = WindowPlanner(segments, latest, lo_bound, hi_bound)
         remaining, target = need, float(FIRST_WINDOW_ROWS)
-        scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
-        seen: set[str] = set()
         # The first window is walked as is (a common word fills the page there); if the page is
         # not full after it, the token indexes narrow the rest of the walk to candidate groups.
-        narrow = self.settings.query_text_index and (filters.include or author is not None)
+        narrow = self.settings.query_text_index and bool(
+            filters.include or author or mention or filters.lang or filters.tag or filters.domain
+        )
         restrict: dict[str, list[tuple[int, int]]] = {}
-        while remaining > 0 and (window := planner.next(target)) is not None:
-            lo, hi, files, rows_in_window = window
-            position = after
-            while remaining > 0:
-                fetch = remaining + max(8, remaining // 8)
-                rows = self._candidates(
-                    cur, files, clauses, params, lo, hi, position, latest, fetch, restrict
-                )
-                hits += len(rows)
-                if not rows:
-                    break
-                visible = self._visible(cur, snap, rows)
-                batch = []
-                for row in visible:
-                    if row[URI] in seen:
-                        continue  # the same version stored twice
-                    seen.add(row[URI])
-                    batch.append(row)
-                    if len(batch) == remaining:
+        lane = _Lane(self._long_lane, self.settings.api_max_wait_s)
+        try:
+            scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
+            seen: set[str] = set()
+            while remaining > 0 and (window := planner.next(target)) is not None:
+                if scanned >= LONG_SCAN_ROWS:
+                    lane.enter()
+                lo, hi, files, rows_in_window = window
+                position = after
+                while remaining > 0:
+                    fetch = remaining + max(8, remaining // 8)
+                    rows = self._candidates(
+                        cur, files, clauses, params, lo, hi, position, latest, fetch, restrict
+                    )
+                    hits += len(rows)
+                    if not rows:
                         break
-                remaining -= len(batch)
-                if batch:
-                    yield batch
-                if len(rows) < fetch:
-                    break  # this window is exhausted
-                position = Position(rows[-1][TIME_US], rows[-1][URI])
-            scanned += rows_in_window
-            target = next_target(
-                target, remaining, scanned, hits, first_rows=FIRST_WINDOW_ROWS, growth=WINDOW_GROWTH
-            )
-            if narrow and remaining > 0 and (hits == 0 or remaining * scanned / hits > NARROW_ROWS):
-                narrow = False
-                narrowed = self._narrow(cur, segments, filters, author)
-                if narrowed is not None:
-                    segments, restrict = narrowed
-                    if latest:
-                        planner = WindowPlanner(segments, latest, planner.lo_edge, planner.edge)
-                    else:
-                        planner = WindowPlanner(segments, latest, planner.edge, planner.hi_edge)
+                    visible = self._visible(cur, snap, rows)
+                    batch = []
+                    for row in visible:
+                        if row[URI] in seen:
+                            continue  # the same version stored twice
+                        seen.add(row[URI])
+                        batch.append(row)
+                        if len(batch) == remaining:
+                            break
+                    remaining -= len(batch)
+                    if batch:
+                        yield batch
+                    if len(rows) < fetch:
+                        break  # this window is exhausted
+                    position = Position(rows[-1][TIME_US], rows[-1][URI])
+                scanned += rows_in_window
+                target = next_target(
+                    target,
+                    remaining,
+                    scanned,
+                    hits,
+                    first_rows=FIRST_WINDOW_ROWS,
+                    growth=WINDOW_GROWTH,
+                )
+                if (
+                    narrow
+                    and remaining > 0
+                    and (hits == 0 or remaining * scanned / hits > NARROW_ROWS)
+                ):
+                    narrow = False
+                    narrowed = self._narrow(cur, segments, filters, author, mention)
+                    if narrowed is not None:
+                        segments, restrict = narrowed
+                        if latest:
+                            planner = WindowPlanner(segments, latest, planner.lo_edge, planner.edge)
+                        else:
+                            planner = WindowPlanner(segments, latest, planner.edge, planner.hi_edge)
+        finally:
+            lane.leave()
 
     def _segments_in(
         self,
@@ -597,23 +644,27 @@ class QueryEngine:
 
     def _has_index(self, path: str) -> bool:
         """Whether a posts file has a valid token index (checked once per file)."""
+        return self._index_format(path) > 0
+
+    def _index_format(self, path: str) -> int:
+        """The format of a posts file's valid token index, 0 if it has none (checked once)."""
         known = self._indexed.get(path)
         if known is not None:
             return known
         sidecar = textindex.sidecar_path(path)
         try:
-            ok = textindex.valid_for(sidecar, path)
+            found = textindex.format_for(sidecar, path) or 0
         except OSError:
-            ok = False
+            found = 0
             if Path(path).name.startswith(layout.COMPACTED_PREFIX):
                 metrics.api_text_index.labels("missing").inc()
                 log.warning("token index missing; the file is scanned", extra={"file": path})
         else:
-            if not ok:
+            if not found:
                 metrics.api_text_index.labels("invalid").inc()
                 log.warning("token index invalid; the file is scanned", extra={"file": path})
-        self._indexed[path] = ok
-        return ok
+        self._indexed[path] = found
+        return found
 
     def _narrow(
         self,
@@ -621,6 +672,7 @@ class QueryEngine:
         segments: list[Segment],
         filters: Filters,
         author: str | None,
+        mention: str | None,
     ) -> tuple[list[Segment], dict[str, list[tuple[int, int]]]] | None:
         """The segments left once token indexes rule row groups out, and per narrowed file the
         time ranges of its candidate row groups; None if no index applies.
@@ -629,27 +681,44 @@ class QueryEngine:
         for term in filters.include:
             pieces.extend(textindex.pieces(cur, term))
         pieces = list(dict.fromkeys(pieces))
-        if not pieces and author is None:
-            return None  # terms of emoji or punctuation only: nothing to look up
+        keys = [
+            (field, value)
+            for field, value in (
+                (textindex.FIELD_LANG, filters.lang),
+                (textindex.FIELD_TAG, filters.tag),
+                (textindex.FIELD_DOMAIN, filters.domain),
+                (textindex.FIELD_MENTION, mention),
+            )
+            if value
+        ]
         by_file: dict[str, list[Segment]] = {}
         for seg in segments:
             by_file.setdefault(seg.path, []).append(seg)
-        indexed = [p for p in by_file if self._has_index(p)]
-        if not indexed:
+        # filter keys exist in indexes of format 3 on; older ones narrow by text and author only
+        newer = [p for p in by_file if self._index_format(p) >= textindex.FILTER_KEYS_FROM]
+        older = [p for p in by_file if 0 < self._index_format(p) < textindex.FILTER_KEYS_FROM]
+        found: dict[str, set[int]] = {}
+        selective = False
+        for paths, lookup in ((newer, keys), (older, [])):
+            if not paths or not (pieces or author or lookup):
+                continue  # terms of emoji or punctuation only: nothing to look up
+            sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
+            try:
+                looked = textindex.candidate_groups(cur, list(sidecars), pieces, author, lookup)
+            except duckdb.InterruptException:
+                raise
+            except duckdb.Error:
+                metrics.api_text_index.labels("error").inc()
+                log.exception("token index lookup failed; scanning instead")
+                return None
+            if looked is None:
+                metrics.api_text_index.labels("not_selective").inc(len(paths))
+                continue
+            selective = True
+            found.update((sidecars[s], g) for s, g in looked.items())
+        if not selective:
             return None
-        sidecars = {str(textindex.sidecar_path(p)): p for p in indexed}
-        try:
-            found = textindex.candidate_groups(cur, list(sidecars), pieces, author)
-        except duckdb.InterruptException:
-            raise
-        except duckdb.Error:
-            metrics.api_text_index.labels("error").inc()
-            log.exception("token index lookup failed; scanning instead")
-            return None
-        if found is None:
-            metrics.api_text_index.labels("not_selective").inc(len(indexed))
-            return None
-        groups = {sidecars[s]: g for s, g in found.items()}
+        groups = found
         kept: list[Segment] = []
         restrict: dict[str, list[tuple[int, int]]] = {}
         for path, segs in by_file.items():
