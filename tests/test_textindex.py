@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from appliance import metrics
@@ -376,6 +377,38 @@ def test_filter_keys_narrow_a_walk_to_the_groups_that_hold_the_value(store: Sett
         assert sum(len(r) for r in restrict.values()) == 4  # read through their time ranges
     finally:
         engine.close()
+
+
+def test_an_index_of_format_2_narrows_by_text_only(store: Settings) -> None:
+    """Indexes written before the filter keys stay valid: they narrow by text and author, and
+    a filter alone reads the files as before (never trusting keys such an index cannot hold)."""
+    data_dir = Path(store.data_dir)
+    for rel in read_manifest(data_dir).table_files("posts"):
+        sidecar = textindex.sidecar_path(data_dir / rel)
+        table = pq.read_table(sidecar)
+        meta = dict(table.schema.metadata or {})
+        meta[b"textindex"] = b"2"
+        pq.write_table(table.replace_schema_metadata(meta), sidecar)
+    old, scan = _engine(store, True), _engine(store, False)
+    try:
+        segments = [
+            seg
+            for day, paths in old.snapshot().days["posts"].items()
+            for path in paths
+            for seg in old._segments(path, day)
+        ]
+        cur = old._cursor()
+        try:
+            assert old._narrow(cur, segments, Filters(lang="uk"), None, None) is None
+            narrowed = old._narrow(cur, segments, Filters(include=(RARE_WORD,)), None, None)
+            assert narrowed is not None and len(narrowed[0]) < len(segments)
+        finally:
+            cur.close()
+        for filters in (Filters(lang="uk"), Filters(include=(RARE_WORD,), tag="art")):
+            assert _all_rows(old, filters) == _all_rows(scan, filters)
+    finally:
+        old.close()
+        scan.close()
 
 
 def test_deleted_posts_stay_hidden_with_the_index(store: Settings) -> None:
