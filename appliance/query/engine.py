@@ -296,7 +296,10 @@ class QueryEngine:
             return
         filters = resolved
         cur = self._cursor()
-        walk = self._walk(cur, snap, filters, None, need=max_rows)
+        # an export that has started streaming waits for the long-scan lane rather than end cut
+        walk = self._walk(
+            cur, snap, filters, None, need=max_rows, lane_wait_s=self.settings.query_timeout_s
+        )
         try:
             while True:
                 batch = self._step(cur, walk)
@@ -419,8 +422,12 @@ class QueryEngine:
         filters: Filters,
         after: Position | None,
         need: int,
+        lane_wait_s: float | None = None,
     ) -> Generator[list[tuple[Any, ...]], None, None]:
-        """Yield batches of visible rows in sort order, `need` rows in all (fewer if no more)."""
+        """Yield batches of visible rows in sort order, `need` rows in all (fewer if no more).
+
+        Past LONG_SCAN_ROWS the walk waits for the long-scan lane up to `lane_wait_s` (by
+        default api_max_wait_s), then raises Busy."""
         author = mention = None
         if filters.author is not None:
             author = self.resolve(cur, snap, filters.author)
@@ -446,7 +453,8 @@ class QueryEngine:
             filters.include or author or mention or filters.lang or filters.tag or filters.domain
         )
         restrict: dict[str, list[tuple[int, int]]] = {}
-        lane = _Lane(self._long_lane, self.settings.api_max_wait_s)
+        wait = self.settings.api_max_wait_s if lane_wait_s is None else lane_wait_s
+        lane = _Lane(self._long_lane, wait)
         try:
             while remaining > 0 and (window := planner.next(target)) is not None:
                 if scanned >= LONG_SCAN_ROWS:
