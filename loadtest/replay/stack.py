@@ -179,7 +179,8 @@ class Stack:
     def start(self) -> None:
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
         for name in ORDER:
-            self.procs[name].launch()
+            if name in self.procs:  # the direct path has no server or ingester
+                self.procs[name].launch()
         self.wait_ready("api", 120)
 
     def wait_ready(self, name: str, timeout_s: float) -> float:
@@ -259,4 +260,5 @@ class Stack:
     def stop(self, timeout_s: float = 60.0) -> None:
         """SIGTERM newest first, waiting for each, so writers flush before Redis stops."""
         for name in reversed(ORDER):
-            self.stop_one(name, timeout_s)
+            if name in self.procs:
+                self.stop_one(name, timeout_s)
