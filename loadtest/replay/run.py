@@ -238,6 +238,8 @@ def _run(
                 refresh()
                 with contextlib.suppress(redis.RedisError):
                     if not injector.pending and drained():
+                        monitor.samples.append(monitor.take())
+                        refresh()
                         break
                 if time.monotonic() - began > args.timeout:
                     timed_out = True
