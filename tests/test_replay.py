@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import websockets
 
 from appliance.config import Settings
@@ -23,7 +24,7 @@ from loadtest.replay import faults as fl
 from loadtest.replay import source, verify
 from loadtest.sources import FileSource
 from tests.conftest import REPO_ROOT, RedisProcess, make_settings
-from tests.helpers import drain, push
+from tests.helpers import drain, push, sync_client
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -146,3 +147,35 @@ def test_a_paced_replay_compresses_a_long_gap_in_its_source(tmp_path: Path) -> N
     took, compressed, skipped = asyncio.run(run())
     assert took < 5.0
     assert compressed == 1 and skipped > 8000
+
+
+def test_a_reconnect_deep_into_a_rendered_capture_seeks_to_its_frame(tmp_path: Path) -> None:
+    cfg = FirehoseConfig(seed=9, events=5000, events_per_day=4000)
+    capture, _, _ = source.synthetic(cfg, tmp_path, jobs=1, chunk=1000)
+    files = FileSource([capture])
+    assert len(files.seek) == 5 and files.seek[3].position == 3000
+    everything = list(FileSource([capture]).items(None))
+    cursor = everything[3456].time_us
+    assert list(files.items(cursor)) == [i for i in everything if i.time_us >= cursor]
+    assert next(iter(files.items(everything[10].time_us))) == everything[10]
+
+
+def test_a_full_buffer_is_still_acknowledged_and_trimmed(tmp_path: Path) -> None:
+    # Above maxmemory Redis refuses whatever is queued inside MULTI, XACK included: the
+    # batcher must still acknowledge and trim, or the buffer stays full for good.
+    settings = make_settings(tmp_path, batch_interval_s=0.2, compact_auto=False)
+    redis_server = RedisProcess(settings)
+    try:
+        cfg = FirehoseConfig(seed=4, events=2000)
+        capture, _, _ = source.synthetic(cfg, tmp_path / "cache", jobs=1)
+        client = sync_client(settings)
+        push(settings, list(source.frames_of([capture])))
+        client.xgroup_create(settings.stream_key, settings.consumer_group, id="0")
+        client.config_set("maxmemory", 1)
+        with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+            client.set("probe", "x")
+        drain(settings, timeout=60)
+        assert client.xlen(settings.stream_key) == 0
+        client.close()
+    finally:
+        redis_server.stop()

@@ -11,6 +11,7 @@ engine. Recorded captures (`--from`) get their expectation from one pass over th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import multiprocessing
@@ -33,7 +34,7 @@ from loadtest.firehose import (
     FirehoseConfig,
     GroundTruth,
 )
-from loadtest.sources import open_lines
+from loadtest.sources import SeekPoint, open_lines, seek_path
 
 SCALES = {"day": 1, "week": 7, "month": 30}
 POST = "app.bsky.feed.post"
@@ -228,7 +229,9 @@ def _add_post(
     mine = facts.versions.get(uri)
     if mine is not None and mine[0] >= rev:
         return
-    if mask or mine is not None:
+    # Every update is kept, matching or not: in another chunk it may replace a version that
+    # matched (chunks are merged by rev), and the post then no longer matches.
+    if mask or mine is not None or commit["operation"] == "update":
         facts.versions[uri] = (rev, time_us, mask)
 
 
@@ -279,17 +282,18 @@ def generator_version() -> str:
     return h.hexdigest()[:12]
 
 
-EXPECTATION_VERSION = 2  # bump when what an expectation holds changes
+CAPTURE_FORMAT = 2  # part of a capture's key: bump when a capture's file layout changes
+EXPECTATION_VERSION = 4  # bump when what an expectation holds or how it is computed changes
 
 
 def cache_key(cfg: FirehoseConfig) -> str:
-    parts = msgspec.json.encode(cfg) + f"{generator_version()}/{EXPECTATION_VERSION}".encode()
+    parts = msgspec.json.encode(cfg) + f"{generator_version()}/{CAPTURE_FORMAT}".encode()
     return f"s{cfg.seed}-n{cfg.events}-" + hashlib.sha256(parts).hexdigest()[:16]
 
 
 def probes(frames: Iterable[bytes]) -> tuple[str, str]:
     """(author, phrase) for the sample searches: the author of the first post, and the first two
-    words of the first post whose text starts with two plain lower-case words."""
+    words of the first post whose text starts with two plain ASCII words."""
     author, phrase = "", ""
     for frame in itertools.islice(frames, 200_000):
         if _POST_MARK not in frame or b'"operation":"create"' not in frame:
@@ -301,8 +305,8 @@ def probes(frames: Iterable[bytes]) -> tuple[str, str]:
             continue  # a malformed frame
         author = author or did
         words = text.split()[:2]
-        if len(words) == 2 and all(w.isascii() and w.isalpha() and w.islower() for w in words):
-            phrase = " ".join(words)
+        if len(words) == 2 and all(w.isascii() and w.isalpha() for w in words):
+            phrase = " ".join(words).lower()  # search is case-insensitive
         if author and phrase:
             break
     return author or "did:plc:" + "a" * 24, phrase or "good morning"
@@ -322,7 +326,8 @@ def synthetic(
     """(capture, expectation, from_cache) of a synthetic stream, rendered once per key."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(cfg)
-    capture, expect_path = cache_dir / f"{key}.jsonl.zst", cache_dir / f"{key}.expect.json"
+    capture = cache_dir / f"{key}.jsonl.zst"
+    expect_path = cache_dir / f"{key}.expect-v{EXPECTATION_VERSION}.json"
     if capture.is_file() and expect_path.is_file():
         return capture, msgspec.json.decode(expect_path.read_bytes(), type=Expectation), True
     queries = sample_queries(
@@ -330,30 +335,67 @@ def synthetic(
         firehose.time_at(cfg, max(cfg.events - 1, 0)),
         *probes(firehose.generate(cfg)),
     )
+    source = f"synthetic seed {cfg.seed}, {cfg.events} events"
+    if capture.is_file() and seek_path(capture).is_file():  # a newer expectation of the same bytes
+        expectation = rescan(capture, source, queries, jobs)
+        _write_atomically(expect_path, msgspec.json.encode(expectation))
+        return capture, expectation, True
     now = ev.now_us()
     work = [(cfg, queries, a, min(a + chunk, cfg.events), now) for a in range(0, cfg.events, chunk)]
     facts = _Facts(truth=GroundTruth(deleted_post_uris=None))
     tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as out:
-        parts: Iterator[tuple[bytes, _Facts]]
+    seek: list[SeekPoint] = []
+    with open(tmp, "wb") as out, contextlib.ExitStack() as pool_exit:
+        parts: Iterable[tuple[bytes, _Facts]] = map(_render, work)
         if jobs > 1:
-            with multiprocessing.get_context("fork").Pool(jobs) as pool:
-                for data, part in pool.imap(_render, work):
-                    out.write(data)
-                    facts.merge(part)
-        else:
-            parts = map(_render, work)
-            for data, part in parts:
-                out.write(data)
-                facts.merge(part)
+            pool = pool_exit.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+            parts = pool.imap(_render, work)
+        for (_, _, start, _, _), (data, part) in zip(work, parts, strict=True):
+            # each chunk is one zstd frame: a reconnect seeks to the frame of its cursor
+            first = part.first_time_us or (seek[-1].time_us if seek else 0)
+            seek.append(SeekPoint(first, out.tell(), start))
+            out.write(data)
+            facts.merge(part)
         out.flush()
         os.fsync(out.fileno())
-    expectation = finish(f"synthetic seed {cfg.seed}, {cfg.events} events", facts, queries)
-    expect_tmp = expect_path.with_suffix(".tmp")
-    expect_tmp.write_bytes(msgspec.json.encode(expectation))
+    seek_path(capture).write_bytes(msgspec.json.encode(seek))
+    expectation = finish(source, facts, queries)
     os.replace(tmp, capture)
-    os.replace(expect_tmp, expect_path)
+    _write_atomically(expect_path, msgspec.json.encode(expectation))
     return capture, expectation, False
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _scan_frame(args: tuple[Path, int, int, list[Query], int]) -> _Facts:
+    path, start, stop, queries, now = args
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(stop - start)
+    lines = zstandard.ZstdDecompressor().decompressobj().decompress(data).split(b"\n")
+    return scan((line for line in lines if line), queries, now)
+
+
+def rescan(capture: Path, source: str, queries: list[Query], jobs: int) -> Expectation:
+    """The expectation of a rendered capture, from its zstd frames in parallel (its seek index
+    says where each starts)."""
+    points = msgspec.json.decode(seek_path(capture).read_bytes(), type=list[SeekPoint])
+    ends = [p.offset for p in points[1:]] + [capture.stat().st_size]
+    now = ev.now_us()
+    work = [(capture, p.offset, end, queries, now) for p, end in zip(points, ends, strict=True)]
+    facts = _Facts(truth=GroundTruth(deleted_post_uris=None))
+    with contextlib.ExitStack() as pool_exit:
+        parts: Iterable[_Facts] = map(_scan_frame, work)
+        if jobs > 1:
+            pool = pool_exit.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+            parts = pool.imap(_scan_frame, work)
+        for part in parts:
+            facts.merge(part)
+    return finish(source, facts, queries)
 
 
 def recorded(files: list[str]) -> Expectation:

@@ -94,11 +94,7 @@ def check_storage(data_dir: Path, expect: Expectation, out: Verification) -> Non
         duplicates = 0
         if files:
             cols = ", ".join(layout.KEY_COLUMNS[table])
-            row = duckdb.execute(
-                f"SELECT count(*) - count(DISTINCT ({cols})) FROM read_parquet($f)",
-                {"f": [str(f) for f in files]},
-            ).fetchone()
-            duplicates = int(row[0]) if row else 0
+            duplicates = _twice(files, cols)
         truth = expect.truth.tables.get(table, {})
         expected = sum(d.count for d in truth.values())
         stored = sum(d.count for d in got.values())
@@ -121,6 +117,17 @@ def check_storage(data_dir: Path, expect: Expectation, out: Verification) -> Non
     out.duplicates = sum(t.duplicates for t in out.tables)
 
 
+def _twice(files: list[Path], cols: str) -> int:
+    """Rows whose key another row of the files has too (a connection of its own: the module's
+    default one is shared with whatever else runs in this process)."""
+    with duckdb.connect() as con:
+        rows = con.execute(
+            f"SELECT count(*) - count(DISTINCT ({cols})) FROM read_parquet($f)",
+            {"f": [str(f) for f in files]},
+        ).fetchall()
+    return int(rows[0][0])
+
+
 def check_compacted(data_dir: Path, out: Verification) -> None:
     """After compaction: no key twice in any table (deleted and superseded rows may be gone)."""
     manifest = read_manifest(data_dir)
@@ -129,11 +136,9 @@ def check_compacted(data_dir: Path, out: Verification) -> None:
         if not files:
             continue
         cols = ", ".join(layout.KEY_COLUMNS[table])
-        row = duckdb.execute(
-            f"SELECT count(*) - count(DISTINCT ({cols})) FROM read_parquet($f)", {"f": files}
-        ).fetchone()
-        if row and row[0]:
-            out.problems.append(f"{table}: {row[0]} keys stored twice after compaction")
+        twice = _twice([Path(f) for f in files], cols)
+        if twice:
+            out.problems.append(f"{table}: {twice} keys stored twice after compaction")
 
 
 def check_rejects(client: redis.Redis, key: str, expect: Expectation, out: Verification) -> None:
