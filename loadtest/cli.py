@@ -46,6 +46,10 @@ COMMANDS = {
         "loadtest.replay.run",
         "Validate a phase: replay N events through the whole pipeline, verify, report",
     ),
+    "identity-replay": (
+        "loadtest.identity_replay",
+        "Replay with the identity worker on PLC fakes; print the share of posts with a handle",
+    ),
 }
 
 
