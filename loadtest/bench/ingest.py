@@ -35,7 +35,8 @@ import msgspec
 import redis
 
 from appliance.config import Settings, load_settings, to_environ
-from appliance.ingest.ingester import WS_MAX_QUEUE, event_loop_factory
+from appliance.ingest.command import event_loop_factory
+from appliance.ingest.ingester import WS_MAX_QUEUE
 from appliance.redis_server import start_redis
 from appliance.store.layout import DAY_US
 from loadtest.bench import median, peak_rss_mb
