@@ -154,6 +154,25 @@ def preflight(
         known_image = client.images.get_by_name_and_architecture(
             image, (known_type.architecture if known_type else None) or "x86"
         )
+    _check_catalogue(
+        location=location,
+        server_type=server_type,
+        image=image,
+        known=(known_location, known_type, known_image),
+    )
+    for kind, obj in found.items():
+        _ours(obj, names, kind.rstrip("s").replace("_", " "))
+    _check_unchangeable(
+        found, location=location, server_type=server_type, volume_size_gb=volume_size_gb
+    )
+    return _monthly_price(known_type, server_type=server_type, location=location)
+
+
+def _check_catalogue(
+    *, location: str, server_type: str, image: str, known: tuple[Any, Any, Any]
+) -> None:
+    """The location, server type and image, as Hetzner found them (None: not in its catalogue)."""
+    known_location, known_type, known_image = known
     if known_location is None:
         raise CloudError(
             f"hcloud_location {location!r} is not a Hetzner Cloud location: set it in "
@@ -169,8 +188,12 @@ def preflight(
             f"hcloud_image {image!r} is not a Hetzner image: set it in "
             "inventory/group_data/all.py (e.g. debian-12)"
         )
-    for kind, obj in found.items():
-        _ours(obj, names, kind.rstrip("s").replace("_", " "))
+
+
+def _check_unchangeable(
+    found: dict[str, Any], *, location: str, server_type: str, volume_size_gb: int
+) -> None:
+    """What exists already but differs from the inventory in a way Hetzner cannot change."""
     server, volume, ipv4 = found["servers"], found["volumes"], found["primary_ips"]
     if server is not None and server.location.name != location:
         raise CloudError(
@@ -204,6 +227,10 @@ def preflight(
             f"the server {server.name} does not use the primary IP {ipv4.name}: assign it in the "
             "Hetzner Console (server powered off), or tear down and provision again"
         )
+
+
+def _monthly_price(known_type: Any, *, server_type: str, location: str) -> str:
+    """The server type's monthly price in the location, from Hetzner's price list."""
     for price in known_type.prices or []:
         if price.get("location") == location:
             monthly = price["price_monthly"]
