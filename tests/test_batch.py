@@ -111,7 +111,8 @@ def test_a_rewind_in_a_later_batch_adds_no_duplicate_rows(
 def test_a_deleted_post_disappears_from_search_and_export_once_its_delete_is_batched(
     fast: Settings, redis_fast: RedisProcess
 ) -> None:
-    # DESIGN invariant 4, end to end: files the batcher wrote, read by the real engine and API.
+    # Invariant 4 (docs/architecture.md), end to end: files the batcher wrote, read by the real
+    # engine and API.
     from tests.helpers import commit
 
     def post(i: int, text: str, rev: str, operation: str = "create") -> bytes:

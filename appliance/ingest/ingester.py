@@ -31,7 +31,7 @@ Failures:
 Duplicates: the rewind on every (re)connect re-delivers a few seconds of events. They are NOT
 removed here: Jetstream is not strictly time-ordered, so a time_us high-water mark cannot tell a
 re-delivered event from a late one, and a crash can leave a batch written but its successor not.
-The batcher removes them by natural key (DESIGN invariant 2).
+The batcher removes them by natural key (invariant 2 in docs/architecture.md).
 """
 
 from __future__ import annotations

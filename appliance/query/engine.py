@@ -13,13 +13,13 @@ the rows a page needs. DuckDB skips the row groups outside a window by their sta
 applies the time bounds inside the scan, so the first page of a common word matches text in a
 few thousand rows, date filters prune whole days, and only a word that is rare scans everything.
 
-Visibility (DESIGN invariant 4) is applied on every query, by the rule in `store.visibility`:
-each worker keeps its in-memory index of the rows that can hide a version (post deletes and
-post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per live file
-(`query.index`). Candidate rows of a page are checked against it in microseconds; the walk
-fetches more candidates when some are hidden. A second index holds the latest handle of each
-DID (from identities), for the handles shown in results and for author=/mention= given as a
-handle.
+Visibility (invariant 4 in docs/architecture.md) is applied on every query, by the rule in
+`store.visibility`: each worker keeps its in-memory index of the rows that can hide a version
+(post deletes and post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per
+live file (`query.index`). Candidate rows of a page are checked against it in microseconds;
+the walk fetches more candidates when some are hidden. A second index holds the latest handle
+of each DID (from identities), for the handles shown in results and for author=/mention= given
+as a handle.
 """
 
 from __future__ import annotations

@@ -197,8 +197,9 @@ def table_glob(data_dir: str | Path, table: str) -> str:
 
 # --- natural keys ----------------------------------------------------------------------------
 
-# The columns that make a stored row unique (DESIGN invariant 2), per table: commits by
-# (did, collection, rkey, rev), where a typed table's collection is fixed and so not a column.
+# The columns that make a stored row unique (invariant 2 in docs/architecture.md), per table:
+# commits by (did, collection, rkey, rev), where a typed table's collection is fixed and so not a
+# column.
 # Content hashes (cid) are never part of a key: they may be null (store_cids off).
 KEY_COLUMNS: dict[str, tuple[str, ...]] = {
     **{t: ("did", "rkey", "rev") for t in TABLE_COLLECTION},

@@ -301,7 +301,7 @@ def _write_day(
         path = write_atomic(
             chunk,
             directory,
-            f"compacted-{part:02d}",
+            f"{layout.COMPACTED_PREFIX}{part:02d}",
             sorting_columns=sorting,
             row_group_size=(
                 spec.row_group_size if table_name == "posts" else compact.ROW_GROUP_ROWS
@@ -363,7 +363,7 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
     ident_dir = layout.partition_dir(
         store, "identities", layout.day_of(int(START_DAY.timestamp() * 1e6))
     )
-    path = write_atomic(_identities(pools), ident_dir, "compacted-00")
+    path = write_atomic(_identities(pools), ident_dir, f"{layout.COMPACTED_PREFIX}00")
     files["identities"].append(str(path.relative_to(store)))
     with update_manifest(store) as manifest:
         for table_name, paths in files.items():
