@@ -18,8 +18,8 @@ from hcloud.images import Image
 from hcloud.server_types import ServerType
 
 from deploys.data import InventoryError, ProvisionData, provision_data
-from roles.hetzner import preflight
 from roles.hetzner.cloud import Cloud, CloudError, Names, fingerprint
+from roles.hetzner.preflight import preflight
 from tests.hcloud_fake import TOKEN, FakeHetzner
 from tests.provisioning import Run, base_settings, pyinfra
 from tests.pyinfra_fake import REPO, group_defaults
