@@ -19,7 +19,8 @@ from pathlib import Path
 from deploys.wheelhouse import build
 from tests.conftest import ServerHandle
 from tests.helpers import wait_until
-from tests.system.booted import BootedHost, cache_dir
+from tests.system.booted import BootedHost
+from tests.system.images import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 EVENTS = 3000  # events the replay server feeds the host's ingester
