@@ -296,7 +296,7 @@ MONITORING = REPO_ROOT / "monitoring"
 
 def children_of(pid: int) -> dict[str, int]:
     """Child PIDs of a process by a short name taken from their command lines (`appliance up`'s
-    children: redis, replay, ingest, batch, serve)."""
+    children: redis, replay, ingest, batch, serve, identity)."""
     out = {}
     raw = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     for child in map(int, raw):
@@ -312,7 +312,7 @@ def children_of(pid: int) -> dict[str, int]:
         elif "loadtest" in words:
             out["replay"] = child
         else:
-            out[words[-1]] = child  # ingest | batch | serve
+            out[words[-1]] = child  # ingest | batch | serve | identity
     return out
 
 
