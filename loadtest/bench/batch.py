@@ -7,7 +7,8 @@ Generates the events (loadtest.firehose), then measures:
 2. the whole path through a real redis-server (XADD entries, then `appliance batch` as a
    subprocess: XREADGROUP → files → XACK → trim), from its own log line, with its peak RSS;
 3. storage: Parquet bytes per event against the raw JSON and the same events as zstd JSON lines
-   (level 3), for posts and for all events, in the default configuration (CIDs not stored) and,
+   (level 3), for posts and for all events, in the default configuration (only posts' own
+   CIDs stored) and,
    beside it, with APPLIANCE_STORE_CIDS=true (`*_with_cids`, one more child run); the same after
    compaction; and encoding variants measured on the same rows (zstd levels, the derived uri
    stored as a column, CIDs as binary) so that the choice of layout rests on numbers.
@@ -485,7 +486,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures.update(_with_cids_figures(with_cids, raw, n))
         print(
             f"storage: {figures['bytes_per_event_all']} B/event, saving_all "
-            f"{figures['saving_all']}, saving_posts {figures['saving_posts']} (CIDs not stored); "
+            f"{figures['saving_all']}, saving_posts {figures['saving_posts']} (default CIDs); "
             f"with CIDs {figures['bytes_per_event_all_with_cids']} B/event, saving_all "
             f"{figures['saving_all_with_cids']}, saving_posts {figures['saving_posts_with_cids']}",
             flush=True,
@@ -505,7 +506,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures.update(_through_redis(frames, workdir, args.entry_events))
         figures["targets"] = {
             "batch_seconds_le_5": figures["batch_seconds"] <= 5,
-            "saving_all_ge_0.85": figures["saving_all"] >= 0.85,
-            "saving_posts_ge_0.88": figures["saving_posts"] >= 0.88,
+            "saving_all_ge_0.87": figures["saving_all"] >= 0.87,
+            "saving_posts_ge_0.85": figures["saving_posts"] >= 0.85,
         }
         return figures
