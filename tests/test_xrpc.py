@@ -35,6 +35,9 @@ EVENTS = 20_000
 KNOWN_DID = "did:plc:xrpcknownauthoraaaaaaaaa"
 KNOWN_HANDLE = "known.example.com"
 NODE_DIR = Path(__file__).parent / "xrpc_node"
+MENTIONED = "did:plc:xrpcmentionedaaaaaaaaaa"
+TAG = "app.bsky.richtext.facet#tag"
+KNOWN_POSTS = 4
 
 
 def write_firehose(settings: Settings, frames: list[bytes]) -> None:
@@ -60,6 +63,23 @@ def extra_frames() -> list[bytes]:
         {
             "text": f"{COMMON_WORD} a reply",
             "reply": {"root": {"uri": parent, "cid": "x"}, "parent": {"uri": parent, "cid": "x"}},
+        },
+        {
+            "text": f"{COMMON_WORD} #alpha #beta @someone",
+            "facets": [
+                {
+                    "index": {"byteStart": 11, "byteEnd": 17},
+                    "features": [{"$type": TAG, "tag": "alpha"}],
+                },
+                {
+                    "index": {"byteStart": 18, "byteEnd": 23},
+                    "features": [{"$type": TAG, "tag": "beta"}],
+                },
+                {
+                    "index": {"byteStart": 24, "byteEnd": 32},
+                    "features": [{"$type": "app.bsky.richtext.facet#mention", "did": MENTIONED}],
+                },
+            ],
         },
         {
             "text": f"{COMMON_WORD} with a link",
@@ -149,7 +169,7 @@ def test_the_atproto_sdk_pages_through_a_search_and_parses_every_post(server: st
 def test_the_sdk_applies_every_filter(server: str) -> None:
     sdk = Client(base_url=server)
     mine = all_pages_sdk(sdk, q=COMMON_WORD, author=KNOWN_HANDLE, limit=100)
-    assert {p.author.did for p in mine} == {KNOWN_DID} and len(mine) == 3
+    assert {p.author.did for p in mine} == {KNOWN_DID} and len(mine) == KNOWN_POSTS
     assert [p.uri for p in all_pages_sdk(sdk, q=f"{COMMON_WORD} from:{KNOWN_HANDLE}")] == [
         p.uri for p in mine
     ]
@@ -160,6 +180,14 @@ def test_the_sdk_applies_every_filter(server: str) -> None:
     assert linked[0].record["embed"]["external"]["uri"] == "https://news.example.org/a"
     assert [p.uri for p in all_pages_sdk(sdk, q=COMMON_WORD, domain="example.org")][:1] == [
         linked[0].uri
+    ]
+    tagged = all_pages_sdk(sdk, q=COMMON_WORD, tag=["alpha", "#BETA"])
+    assert [p.author.did for p in tagged] == [KNOWN_DID]  # every tag must match
+    assert all_pages_sdk(sdk, q=COMMON_WORD, tag=["alpha", "gamma"]) == []
+    mentioning = all_pages_sdk(sdk, q=COMMON_WORD, mentions=MENTIONED)
+    assert [p.uri for p in mentioning] == [tagged[0].uri]
+    assert [p.uri for p in all_pages_sdk(sdk, q=f"mentions:{MENTIONED} {COMMON_WORD}")] == [
+        tagged[0].uri
     ]
     english = all_pages_sdk(sdk, q=f"{COMMON_WORD} lang:en", limit=100)
     assert english and all(
@@ -300,5 +328,5 @@ def test_the_node_atproto_api_client_pages_and_validates(server: str, tmp_path: 
     sdk = Client(base_url=server)
     python_uris = [p.uri for p in all_pages_sdk(sdk, q=COMMON_WORD, limit=7)]
     assert result["uris"] == python_uris
-    assert result["known_handle_posts"] == 3
+    assert result["known_handle_posts"] == KNOWN_POSTS
     assert result["error"] == "InvalidRequest"
