@@ -282,6 +282,8 @@ def test_a_cursor_of_another_query_is_refused(server: str) -> None:
 
 
 def test_health_other_methods_and_the_openapi_document(server: str) -> None:
+    preflight = httpx.options(f"{server}/xrpc/{NSID}", headers={"Origin": "https://x.example"})
+    assert preflight.status_code == 204  # CORS preflight (allowed origins: APPLIANCE_CORS_ORIGINS)
     health = httpx.get(f"{server}/xrpc/_health")
     assert health.status_code == 200 and health.json()["version"]
     other = httpx.get(f"{server}/xrpc/app.bsky.feed.getTimeline")

@@ -315,8 +315,11 @@ async def not_implemented(request: Request, nsid: str) -> HTTPResponse:
 
 def register(app: Sanic) -> None:
     """Add the /xrpc routes to the API app."""
-    app.add_route(search_posts, f"/xrpc/{NSID}", methods=["GET"], name="xrpc_search_posts")
-    app.add_route(health, "/xrpc/_health", methods=["GET"], name="xrpc_health")
+    # OPTIONS: the CORS preflight of a browser client (answered by the app's middleware)
+    app.add_route(
+        search_posts, f"/xrpc/{NSID}", methods=["GET", "OPTIONS"], name="xrpc_search_posts"
+    )
+    app.add_route(health, "/xrpc/_health", methods=["GET", "OPTIONS"], name="xrpc_health")
     app.add_route(not_implemented, "/xrpc/<nsid:str>", methods=["GET", "POST"], name="xrpc_other")
 
 
