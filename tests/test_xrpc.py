@@ -12,7 +12,8 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from appliance.config import Settings
 from loadtest.firehose import COMMON_WORD, DEFAULT_START_US, FirehoseConfig, generate
 from tests.conftest import REPO_ROOT, make_settings, stop_process
 from tests.helpers import commit
+from tests.test_admission import Served, _hold, held  # noqa: F401 (a fixture)
 from tests.test_api_server import start_server
 
 EVENTS = 20_000
@@ -332,3 +334,18 @@ def test_the_node_atproto_api_client_pages_and_validates(server: str, tmp_path: 
     assert result["uris"] == python_uris
     assert result["known_handle_posts"] == KNOWN_POSTS
     assert result["error"] == "InvalidRequest"
+
+
+def test_an_overloaded_worker_answers_not_enough_resources(
+    held: Callable[..., tuple[Served, threading.Event, threading.Event]],  # noqa: F811
+) -> None:
+    """The admission control of /v1/search applies to XRPC: 503 NotEnoughResources, Retry-After."""
+    client, entered, release = held(api_max_waiting=0)
+    thread, _ = _hold(client, entered)
+    refused = client.get(f"/xrpc/{NSID}?q=post")
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"] == "NotEnoughResources"
+    release.set()
+    thread.join(30)
+    served = client.get(f"/xrpc/{NSID}?q=post")
+    assert served.status_code == 200 and len(served.json()["posts"]) == 20

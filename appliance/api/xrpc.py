@@ -22,10 +22,11 @@ from msgspec import Struct, field
 from sanic import HTTPResponse, Request, Sanic
 
 from appliance import __version__
-from appliance.api.http import blocking, json_response, query_args
+from appliance.api.admission import Admission, Overloaded, admitted
+from appliance.api.http import json_response, query_args
 from appliance.api.models import Q_MAX, ParamError, _domain, _instant, _lang, _tag, _who
 from appliance.query.engine import QueryEngine
-from appliance.query.model import Filters, InvalidQuery, Post, QueryTimeout, parse_q
+from appliance.query.model import Busy, Filters, InvalidQuery, Post, QueryTimeout, parse_q
 
 log = logging.getLogger("appliance.api")
 
@@ -57,11 +58,14 @@ _EMBED_TYPES = {
 class XrpcError(Exception):
     """An XRPC error: its name (InvalidRequest, BadQueryString, ...), message and status."""
 
-    def __init__(self, message: str, error: str = "InvalidRequest", status: int = 400) -> None:
+    def __init__(
+        self, message: str, error: str = "InvalidRequest", status: int = 400, retry_after: int = 0
+    ) -> None:
         super().__init__(message)
         self.error = error
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # seconds, for a 503
 
 
 class XrpcErrorBody(Struct):
@@ -269,7 +273,10 @@ def post_view(post: Post) -> PostView | None:
 
 
 def xrpc_error(error: XrpcError) -> HTTPResponse:
-    return json_response(XrpcErrorBody(error.error, error.message), status=error.status)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return json_response(
+        XrpcErrorBody(error.error, error.message), status=error.status, headers=headers
+    )
 
 
 # --- handlers -----------------------------------------------------------------------------------
@@ -287,11 +294,16 @@ async def search_posts(request: Request) -> HTTPResponse:
     try:
         params = parse_params(query_args(request))
         filters = to_filters(params)
-        result = await blocking(
+        result = await admitted(
             request, engine.search, filters, limit=params.limit, cursor=params.cursor or None
         )
     except XrpcError as exc:
         return xrpc_error(exc)
+    except (Overloaded, Busy) as exc:  # the worker's admission control, as /v1/search has it
+        admission: Admission = request.app.ctx.admission
+        retry = exc.retry_after if isinstance(exc, Overloaded) else admission.retry_after()
+        message = f"{exc}; retry after {retry} s"
+        return xrpc_error(XrpcError(message, "NotEnoughResources", 503, max(retry, 1)))
     except InvalidQuery as exc:  # a cursor from elsewhere, or another query's
         return xrpc_error(XrpcError(str(exc)))
     except QueryTimeout as exc:
@@ -379,6 +391,7 @@ def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
                     },
                 },
                 "400": {"description": "InvalidRequest or BadQueryString", **error},
+                "503": {"description": "NotEnoughResources: overloaded, see Retry-After", **error},
                 "504": {"description": "UpstreamTimeout: the query ran too long", **error},
             },
         }
