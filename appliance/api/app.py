@@ -28,12 +28,15 @@ import msgspec
 from sanic import Blueprint, Sanic
 from sanic.worker.loader import AppLoader
 
+from appliance.api import xrpc
+from appliance.api.admission import Admission, Overloaded, on_overloaded, pool_threads
 from appliance.api.http import on_error, on_request, on_response
 from appliance.api.openapi import docs, openapi_document, openapi_json
 from appliance.api.routes import export, health, metrics_endpoint, ready, search, stats
 from appliance.config import Settings
 from appliance.logs import setup_logging
 from appliance.query.engine import QueryEngine
+from appliance.query.model import Busy
 
 log = logging.getLogger("appliance.api")
 
@@ -55,14 +58,15 @@ def create_app(
     app.config.REQUEST_MAX_SIZE = 64 * 1024  # GET only: no bodies to speak of
     app.ctx.settings = settings
     app.ctx.metrics_dir = metrics_dir
-    app.ctx.openapi = msgspec.json.encode(openapi_document())
+    app.ctx.openapi = msgspec.json.encode(xrpc.with_openapi(openapi_document()))
     secret = (cursor_secret or settings.api_cursor_secret or "").encode() or None
 
     @app.before_server_start
     async def open_engine(app: Sanic) -> None:
         app.ctx.pool = ThreadPoolExecutor(
-            max_workers=max(2, settings.duckdb_threads * 2), thread_name_prefix="query"
+            max_workers=pool_threads(settings), thread_name_prefix="query"
         )
+        app.ctx.admission = Admission.from_settings(settings)
         app.ctx.engine = engine = QueryEngine(settings, cursor_secret=secret)
         threading.Thread(target=_warm, args=(engine,), name="warm", daemon=True).start()
 
@@ -85,9 +89,12 @@ def create_app(
         root.add_route(handler, path, methods=["GET"], name=handler.__name__)
     app.blueprint(v1)
     app.blueprint(root)
+    xrpc.register(app)  # /xrpc/app.bsky.feed.searchPosts, /xrpc/_health
     app.register_middleware(on_request, "request")
     app.register_middleware(on_response, "response")  # type: ignore[arg-type]
     app.error_handler.add(Exception, on_error)
+    app.error_handler.add(Overloaded, on_overloaded)
+    app.error_handler.add(Busy, on_overloaded)
     return app
 
 

@@ -18,6 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sanic import HTTPResponse, Request
 
 from appliance import metrics
+from appliance.api.admission import admitted
 from appliance.api.exports import WRITERS
 from appliance.api.http import (
     TooLarge,
@@ -58,7 +59,7 @@ async def search(request: Request) -> HTTPResponse:
     filters = to_filters(params)
     limit = params.limit if "limit" in given else settings.page_size
     began = time.perf_counter()
-    result = await blocking(
+    result = await admitted(
         request,
         engine.search,
         filters,
@@ -97,7 +98,7 @@ async def export(request: Request) -> HTTPResponse | None:
     began = time.perf_counter()
     batches = engine.export(filters, max_rows)
     # The first batch comes before the headers, so a bad query or a timeout still gets its status.
-    first = await blocking(request, next, batches, None)
+    first = await admitted(request, next, batches, None)
     writer = WRITERS[params.format]()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     response = await request.respond(
@@ -111,7 +112,7 @@ async def export(request: Request) -> HTTPResponse | None:
         while batch is not None:
             rows += len(batch)
             await response.send(writer.rows(batch))
-            batch = await blocking(request, next, batches, None)
+            batch = await admitted(request, next, batches, None, refuse=False)
         await response.send(writer.end())
         await response.eof()
     except (QueryError, duckdb.Error) as exc:
@@ -140,7 +141,7 @@ async def stats(request: Request) -> HTTPResponse:
     convert_params_none(request)
     engine: QueryEngine = request.app.ctx.engine
     began = time.perf_counter()
-    body = await blocking(request, engine.stats)
+    body = await admitted(request, engine.stats)
     took = time.perf_counter() - began
     metrics.api_query_seconds.labels("stats").observe(took)
     return json_response(msgspec.convert(dict(body, took_ms=round(took * 1000, 2)), StatsResponse))

@@ -72,7 +72,8 @@ _STRS = pa.list_(pa.string())
 # The record's at:// uri is not stored: it is exactly at://{did}/{collection}/{rkey}, derived
 # where needed (`uri_sql`, `uri_array`); storing it cost ~20 B per row after zstd.
 # `operation` tells a create from an update. `cid` (and likes'/reposts' `subject_cid`) are
-# content hashes: null unless APPLIANCE_STORE_CIDS=true (see config.store_cids).
+# content hashes: null unless APPLIANCE_STORE_CIDS=true (see config.store_cids), except the
+# `cid` of posts, always stored (the XRPC PostView requires it).
 _COMMIT = [
     pa.field("did", pa.string(), nullable=False),
     pa.field("rkey", pa.string(), nullable=False),
