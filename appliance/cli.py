@@ -31,7 +31,7 @@ def _cmd_config(settings: config.Settings, args: argparse.Namespace) -> int:
 # subcommand -> (module, help). Each module has `main(settings, args) -> int`.
 SERVICES = {
     "up": ("appliance.supervisor", "Run the whole stack: redis-server, ingester, batcher, API"),
-    "ingest": ("appliance.ingest.ingester", "Jetstream websocket -> Redis Stream buffer"),
+    "ingest": ("appliance.ingest.command", "Jetstream websocket -> Redis Stream buffer"),
     "batch": ("appliance.batch.batcher", "Redis Stream buffer -> date-partitioned Parquet"),
     "compact": (
         "appliance.store.compact",
