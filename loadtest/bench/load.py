@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.bench import median
-from loadtest.bench.query import ABSENT_WORD, COMMON_WORD, PHRASE, RARE_WORD, _Api
+from loadtest.bench.query import _Api
+from loadtest.bench.store import ABSENT_WORD, COMMON_WORD, PHRASE, RARE_WORD
 
 LANGS = ["en", "ja", "pt", "de", "fr", "es"]
 TAGS = ["art", "news", "photography", "bluesky", "gaming", "science"]
