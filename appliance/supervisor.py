@@ -1,8 +1,14 @@
 """`appliance up`: the whole stack on one machine — redis-server, ingester, batcher and API.
 
 Each part runs as its own child process with the same settings (passed as APPLIANCE_*
-variables). A child that dies is restarted with exponential backoff; Ctrl-C or SIGTERM stops
-them all, newest first, so the ingester and batcher flush before Redis goes away.
+variables). A child that dies is restarted with exponential backoff; Ctrl-C, SIGTERM or SIGHUP
+stops them all, newest first, so the ingester and batcher flush before Redis goes away.
+
+Every child runs in its own session, so a terminal's Ctrl-C (SIGINT to the whole foreground
+process group) reaches `appliance up` alone, which turns it into one SIGTERM per child, in order.
+Children that shared the terminal's group would get the SIGINT too and then our SIGTERM: Sanic's
+worker manager answers such a second signal by SIGKILLing its whole process group, and Redis
+would be cut mid-save.
 
 With `--replay` the local Jetstream-protocol replay server stands in for the public Jetstream
 where there is no internet. The replay server is not part of the runtime: it is the `loadtest`
@@ -93,7 +99,10 @@ class Child:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now. Probed the way the servers bind (with
+    SO_REUSEADDR), so sockets in TIME-WAIT after a stop do not count as in use."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -131,7 +140,12 @@ def _copy_output(proc: subprocess.Popen[bytes]) -> None:
 
 def _service(name: str, env: dict[str, str]) -> Callable[[], subprocess.Popen[bytes]]:
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "appliance", name], env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "appliance", name],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     return start
 
@@ -173,7 +187,9 @@ def _children(settings: Settings, replay_cmd: list[str] | None) -> list[Child]:
 
     def start_replay() -> subprocess.Popen[bytes]:
         assert replay_cmd is not None
-        proc = subprocess.Popen(replay_cmd, stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            replay_cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         _wait_for_line(proc, b"listening", 120)
         threading.Thread(target=_copy_output, args=(proc,), daemon=True).start()
         return proc
@@ -203,7 +219,7 @@ def _banner(settings: Settings, args: argparse.Namespace) -> str:
         f"  redis    {settings.redis_host}:{settings.redis_port}  (AOF in {Path(settings.redis_dir).resolve()})\n"
         f"  API      {api}/v1/search?q=hello   docs {api}/docs\n"
         f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics\n"
-        "Ctrl-C stops everything."
+        "Ctrl-C stops everything (newest first; the ingester and batcher flush before Redis)."
     )
 
 
@@ -232,8 +248,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     print(_banner(settings, args), flush=True)
     try:
         for child in children:
@@ -286,8 +302,9 @@ def _stop_all(children: list[Child], timeout_s: float = 20.0) -> None:
             continue
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout_s)
+            code = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             log.error("child ignored SIGTERM; killing", extra={"child": child.name})
             proc.kill()
-            proc.wait()
+            code = proc.wait()
+        log.info("stopped", extra={"child": child.name, "code": code})

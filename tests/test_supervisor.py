@@ -4,6 +4,7 @@ server as an explicit, optional part (real child processes; the whole stack is t
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 import time
@@ -103,3 +104,34 @@ def test_stop_all_stops_the_newest_child_first_and_waits_for_each(tmp_path: Path
     assert order.read_text().split() == ["api", "ingester", "redis"]
     assert all(c.proc is not None and c.proc.returncode == 0 for c in children)
     assert time.monotonic() - started < 20
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_counts_as_free() -> None:
+    # A server that closes its side of a connection first leaves that socket in TIME-WAIT for
+    # about a minute after it stopped. Servers (Sanic, redis-server) bind with SO_REUSEADDR, and
+    # so may listen again at once: the probe must agree.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            served, _ = listener.accept()
+            served.close()  # the server closes first: its socket goes to TIME-WAIT
+            assert client.recv(1) == b""
+    assert _in_time_wait(port), "the test did not produce a TIME-WAIT socket"
+    assert supervisor._port_free("127.0.0.1", port)
+    with socket.socket() as server:  # what a restarted server does
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        assert not supervisor._port_free("127.0.0.1", port)  # a listener is in use
+
+
+def _in_time_wait(port: int) -> bool:
+    """Whether /proc/net/tcp lists a socket on this local port in TIME-WAIT (state 06)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "06":
+            return True
+    return False
