@@ -29,7 +29,7 @@ from sanic import Blueprint, Sanic
 from sanic.worker.loader import AppLoader
 
 from appliance.api.http import on_error, on_request, on_response
-from appliance.api.openapi import docs, openapi_document, openapi_json
+from appliance.api.openapi import docs, docs_asset, openapi_document, openapi_json
 from appliance.api.routes import export, health, metrics_endpoint, ready, search, stats
 from appliance.config import Settings
 from appliance.logs import setup_logging
@@ -73,7 +73,7 @@ def create_app(
 
     v1 = Blueprint("v1", url_prefix="/v1")
     for path, handler in (("/search", search), ("/export", export), ("/stats", stats)):
-        v1.add_route(handler, path, methods=["GET", "OPTIONS"], name=handler.__name__)
+        v1.add_route(handler, path, methods=["GET", "HEAD", "OPTIONS"], name=handler.__name__)
     root = Blueprint("root")
     for path, handler in (
         ("/health", health),
@@ -82,7 +82,10 @@ def create_app(
         ("/openapi.json", openapi_json),
         ("/docs", docs),
     ):
-        root.add_route(handler, path, methods=["GET"], name=handler.__name__)
+        root.add_route(handler, path, methods=["GET", "HEAD"], name=handler.__name__)
+    root.add_route(
+        docs_asset, "/docs/assets/<name:str>", methods=["GET", "HEAD"], name="docs_asset"
+    )
     app.blueprint(v1)
     app.blueprint(root)
     app.register_middleware(on_request, "request")
@@ -145,4 +148,5 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         Sanic.serve(primary=app, app_loader=loader)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("API stopped")
     return 0
