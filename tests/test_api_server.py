@@ -149,7 +149,8 @@ def test_a_search_through_the_real_server(server: Server) -> None:
     assert [p["text"] for p in posts] == [f"post {i} hello" for i in expected]
     assert {p["handle"] for p in posts} == {"user3.example.com"}
     status, body = server.get("/v1/export", q="hello", format="csv", limit="3")
-    assert status == 200 and body.count(b"\r\n") == 4
+    assert status == 200 and body.count(b"\r\n") == 5  # header, 3 rows, the summary row
+    assert body.endswith(b"# export complete: rows=3 limit=3 result_limit_reached=true\r\n")
 
 
 @pytest.mark.slow

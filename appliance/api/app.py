@@ -33,6 +33,7 @@ from appliance.api.openapi import docs, docs_asset, openapi_document, openapi_js
 from appliance.api.routes import export, health, metrics_endpoint, ready, search, stats
 from appliance.config import Settings
 from appliance.logs import setup_logging
+from appliance.query.accounts import AccountLookup
 from appliance.query.engine import QueryEngine
 
 log = logging.getLogger("appliance.api")
@@ -64,6 +65,7 @@ def create_app(
             max_workers=max(2, settings.duckdb_threads * 2), thread_name_prefix="query"
         )
         app.ctx.engine = engine = QueryEngine(settings, cursor_secret=secret)
+        app.ctx.accounts = AccountLookup(engine)
         threading.Thread(target=_warm, args=(engine,), name="warm", daemon=True).start()
 
     @app.after_server_stop

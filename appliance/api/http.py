@@ -106,9 +106,12 @@ async def on_response(request: Request, response: HTTPResponse) -> None:
     if origin and (origin in settings.cors_origins or "*" in settings.cors_origins):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Content-Disposition"
+        response.headers["Access-Control-Expose-Headers"] = (
+            "X-Request-ID, Content-Disposition, X-Result-Limit, X-Result-Count, "
+            "X-Result-Limit-Reached, X-Author-Known, X-Mention-Known"
+        )
         if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = "X-Request-ID"
             response.headers["Access-Control-Max-Age"] = "600"
     if (

@@ -217,6 +217,11 @@ class SearchResponse(msgspec.Struct, kw_only=True):
     page: int
     limit: int
     result_limit_reached: bool  # more posts exist, but the result limit stops here
+    # For author= / mention= given: false when the appliance has never seen that account (no
+    # stored post, identity or account event of the DID; no identity event gave the handle),
+    # true when it has; null when not asked (or the lookup timed out).
+    author_known: bool | None = None
+    mention_known: bool | None = None
     took_ms: float
 
 

@@ -73,10 +73,32 @@ DOCS_HTML = f"""<!doctype html>
 </head><body><div id="ui"><p>Loading the API documentation… The machine-readable document is
 at <a href="/openapi.json">/openapi.json</a>.</p></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script>window.onload = () => SwaggerUIBundle({{url: "/openapi.json", dom_id: "#ui"}});</script>
+<script>window.onload = () => SwaggerUIBundle({{url: "/openapi.json", dom_id: "#ui", validatorUrl: null}});</script>
 <!-- Swagger UI {SWAGGER_UI_VERSION} (Apache-2.0): /docs/assets/LICENSE -->
 </body></html>
 """
+
+
+def _header(description: str, kind: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+EXPORT_HEADERS = {
+    "X-Result-Limit": _header("The most rows this export may hold (limit, or the cap)", "integer"),
+    "X-Result-Count": _header(
+        "Rows in the file (exports of up to 10,000 rows, gathered before sending)", "integer"
+    ),
+    "X-Result-Limit-Reached": _header(
+        "true when more posts match than the file holds (same condition as X-Result-Count)",
+        "boolean",
+    ),
+    "X-Author-Known": _header(
+        "With author=: false when the appliance has never seen that account", "boolean"
+    ),
+    "X-Mention-Known": _header(
+        "With mention=: false when the appliance has never seen that account", "boolean"
+    ),
+}
 
 
 def _summary(fn: Callable[..., Any]) -> tuple[str, str]:
@@ -148,7 +170,11 @@ def openapi_document() -> dict[str, Any]:
             "/v1/export": op(
                 export,
                 {
-                    "description": "The file, streamed",
+                    "description": "The file, streamed. It ends with a summary (rows, limit, "
+                    "result_limit_reached): a last row `# export complete: ...` in CSV, a last "
+                    'line `{"export": {...}}` in JSON lines, key-value metadata '
+                    "`appliance.export` in Parquet; a file without it was cut off.",
+                    "headers": EXPORT_HEADERS,
                     "content": {
                         "text/csv": {"schema": {"type": "string"}},
                         "application/x-ndjson": {"schema": {"type": "string"}},
