@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -82,4 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"appliance: configuration error: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(settings, args) or 0)
+    try:
+        code = int(args.func(settings, args) or 0)
+        sys.stdout.flush()  # a pipe's buffer: the write that can fail happens here
+        return code
+    except BrokenPipeError:
+        # The reader stopped early (`appliance config | head`): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -224,7 +224,7 @@ def test_sort_oldest_and_combined_filters(api: Callable[..., Api], corpus: Any) 
     assert names(corpus, body["posts"]) == ["caps", "catdog"]
     assert body["has_more"] is True and body["cursor"] and body["page"] == 1
     post = body["posts"][1]
-    assert post["indexed_at"] == "2026-06-02T00:00:00Z"
+    assert post["indexed_at"] == "2026-06-02T00:00:00.000000Z"
     assert set(post) >= {"uri", "did", "handle", "text", "created_at", "indexed_at", "langs",
                          "reply_parent", "reply_root", "quote", "embed_kind", "links",
                          "mentions", "tags"}  # fmt: skip
@@ -334,8 +334,7 @@ def _normalise(post: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in post.items():
         if key in {"created_at", "indexed_at"} and value not in (None, ""):
-            value = value if isinstance(value, str) else value.isoformat()
-            value = value.replace("+00:00", "Z")
+            value = value if isinstance(value, str) else value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         out[key] = "" if value is None else value
     return out
 

@@ -39,6 +39,8 @@ from appliance.query.engine import QueryEngine
 log = logging.getLogger("appliance.api")
 
 APP_NAME = "appliance-api"
+REQUEST_MAX_HEADER_BYTES = 16_384
+WARM_WAIT_ON_STOP_S = 30.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in each worker
 
 
@@ -54,6 +56,9 @@ def create_app(
     app = Sanic(APP_NAME, env_prefix=None, configure_logging=False)
     app.config.KEEP_ALIVE_TIMEOUT = 15
     app.config.REQUEST_MAX_SIZE = 64 * 1024  # GET only: no bodies to speak of
+    # The request line and headers: Sanic's ceiling (16 KiB), so an over-long parameter reaches
+    # the handler and gets its 400 naming it; past this, 413.
+    app.config.REQUEST_MAX_HEADER_SIZE = REQUEST_MAX_HEADER_BYTES
     app.ctx.settings = settings
     app.ctx.metrics_dir = metrics_dir
     app.ctx.openapi = msgspec.json.encode(openapi_document())
@@ -71,6 +76,9 @@ def create_app(
     @app.after_server_stop
     async def close_engine(app: Sanic) -> None:
         app.ctx.pool.shutdown(wait=True, cancel_futures=True)
+        # A stop right after the start: let warming finish its query first (DuckDB refuses to
+        # close a connection that is busy).
+        app.ctx.engine.warmed.wait(WARM_WAIT_ON_STOP_S)
         app.ctx.engine.close()
 
     v1 = Blueprint("v1", url_prefix="/v1")

@@ -18,6 +18,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from appliance.api.http import encode_json, iso_us
 from appliance.query.model import Post
 
 EXPORT_FIELDS = [f.name for f in msgspec.structs.fields(Post)]
@@ -44,7 +45,7 @@ PARQUET_SUMMARY_KEY = "appliance.export"
 
 
 def _iso(value: datetime | None) -> str:
-    return "" if value is None else value.isoformat().replace("+00:00", "Z")
+    return "" if value is None else iso_us(value)
 
 
 class _CsvWriter:
@@ -90,7 +91,7 @@ class _JsonlWriter:
         return b""
 
     def rows(self, posts: list[Post]) -> bytes:
-        return b"".join(msgspec.json.encode(p) + b"\n" for p in posts)
+        return b"".join(encode_json(p) + b"\n" for p in posts)
 
     def end(self, summary: ExportSummary) -> bytes:
         return msgspec.json.encode({"export": summary}) + b"\n"
