@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import secrets
@@ -30,11 +31,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import redis
 
 from appliance.config import Settings, to_environ
 from appliance.logs import setup_logging
@@ -46,6 +50,8 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a child that ran this long gets its backoff reset
 REPLAY_PACKAGE = "loadtest"  # provides the replay server (`python -m loadtest serve`)
+OWNER_KEY = "appliance:owner"  # which data dir and source the Redis state belongs to
+NO_SOURCE_HINT_AFTER_S = 30.0  # without --replay: say so if Jetstream is unreachable this long
 
 
 class SetupError(Exception):
@@ -74,6 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--replay-port", type=int, default=0, help="replay server port (0: free)")
     parser.add_argument("--data-dir", dest="set_data_dir", help="root of the Parquet datasets")
+    parser.add_argument(
+        "--redis-dir", dest="set_redis_dir", help="Redis state (AOF) for this data dir and source"
+    )
+    parser.add_argument(
+        "--hint-after",
+        type=float,
+        default=NO_SOURCE_HINT_AFTER_S,
+        metavar="S",
+        help="without --replay: say so when Jetstream is still unreachable after S seconds "
+        f"(default {NO_SOURCE_HINT_AFTER_S:g})",
+    )
     parser.add_argument("--api-port", dest="set_api_port", type=int, help="API port")
     parser.add_argument(
         "--batch-interval", dest="set_batch_interval_s", type=float, help="seconds between flushes"
@@ -159,6 +176,51 @@ def _check_ports(settings: Settings) -> None:
     ):
         if port and not _port_free(host, port):
             raise SetupError(f"port {port} on {host} is in use; set {what}")
+
+
+def source_of(args: argparse.Namespace, settings: Settings) -> str:
+    """The event source of a run, as the Redis state records it (its cursor is in its times)."""
+    if args.replay is None:
+        return "jetstream " + ",".join(settings.jetstream_urls)
+    if not args.replay:
+        return "replay synthetic seed=1"
+    return "replay files " + ",".join(str(Path(p).resolve()) for p in args.replay)
+
+
+def claim_redis_state(settings: Settings, source: str) -> None:
+    """Make sure the Redis state belongs to this data dir and source, or refuse.
+
+    Redis holds the ingester's cursor (in the source's time) and events not yet batched into a
+    data dir. Resuming another source from that cursor skips its older events; batching another
+    run's entries puts them into the wrong data dir. State with nothing at stake (no cursor, an
+    empty stream: e.g. a run that never reached Jetstream) is simply taken over.
+    """
+    owner = {"data_dir": str(Path(settings.data_dir).resolve()), "source": source}
+    client = redis.Redis(
+        host=settings.redis_host, port=settings.redis_port, password=settings.redis_password
+    )
+    try:
+        raw = client.get(OWNER_KEY)
+        if raw is not None:
+            before = json.loads(raw)
+            at_stake = client.exists(settings.cursor_key) or client.xlen(settings.stream_key)
+            if before != owner and at_stake:
+                raise SetupError(_not_ours(settings, before, client.xlen(settings.stream_key)))
+        client.set(OWNER_KEY, json.dumps(owner))
+    finally:
+        client.close()
+
+
+def _not_ours(settings: Settings, before: dict[str, str], pending: int) -> str:
+    redis_dir = Path(settings.redis_dir).resolve()
+    return (
+        f"the Redis state in {redis_dir} belongs to another run: data dir "
+        f"{before.get('data_dir')}, source {before.get('source')}. It holds that run's cursor "
+        f"and {pending} stream entries not yet batched. To continue that run, start it the same "
+        "way (same --data-dir and source); to run this one beside it, give it its own Redis "
+        "state with --redis-dir DIR (APPLIANCE_REDIS_DIR); to start afresh, delete "
+        f"{redis_dir} (the entries not yet batched are lost)"
+    )
 
 
 def replay_command(args: argparse.Namespace, port: int) -> list[str]:
@@ -251,19 +313,53 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
     print(_banner(settings, args), flush=True)
+    source = source_of(args, settings)
+    hint_after = getattr(args, "hint_after", NO_SOURCE_HINT_AFTER_S)
+    hint_at = None if args.replay is not None else time.monotonic() + hint_after
+    refused: SetupError | None = None
     try:
         for child in children:
             if stopping:
                 break
             child.launch()
             log.info("started", extra={"child": child.name, "pid": child.proc and child.proc.pid})
+            if child.name == "redis-server":
+                claim_redis_state(settings, source)
         while not stopping:
             _supervise(children)
+            if hint_at is not None and time.monotonic() >= hint_at:
+                hint_at = None
+                _hint_if_unreachable(settings, hint_after)
             time.sleep(0.2)
+    except SetupError as exc:
+        refused = exc
     finally:
         _stop_all(children)
+    if refused is not None:
+        print(f"appliance up: {refused}", file=sys.stderr)
+        return 2
     print("appliance up: stopped", flush=True)
     return 0
+
+
+def _hint_if_unreachable(settings: Settings, after_s: float) -> None:
+    """Say it when the public Jetstream has not been reached (no internet?), and what to try."""
+    url = f"http://{settings.ingest_host}:{settings.ingest_port}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            connected = json.loads(resp.read()).get("websocket")
+    except urllib.error.HTTPError as exc:  # 503: not ready; the body says which part
+        connected = json.loads(exc.read() or b"{}").get("websocket")
+    except (OSError, ValueError):
+        return  # the ingester is (re)starting; its own log says why
+    if connected is False:
+        log.warning(
+            "the ingester has not reached the public Jetstream in %g s (no internet, or a "
+            "firewall?); it keeps retrying every URL with backoff. To see the appliance work "
+            "without internet, stop it (Ctrl-C) and replay a synthetic firehose instead: "
+            "make run ARGS=--replay  (or: appliance up --replay)",
+            after_s,
+        )
 
 
 def _supervise(children: list[Child]) -> None:

@@ -4,17 +4,24 @@ server as an explicit, optional part (real child processes; the whole stack is t
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
+import redis
 
 from appliance import supervisor
+from appliance.config import Settings, to_environ
 from appliance.supervisor import Child, SetupError
-from tests.conftest import make_settings
+from tests.conftest import RedisProcess, free_port, make_settings
 from tests.helpers import wait_until
 
 
@@ -135,3 +142,59 @@ def _in_time_wait(port: int) -> bool:
         if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "06":
             return True
     return False
+
+
+def test_redis_state_is_claimed_by_one_data_dir_and_source(
+    settings: Settings, redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    client = redis.Redis(
+        host=settings.redis_host, port=settings.redis_port, password=settings.redis_password
+    )
+    supervisor.claim_redis_state(settings, "replay synthetic seed=1")
+    supervisor.claim_redis_state(settings, "replay synthetic seed=1")  # the same run again
+    client.set(settings.cursor_key, "1782864031989333")  # that run's ingester saved a cursor
+    client.xadd(settings.stream_key, {"frames": "x"})  # and an entry waits for its batcher
+    other_dir = msgspec.structs.replace(settings, data_dir=str(tmp_path / "other"))
+    with pytest.raises(SetupError) as refused:
+        supervisor.claim_redis_state(other_dir, "replay synthetic seed=1")
+    message = str(refused.value)
+    assert str(Path(settings.data_dir).resolve()) in message
+    assert "1 stream entries not yet batched" in message and "--redis-dir" in message
+    with pytest.raises(SetupError, match="source replay synthetic seed=1"):
+        supervisor.claim_redis_state(settings, "jetstream wss://example.invalid/subscribe")
+    supervisor.claim_redis_state(settings, "replay synthetic seed=1")  # its owner may go on
+    # Nothing at stake (no cursor, no entries): the next run simply takes the state over.
+    client.delete(settings.cursor_key, settings.stream_key)
+    supervisor.claim_redis_state(other_dir, "jetstream wss://example.invalid/subscribe")
+    owner = json.loads(client.get(supervisor.OWNER_KEY) or b"{}")
+    assert owner["data_dir"] == str((tmp_path / "other").resolve())
+    client.close()
+
+
+def test_without_internet_up_says_so_and_suggests_the_replay(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens here: connections are refused, as without a route
+    settings = make_settings(tmp_path, jetstream_urls=(f"ws://127.0.0.1:{closed}/subscribe",))
+    env = {**os.environ, **to_environ(settings)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "up", "--hint-after", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        process_group=0,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    threading.Thread(
+        target=lambda: lines.extend(line.decode(errors="replace") for line in stdout), daemon=True
+    ).start()
+    try:
+        hint = wait_until(
+            lambda: next((line for line in lines if "has not reached" in line), None),
+            60,
+            "the hint",
+        )
+        assert "make run ARGS=--replay" in hint
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(lines[-30:])

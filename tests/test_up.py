@@ -213,3 +213,14 @@ def test_ctrl_c_stops_every_child_in_order_and_an_immediate_restart_works(tmp_pa
     finally:
         code = _ctrl_c(again, lines)
     assert code == 0 and lines[-1] == "appliance up: stopped", "\n".join(lines[-40:])
+
+    # Another data dir on the same Redis state (its cursor, its unbatched entries): refused, and
+    # nothing is left running.
+    other = {**env, "APPLIANCE_DATA_DIR": str(tmp_path / "other-data")}
+    refused = _up(other)
+    lines = _collect(refused)
+    assert refused.wait(60) == 2, "\n".join(lines[-40:])
+    out = "\n".join(lines)
+    assert "belongs to another run" in out and str(tmp_path / "data") in out
+    assert "--redis-dir" in out
+    assert not (tmp_path / "other-data").exists() or not any((tmp_path / "other-data").iterdir())
