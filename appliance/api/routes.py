@@ -111,6 +111,7 @@ async def export(request: Request) -> HTTPResponse | None:
         headers = await _export_headers(request, filters, head, max_rows, params.format)
         writer = WRITERS[params.format]()
         response = await request.respond(content_type=writer.content_type, headers=headers)
+        status = 200  # the headers are out: recorded here whatever happens next
         status, rows, reached = await _stream(request, response, writer, batches, head, max_rows)
         if status == 200:
             summary = ExportSummary(rows=rows, limit=max_rows, result_limit_reached=reached)
