@@ -63,6 +63,10 @@ SERVICES = {
         "Merge a day's small Parquet files into large sorted ones",
     ),
     "serve": ("appliance.api.app", "The REST API over DuckDB"),
+    "identity": (
+        "appliance.identity.worker",
+        "Resolve post authors' DIDs to verified handles in the background",
+    ),
     "doctor": ("appliance.doctor", "Check an installed appliance end to end; name what fails"),
 }
 

@@ -7,6 +7,7 @@ table of docs/operations.md are generated from the same declarations. No other m
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
@@ -193,6 +194,41 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_cursor_secret: Annotated[
         str, _h("Key that signs search cursors (secret); empty = a new random key per start")
     ] = ""
+    # --- identity (DID -> handle) --------------------------------------------------------------
+    plc_url: Annotated[str, _h("PLC directory that serves did:plc documents")] = (
+        "https://plc.directory"
+    )
+    identity_rate: Annotated[
+        float,
+        _h("DID resolutions per second of the background worker (0 = resolve none)", ge=0, le=100),
+    ] = 5.0
+    identity_ttl_s: Annotated[
+        float, _h("Seconds a resolved handle stays fresh before it is resolved again", ge=60)
+    ] = 86_400.0
+    identity_timeout_s: Annotated[
+        float, _h("Timeout of each request the identity worker makes", gt=0, le=60)
+    ] = 5.0
+    identity_query_timeout_s: Annotated[
+        float, _h("Time a search may spend resolving a handle never seen to its DID", gt=0, le=30)
+    ] = 2.0
+    identity_dns: Annotated[
+        tuple[str, ...],
+        _h(
+            "DNS servers for _atproto TXT lookups (host or host:port, comma-separated); empty = system"
+        ),
+    ] = ()
+    identity_web_origin: Annotated[
+        str,
+        _h(
+            "Testing only: send every https://<host>/.well-known request to this origin (Host kept)"
+        ),
+    ] = ""
+    identity_host: Annotated[
+        str, _h("Address the identity worker's /health, /ready, /metrics listen on")
+    ] = "127.0.0.1"
+    identity_port: Annotated[
+        int, _h("Port of the identity worker's /health, /ready, /metrics", ge=0, le=65535)
+    ] = 9103
     # --- logging ---------------------------------------------------------------------------
     log_level: Annotated[str, _h("Log level: DEBUG, INFO, WARNING, ERROR")] = "INFO"
     log_format: Annotated[str, _h("Log format: json, text, or auto (text on a terminal)")] = "auto"
@@ -205,6 +241,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for url in self.jetstream_urls:
             if not url.startswith(("ws://", "wss://")):
                 raise ConfigError(f"{PREFIX}JETSTREAM_URLS: {url!r} is not a ws:// or wss:// URL")
+        for name, url in (
+            ("PLC_URL", self.plc_url),
+            ("IDENTITY_WEB_ORIGIN", self.identity_web_origin),
+        ):
+            if (url or name == "PLC_URL") and not re.fullmatch(r"https?://[^/?#\s]+/?", url):
+                raise ConfigError(f"{PREFIX}{name}: {url!r} is not an http(s):// origin")
+        for server in self.identity_dns:
+            host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+            if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+                raise ConfigError(f"{PREFIX}IDENTITY_DNS: {server!r} is not host or host:port")
 
 
 class ConfigError(ValueError):

@@ -314,3 +314,73 @@ api_export_rows = Counter(
     ["format"],
     registry=API,
 )
+api_identity_lookups = Counter(
+    "appliance_api_identity_lookups_total",
+    "Identity lookups of searches by kind (handle_of: a result's author; did_of: a handle in "
+    "author=/mention=) and result (hit: known and fresh, stale: known, due again, miss: "
+    "unknown, live: resolved at query time, error: the store or a resolver failed)",
+    ["kind", "result"],
+    registry=API,
+)
+for _kind in ("handle_of", "did_of"):
+    for _result in ("hit", "stale", "miss", "live", "error"):
+        api_identity_lookups.labels(_kind, _result)
+api_posts_shown = Counter(
+    "appliance_api_posts_shown_total",
+    "Posts returned by search and export, by what their author's handle was "
+    "(verified, invalid: handle.invalid, none: unknown)",
+    ["handle"],
+    registry=API,
+)
+for _handle in ("verified", "invalid", "none"):
+    api_posts_shown.labels(_handle)
+
+# --- identity worker --------------------------------------------------------------------------
+IDENTITY = CollectorRegistry(auto_describe=True)
+
+identity_resolutions = Counter(
+    "appliance_identity_resolutions_total",
+    "DID resolutions by outcome: ok (verified handle), invalid (handle.invalid), not_found (no "
+    "DID document), unavailable (a source did not answer), rate_limited (PLC answered 429)",
+    ["outcome"],
+    registry=IDENTITY,
+)
+for _outcome in ("ok", "invalid", "not_found", "unavailable", "rate_limited"):
+    identity_resolutions.labels(_outcome)
+identity_queue = Gauge(
+    "appliance_identity_queue_length",
+    "DIDs due for resolution (never resolved, past their TTL, or past their backoff)",
+    registry=IDENTITY,
+)
+identity_dids = Gauge(
+    "appliance_identity_dids",
+    "DIDs in the identity store, by status (verified, invalid, not_found, pending)",
+    ["status"],
+    registry=IDENTITY,
+)
+identity_posts_with_handle = Gauge(
+    "appliance_identity_posts_with_handle_ratio",
+    "Share of counted posts whose author has a known handle (verified or handle.invalid)",
+    registry=IDENTITY,
+)
+identity_events = Counter(
+    "appliance_identity_firehose_events_total",
+    "Firehose identity events that changed a store entry",
+    registry=IDENTITY,
+)
+identity_paused = Gauge(
+    "appliance_identity_paused",
+    "1 while resolutions wait out a PLC 429 (Retry-After) or a PLC outage backoff",
+    registry=IDENTITY,
+)
+identity_rate = Gauge(
+    "appliance_identity_rate",
+    "The configured resolutions per second (identity_rate)",
+    registry=IDENTITY,
+)
+identity_files = Counter(
+    "appliance_identity_files_scanned_total",
+    "Live Parquet files read for DIDs (posts) and identity events (identities), by table",
+    ["table"],
+    registry=IDENTITY,
+)

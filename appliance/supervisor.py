@@ -173,6 +173,7 @@ def _check_ports(settings: Settings) -> None:
         ("APPLIANCE_API_PORT (--api-port)", settings.api_host, settings.api_port),
         ("APPLIANCE_INGEST_PORT", "127.0.0.1", settings.ingest_port),
         ("APPLIANCE_BATCH_PORT", "127.0.0.1", settings.batch_port),
+        ("APPLIANCE_IDENTITY_PORT", settings.identity_host, settings.identity_port),
     ):
         if port and not _port_free(host, port):
             raise SetupError(f"port {port} on {host} is in use; set {what}")
@@ -264,6 +265,7 @@ def _children(settings: Settings, replay_cmd: list[str] | None) -> list[Child]:
         Child("ingester", _service("ingest", env)),
         Child("batcher", _service("batch", env)),
         Child("api", _service("serve", env)),
+        Child("identity", _service("identity", env)),
     ]
 
 
@@ -275,12 +277,12 @@ def _banner(settings: Settings, args: argparse.Namespace) -> str:
     )
     api = f"http://{settings.api_host}:{settings.api_port}"
     return (
-        "appliance up: starting redis-server, ingester, batcher and API\n"
+        "appliance up: starting redis-server, ingester, batcher, API and identity worker\n"
         f"  source   {source}\n"
         f"  data     {Path(settings.data_dir).resolve()}  (batches every {settings.batch_interval_s:g} s)\n"
         f"  redis    {settings.redis_host}:{settings.redis_port}  (AOF in {Path(settings.redis_dir).resolve()})\n"
         f"  API      {api}/v1/search?q=hello   docs {api}/docs\n"
-        f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics\n"
+        f"  metrics  ingester :{settings.ingest_port}/metrics  batcher :{settings.batch_port}/metrics  API {api}/metrics  identity :{settings.identity_port}/metrics\n"
         "Ctrl-C stops everything (newest first; the ingester and batcher flush before Redis)."
     )
 

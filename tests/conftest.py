@@ -65,6 +65,12 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         "batch_port": free_port(),
         "api_port": free_port(),
         "log_format": "text",
+        # Identity lookups stay on loopback: nothing listens on the discard port, so a handle
+        # nobody knows fails fast as "unavailable" (tests of resolution start their own fakes).
+        "plc_url": "http://127.0.0.1:9",
+        "identity_web_origin": "http://127.0.0.1:9",
+        "identity_dns": ("127.0.0.1:9",),
+        "identity_port": free_port(),
     }
     values.update(overrides)
     return load_settings(environ={}, **values)

@@ -20,10 +20,11 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"base"},
     "ingest": {"base", "buffer"},
     "batch": {"base", "buffer", "store"},
-    "query": {"base", "store"},
-    "api": {"base", "store", "query"},
+    "identity": {"base", "store"},
+    "query": {"base", "store", "identity"},
+    "api": {"base", "store", "query", "identity"},
     # the command line, `appliance up` and other commands start every service
-    "top": {"base", "buffer", "store", "ingest", "batch", "query", "api"},
+    "top": {"base", "buffer", "store", "ingest", "batch", "identity", "query", "api"},
 }
 
 
@@ -35,7 +36,7 @@ def stage_of(module: str) -> str:
     if module == "appliance.buffer":
         return "buffer"
     parts = module.split(".")
-    if len(parts) >= 2 and parts[1] in ("ingest", "batch", "store", "query", "api"):
+    if len(parts) >= 2 and parts[1] in ("ingest", "batch", "store", "identity", "query", "api"):
         return parts[1]
     return "top"
 

@@ -38,7 +38,7 @@ def _children(pid: int) -> dict[str, int]:
         elif "loadtest" in words:
             out["replay"] = child
         else:
-            out[words[-1]] = child  # ingest | batch | serve
+            out[words[-1]] = child  # ingest | batch | serve | identity
     return out
 
 
@@ -74,7 +74,7 @@ def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_pat
     try:
         assert proc.stdout is not None
         banner = b"".join(proc.stdout.readline() for _ in range(7)).decode()
-        assert "starting redis-server, ingester, batcher and API" in banner
+        assert "starting redis-server, ingester, batcher, API and identity worker" in banner
         assert f"{api}/v1/search" in banner and f"{api}/docs" in banner
         # Keep the rest of the output (for a failure message) without ever blocking the children.
         threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
@@ -92,7 +92,7 @@ def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_pat
             raise
 
         before = _children(proc.pid)
-        assert {"redis", "replay", "ingest", "batch", "serve"} <= set(before)
+        assert {"redis", "replay", "ingest", "batch", "serve", "identity"} <= set(before)
         os.kill(before["batch"], signal.SIGKILL)
         wait_until(
             lambda: _children(proc.pid).get("batch") not in (None, before["batch"]),

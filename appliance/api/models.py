@@ -243,6 +243,20 @@ class DayStats(msgspec.Struct, kw_only=True):
     tables: dict[str, int]
 
 
+class IdentityStats(msgspec.Struct, kw_only=True):
+    """The identity store: DIDs known, their handles, and the backfill still to do."""
+
+    dids: int  # post authors and mentioned accounts seen
+    verified: int  # with a handle verified back through DNS or HTTPS
+    invalid: int  # shown as handle.invalid
+    not_found: int  # no DID document
+    queue: int  # due for (re)resolution
+    posts_counted: int  # posts counted from batch files
+    posts_with_verified_handle: float | None  # share of those whose author has a verified handle
+    posts_with_handle: float | None  # share with any handle (verified or handle.invalid)
+    last_resolution_at: float | None  # unix time of the newest background resolution
+
+
 class StatsResponse(msgspec.Struct, kw_only=True):
     """Counts of stored events by day, table and collection, and how fresh the data is."""
 
@@ -257,6 +271,7 @@ class StatsResponse(msgspec.Struct, kw_only=True):
     ingest_lag_s: float | None  # now minus the newest stored event
     last_batch_at: datetime | None
     last_batch_events: int | None
+    identity: IdentityStats | None = None  # null until the identity worker has run
     took_ms: float
 
 

@@ -18,13 +18,15 @@ each worker keeps its in-memory index of the rows that can hide a version (post 
 post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per live file
 (`query.index`). Candidate rows of a page are checked against it in microseconds; the walk
 fetches more candidates when some are hidden. A second index holds the latest handle of each
-DID (from identities), for the handles shown in results and for author=/mention= given as a
-handle.
+DID (from identities, the firehose's identity events); `identity.directory` merges it with the
+identity store the background worker fills, for the handles shown in results and for
+author=/mention= given as a handle (resolved at query time when neither knows it).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -35,11 +37,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
+import msgspec
 import numpy as np
 import pyarrow.parquet as pq
 
 from appliance import metrics
 from appliance.config import Settings
+from appliance.identity.directory import Directory, HandleLookup
 from appliance.query.cursor import CursorCodec
 from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
 from appliance.query.model import (
@@ -172,6 +176,7 @@ class QueryEngine:
             tuple(visibility.hiders("posts")), load_hiding, visibility.HidingIndex.from_tables
         )
         self._handles = PerFileIndex(("identities",), load_handles, merge_handles)
+        self.identity = Directory(settings)
         self.warmed = threading.Event()
 
     def close(self) -> None:
@@ -275,6 +280,10 @@ class QueryEngine:
     ) -> SearchResult:
         """One page of visible posts, by page number (1-based) or by an opaque cursor."""
         snap = self.snapshot()
+        resolved = self.with_dids(snap, filters)
+        if resolved is None:  # author= or mention= names no one we can find: nothing to show
+            return SearchResult([], False, False, max(page or 1, 1), None, snap.version)
+        filters = resolved
         cap = self.settings.result_limit_max if self.settings.result_limit else None
         if cursor is not None:
             after, delivered = self.codec.decode(cursor, filters)
@@ -292,12 +301,14 @@ class QueryEngine:
         cached = self._cache.get(key)
         if cached is not None:
             metrics.api_cache.labels("hit").inc()
-            return cached
+            # Handles change without the data changing (the identity worker resolves them
+            # meanwhile): a cached page gets its authors' handles anew.
+            return self._rehandled(snap, *cached)
         metrics.api_cache.labels("miss").inc()
         end = delivered + limit if cap is None else min(delivered + limit, cap)
         skip = 0 if after is not None else delivered
 
-        def work(cur: duckdb.DuckDBPyConnection) -> SearchResult:
+        def work(cur: duckdb.DuckDBPyConnection) -> tuple[SearchResult, np.ndarray]:
             began = time.perf_counter()
             rows: list[tuple[Any, ...]] = []
             for batch in self._walk(cur, snap, filters, after, need=end - delivered + skip + 1):
@@ -305,7 +316,7 @@ class QueryEngine:
             more = len(rows) > end - delivered + skip
             page_rows = rows[skip : skip + end - delivered]
             posts = [row_to_post(r) for r in page_rows]
-            self._attach_handles(cur, snap, posts, page_rows)
+            hashes = self._attach_handles(cur, snap, posts, page_rows)
             capped = more and cap is not None and end >= cap
             has_more = more and not capped
             token = None
@@ -313,7 +324,7 @@ class QueryEngine:
                 last = page_rows[-1]
                 token = self.codec.encode(filters, Position(last[TIME_US], last[URI]), end)
             metrics.api_query_seconds.labels("search").observe(time.perf_counter() - began)
-            return SearchResult(
+            result = SearchResult(
                 posts=posts,
                 has_more=has_more,
                 capped=capped,
@@ -321,16 +332,17 @@ class QueryEngine:
                 cursor=token,
                 data_version=snap.version,
             )
+            return result, hashes
 
         try:
-            result = self.run(work)
+            result, hashes = self.run(work)
         except duckdb.IOException:
             # A file of our snapshot was removed (a compaction's grace period ended while we
             # held an old manifest): once the manifest has moved on, one retry on the new one.
             if self.snapshot().version == snap.version:
                 raise
             return self.search(filters, limit=limit, page=page, cursor=cursor)
-        self._cache.put(key, result)
+        self._cache.put(key, (result, hashes))
         return result
 
     def export(self, filters: Filters, max_rows: int) -> Generator[list[Post], None, None]:
@@ -339,6 +351,10 @@ class QueryEngine:
         Each step runs under its own timeout; the caller runs the iterator in a thread.
         """
         snap = self.snapshot()
+        resolved = self.with_dids(snap, filters)
+        if resolved is None:
+            return
+        filters = resolved
         cur = self._cursor()
         try:
             walk = self._walk(cur, snap, filters, None, need=max_rows)
@@ -386,16 +402,41 @@ class QueryEngine:
                 else None
             ),
             last_batch_events=last.get("events") if isinstance(last.get("events"), int) else None,
+            identity=self.identity.summary(),
         )
         return body
 
     # --- the walk ------------------------------------------------------------------------------
 
     def resolve(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, who: str) -> str | None:
-        """A DID for an author/mention value: a DID as is, a handle through identities."""
+        """A DID for an author/mention value: a DID as is, a handle through `_lookup`."""
         if who.startswith("did:"):
             return who
-        return self._handles.current(cur, snap).holder_of(who)
+        return self._lookup(cur, snap, who).did
+
+    def _lookup(self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, handle: str) -> HandleLookup:
+        claim = self._handles.current(cur, snap).claim_of(handle.lower())
+        return self.identity.did_of(handle, claim)
+
+    def lookup_handle(self, handle: str, snap: Snapshot | None = None) -> HandleLookup:
+        """The DID a handle names (firehose identity events, the identity store, or a live
+        resolution within identity_query_timeout_s), and where the answer came from."""
+        snap = snap or self.snapshot()
+        return self.run(lambda cur: self._lookup(cur, snap, handle))
+
+    def with_dids(self, snap: Snapshot, filters: Filters) -> Filters | None:
+        """The filters with author=/mention= handles replaced by their DIDs (so the cache and
+        cursors key on the DID); None if a handle names no one that can be found."""
+        changes = {}
+        for name in ("author", "mention"):
+            value = getattr(filters, name)
+            if value is None or value.startswith("did:"):
+                continue
+            found = self.lookup_handle(value, snap)
+            if found.did is None:
+                return None
+            changes[name] = found.did
+        return msgspec.structs.replace(filters, **changes) if changes else filters
 
     def _attach_handles(
         self,
@@ -403,13 +444,32 @@ class QueryEngine:
         snap: Snapshot,
         posts: list[Post],
         rows: list[tuple[Any, ...]],
-    ) -> None:
-        if not posts:
-            return
-        index = self._handles.current(cur, snap)
+    ) -> np.ndarray:
+        """Set each post's handle; returns the hash(did) of each row (to refresh them later)."""
         hashes = np.array([r[DID_HASH] for r in rows], dtype=np.uint64)
-        for post, handle in zip(posts, index.handles_of(hashes), strict=True):
-            post.handle = handle
+        if posts:
+            index = self._handles.current(cur, snap)
+            shown = self.identity.handles_of([p.did for p in posts], index.latest_of(hashes))
+            for post, handle in zip(posts, shown, strict=True):
+                post.handle = handle
+        return hashes
+
+    def _rehandled(self, snap: Snapshot, cached: SearchResult, hashes: np.ndarray) -> SearchResult:
+        """A copy of a cached page with its authors' current handles."""
+        if not cached.posts:
+            return cached
+        cur = self._cursor()
+        try:
+            index = self._handles.current(cur, snap)
+        finally:
+            cur.close()
+        dids = [p.did for p in cached.posts]
+        shown = self.identity.handles_of(dids, index.latest_of(hashes))
+        posts = [
+            msgspec.structs.replace(post, handle=handle)
+            for post, handle in zip(cached.posts, shown, strict=True)
+        ]
+        return dataclasses.replace(cached, posts=posts)
 
     def _walk(
         self,

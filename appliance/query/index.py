@@ -45,12 +45,30 @@ class Handles:
             self.handles[int(i)].as_py() if ok else None for i, ok in zip(pos, found, strict=True)
         ]
 
+    def latest_of(self, hashes: np.ndarray) -> list[tuple[str, int] | None]:
+        """(handle, time_us) of each DID's latest identity event with a handle, or None."""
+        if len(self.keys) == 0:
+            return [None] * len(hashes)
+        pos = np.searchsorted(self.keys, hashes)
+        pos[pos == len(self.keys)] = 0
+        found = self.keys[pos] == hashes
+        return [
+            (self.handles[int(i)].as_py(), int(self.times[int(i)])) if ok else None
+            for i, ok in zip(pos, found, strict=True)
+        ]
+
     def holder_of(self, handle: str) -> str | None:
         """The DID whose latest handle this is (the most recent claim if several)."""
+        claim = self.claim_of(handle)
+        return claim[0] if claim else None
+
+    def claim_of(self, handle: str) -> tuple[str, int] | None:
+        """(DID, time_us) of the latest identity event whose handle this still is."""
         rows = np.flatnonzero(pc.equal(self.lowered, handle).to_numpy(zero_copy_only=False))
         if len(rows) == 0:
             return None
-        return str(self.dids[int(rows[np.argmax(self.times[rows])])].as_py())
+        i = int(rows[np.argmax(self.times[rows])])
+        return str(self.dids[i].as_py()), int(self.times[i])
 
 
 HANDLES_SQL = (
