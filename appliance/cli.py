@@ -38,7 +38,7 @@ def metrics_markdown_table() -> str:
 
     rows = ["| service | metric | type | labels | what |", "|---|---|---|---|---|"]
     for service, registry in (("ingester", metrics.INGEST), ("batcher", metrics.BATCH),
-                              ("API", metrics.API)):  # fmt: skip
+                              ("API", metrics.API), ("identity", metrics.IDENTITY)):  # fmt: skip
         found = []
         for collector in list(registry._collector_to_names):
             name = getattr(collector, "_name", None)

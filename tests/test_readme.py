@@ -44,6 +44,11 @@ def test_following_the_readme_runs_searches_and_exports(tmp_path: Path) -> None:
         "APPLIANCE_BATCH_PORT": str(free_port()),
         "APPLIANCE_DATA_DIR": str(tmp_path / "data"),
         "APPLIANCE_REDIS_DIR": str(tmp_path / "redis"),
+        "APPLIANCE_IDENTITY_PORT": str(free_port()),
+        # The identity worker resolves handles on the internet; here nothing answers (loopback).
+        "APPLIANCE_PLC_URL": "http://127.0.0.1:9",
+        "APPLIANCE_IDENTITY_WEB_ORIGIN": "http://127.0.0.1:9",
+        "APPLIANCE_IDENTITY_DNS": "127.0.0.1:9",
         "APPLIANCE_LOG_FORMAT": "text",
     }
     env.pop("APPLIANCE_REDIS_PASSWORD", None)

@@ -178,13 +178,14 @@ def test_ctrl_c_stops_every_child_in_order_and_an_immediate_restart_works(tmp_pa
     assert "Shutdown interrupted" not in out and "Killing" not in out, out[-3000:]
     assert lines[-1] == "appliance up: stopped", out[-3000:]
     # Each service says it stopped cleanly, and the supervisor saw each exit with status 0,
-    # newest first: API, batcher, ingester, replay server, Redis.
+    # newest first: identity worker, API, batcher, ingester, replay server, Redis.
     assert any("appliance.ingest" in line and ": stopped" in line for line in lines), out
     assert any("batcher stopped" in line for line in lines), out
     assert any("API stopped" in line for line in lines), out
+    assert any("identity worker stopped" in line for line in lines), out
     stops = [line for line in lines if "appliance.up: stopped" in line]
     assert [line.split("child=")[1].split()[0] for line in stops] == [
-        "api", "batcher", "ingester", "replay-server", "redis-server"
+        "identity", "api", "batcher", "ingester", "replay-server", "redis-server"
     ], out  # fmt: skip
     assert all("code=0" in line for line in stops), out
     # Redis saved and exited (no half-written RDB), the API removed its metrics folder.

@@ -6,10 +6,11 @@ at all (a typo, or an account that posted nothing while the appliance listened).
 tells them apart, and is asked only when a search or export found no posts (a found post proves
 the account known), so it costs nothing on the common path.
 
-Known means: a handle that a stored identity event gave to some DID (the same lookup that turns
-`author=alice.bsky.social` into a DID), or a DID with any stored post, identity or account event.
-A resolver that learns accounts from elsewhere (e.g. the PLC directory) plugs in at `resolve`:
-give `AccountLookup` a function that returns a DID for a value the stored data do not know.
+Known means: a handle that the engine's handle lookup ties to a DID (the one that turns
+`author=alice.bsky.social` into a DID: stored identity events, the identity store, a live
+resolution), or a DID with any stored post, identity or account event. Another source of
+accounts plugs in at `resolve`: give `AccountLookup` a function that returns a DID for a value
+the engine does not know.
 """
 
 from __future__ import annotations
