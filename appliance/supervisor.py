@@ -20,6 +20,7 @@ without it gets a clear error from `--replay` and runs everything else as before
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -108,11 +109,18 @@ class Child:
     backoff_s: float = BACKOFF_START_S
     restart_at: float | None = None
     restarts: int = field(default=0)
+    # Answers once the child can take SIGTERM safely (see _stop_all); None: at any time.
+    ready: Callable[[], bool] | None = None
+    leads_group: bool = False  # started in its own session: its leftovers can be swept
 
     def launch(self) -> None:
         self.proc = self.start()
         self.started_at = time.monotonic()
         self.restart_at = None
+        try:
+            self.leads_group = os.getpgid(self.proc.pid) == self.proc.pid
+        except ProcessLookupError:  # already gone; _supervise restarts it
+            self.leads_group = False
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -264,9 +272,25 @@ def _children(settings: Settings, replay_cmd: list[str] | None) -> list[Child]:
         *children,
         Child("ingester", _service("ingest", env)),
         Child("batcher", _service("batch", env)),
-        Child("api", _service("serve", env)),
+        Child("api", _service("serve", env), ready=_answers(_health_url(settings))),
         Child("identity", _service("identity", env)),
     ]
+
+
+def _health_url(settings: Settings) -> str:
+    host = settings.api_host if settings.api_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host}:{settings.api_port}/health"
+
+
+def _answers(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (OSError, ValueError):
+            return False
+
+    return check
 
 
 def _banner(settings: Settings, args: argparse.Namespace) -> str:
@@ -398,6 +422,8 @@ def _stop_all(children: list[Child], timeout_s: float = 20.0) -> None:
         proc = child.proc
         if proc is None or proc.poll() is not None:
             continue
+        if child.ready is not None:
+            _wait_ready(child, timeout_s)
         proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout_s)
@@ -405,4 +431,20 @@ def _stop_all(children: list[Child], timeout_s: float = 20.0) -> None:
             log.error("child ignored SIGTERM; killing", extra={"child": child.name})
             proc.kill()
             code = proc.wait()
+        if child.leads_group:
+            # Whatever it left behind (a worker whose parent was killed) goes with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         log.info("stopped", extra={"child": child.name, "code": code})
+
+
+def _wait_ready(child: Child, timeout_s: float) -> None:
+    """Wait until a starting child can take SIGTERM. Sanic's worker manager loses a SIGTERM
+    that arrives while it starts its workers (it then waits for them forever), so the API is
+    stopped only once it answers, or has exited, or after the timeout."""
+    assert child.proc is not None and child.ready is not None
+    deadline = time.monotonic() + timeout_s
+    while child.proc.poll() is None and time.monotonic() < deadline:
+        if child.ready():
+            return
+        time.sleep(0.1)

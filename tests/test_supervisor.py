@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -23,6 +24,7 @@ from appliance.config import Settings, to_environ
 from appliance.supervisor import Child, SetupError
 from tests.conftest import RedisProcess, free_port, make_settings
 from tests.helpers import wait_until
+from tests.test_up import processes_marked
 
 
 def replay_args(*files: str) -> argparse.Namespace:
@@ -174,7 +176,8 @@ def test_redis_state_is_claimed_by_one_data_dir_and_source(
 def test_without_internet_up_says_so_and_suggests_the_replay(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens here: connections are refused, as without a route
     settings = make_settings(tmp_path, jetstream_urls=(f"ws://127.0.0.1:{closed}/subscribe",))
-    env = {**os.environ, **to_environ(settings)}
+    mark = uuid.uuid4().hex
+    env = {**os.environ, **to_environ(settings), "FRONTDOOR_TEST_RUN": mark}
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance", "up", "--hint-after", "2"],
         env=env,
@@ -196,5 +199,44 @@ def test_without_internet_up_says_so_and_suggests_the_replay(tmp_path: Path) -> 
         )
         assert "make run ARGS=--replay" in hint
     finally:
+        # Two seconds in, the API is often still starting its worker: the stop must wait for it
+        # (Sanic loses a SIGTERM then) and leave nothing behind.
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0, "".join(lines[-30:])
+    assert processes_marked(f"FRONTDOOR_TEST_RUN={mark}") == []
+
+
+def test_a_starting_child_is_stopped_once_ready_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    # Like Sanic's worker manager while it starts its workers: SIGTERM is lost until it is
+    # ready; and like a worker, a grandchild in its process group.
+    ready_file = tmp_path / "ready"
+    grandchild_pid = tmp_path / "grandchild"
+    code = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(grandchild_pid)!r}, 'w').write(str(g.pid))\n"
+        "time.sleep(1.5)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        f"open({str(ready_file)!r}, 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    child = Child(
+        "starting",
+        lambda: subprocess.Popen([sys.executable, "-c", code], start_new_session=True),
+        ready=ready_file.exists,
+    )
+    child.launch()
+    assert child.leads_group
+    wait_until(grandchild_pid.exists, 20, "the grandchild")
+    grandchild = int(grandchild_pid.read_text())
+    supervisor._stop_all([child], timeout_s=10)
+    assert child.proc is not None and child.proc.returncode == -signal.SIGTERM  # not killed
+    wait_until(lambda: not _alive(grandchild), 10, "the grandchild to be gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

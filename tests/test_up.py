@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,22 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+def processes_marked(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds `marker` (inherited by every child)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes() and not _is_zombie(
+                int(entry.name)
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _up(settings_env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     """`appliance up --replay` as a shell starts a foreground job: leader of its own process
     group, so a terminal's Ctrl-C is SIGINT to that whole group."""
@@ -154,7 +171,8 @@ def _ctrl_c(proc: subprocess.Popen[bytes], lines: list[str]) -> int:
 
 def test_ctrl_c_stops_every_child_in_order_and_an_immediate_restart_works(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, api_port=free_port())
-    env = {**os.environ, **to_environ(settings)}
+    marker = f"FRONTDOOR_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, **to_environ(settings), "FRONTDOOR_TEST_RUN": marker.split("=")[1]}
     env.pop("APPLIANCE_REDIS_PASSWORD")
     api = f"http://127.0.0.1:{settings.api_port}"
     proc = _up(env)
@@ -195,6 +213,7 @@ def test_ctrl_c_stops_every_child_in_order_and_an_immediate_restart_works(tmp_pa
         line.split("metrics_dir=")[1].split()[0] for line in lines if "metrics_dir=" in line
     ]
     assert metrics_dirs and not any(Path(d).exists() for d in metrics_dirs)
+    assert processes_marked(marker) == []  # no child, and no child's child, outlives the stop
 
     # Straight away, on the same ports (the API's are in TIME-WAIT): it starts and serves again.
     again = _up(env)
@@ -214,6 +233,7 @@ def test_ctrl_c_stops_every_child_in_order_and_an_immediate_restart_works(tmp_pa
     finally:
         code = _ctrl_c(again, lines)
     assert code == 0 and lines[-1] == "appliance up: stopped", "\n".join(lines[-40:])
+    assert processes_marked(marker) == []
 
     # Another data dir on the same Redis state (its cursor, its unbatched entries): refused, and
     # nothing is left running.
