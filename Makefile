@@ -26,7 +26,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,deploy]'
+	$(BIN)/pip install --quiet -e '.[test,deploy,loadtest]'
 	touch $(STAMP)
 
 # Real components the tests run against, installed from Debian when their command is missing

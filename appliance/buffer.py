@@ -137,7 +137,17 @@ class ConsumerGroup:
         self.consumer = consumer
 
     async def ensure(self) -> None:
-        """Create the consumer group (and the stream) from the start, unless it exists."""
+        """Create the consumer group (and the stream) from the start, unless it exists.
+
+        Looked up first: above maxmemory Redis refuses XGROUP CREATE before it can say
+        BUSYGROUP, and a batcher restarted on a full buffer must start to drain it.
+        """
+        try:
+            groups: Any = await self.client.xinfo_groups(self.key)
+        except ResponseError:  # no stream yet
+            groups = []
+        if any(_text(g["name"]) == self.group for g in groups):
+            return
         try:
             await self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
         except ResponseError as exc:
@@ -179,8 +189,14 @@ class ConsumerGroup:
     async def ack(
         self, entry_ids: Sequence[str], dead_letters: Sequence[tuple[str, bytes, str]] = ()
     ) -> None:
-        """Dead-letter (reason, frame, detail) and acknowledge entry_ids, in one MULTI/EXEC."""
-        async with self.client.pipeline(transaction=True) as pipe:
+        """Dead-letter (reason, frame, detail) and acknowledge entry_ids, in one MULTI/EXEC.
+
+        Without dead letters the XACKs go in a plain pipeline (each is atomic, and acking twice
+        is harmless): above maxmemory Redis refuses every command queued inside MULTI, XACK
+        included, so a full buffer could never be acknowledged and trimmed, and the ingester's
+        circuit would stay open for good.
+        """
+        async with self.client.pipeline(transaction=bool(dead_letters)) as pipe:
             for reason, frame, detail in dead_letters:
                 queue_dead_letter(pipe, self.settings, reason, frame, "batch", detail)
             for i in range(0, len(entry_ids), 10_000):

@@ -183,6 +183,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     query_timeout_s: Annotated[float, _h("Interrupt a query after this many seconds", gt=0)] = 10.0
     duckdb_memory_limit: Annotated[str, _h("DuckDB memory_limit per API worker")] = "2GB"
     duckdb_threads: Annotated[int, _h("DuckDB threads per API worker", ge=1, le=64)] = 2
+    api_max_running: Annotated[
+        int, _h("Queries an API worker runs at once (its query threads)", ge=1, le=256)
+    ] = 2
+    api_max_waiting: Annotated[
+        int, _h("Queries an API worker lets wait for a slot; more are answered 503", ge=0)
+    ] = 32
+    api_max_wait_s: Annotated[
+        float,
+        _h("Longest a query waits for a slot (or a long scan for its lane) before a 503", gt=0),
+    ] = 5.0
+    query_long_scans: Annotated[
+        int, _h("Long scans (searches past 2M rows read) an API worker runs at once", ge=1)
+    ] = 1
     cors_origins: Annotated[
         tuple[str, ...], _h("Origins allowed by CORS, comma-separated; empty = none")
     ] = ()

@@ -308,6 +308,29 @@ api_hidden_rows = Counter(
     "Candidate rows a query skipped because a newer version or a delete hides them",
     registry=API,
 )
+api_rejected = Counter(
+    "appliance_api_rejected_total",
+    "Requests answered 503 by admission control, by reason (queue_full, wait, long_scan)",
+    ["reason"],
+    registry=API,
+)
+for _reason in ("queue_full", "wait", "long_scan"):
+    api_rejected.labels(_reason)
+api_long_scans = Counter(
+    "appliance_api_long_scans_total",
+    "Searches that turned into long scans, by outcome: run (took the long-scan lane), refused "
+    "(the lane stayed taken; answered 503)",
+    ["outcome"],
+    registry=API,
+)
+for _outcome in ("run", "refused"):
+    api_long_scans.labels(_outcome)
+api_waiting = Gauge(
+    "appliance_api_waiting_queries",
+    "Requests waiting for a query slot (summed over workers)",
+    multiprocess_mode="livesum",
+    registry=API,
+)
 api_export_rows = Counter(
     "appliance_api_export_rows_total",
     "Rows streamed by /v1/export, by format",

@@ -1,4 +1,4 @@
-"""`loadtest` command line: generate, record, serve, bench."""
+"""`loadtest` command line: generate, record, serve, replay, bench."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ COMMANDS = {
     "generate": ("loadtest.firehose.command", "Write synthetic Jetstream events as JSON lines"),
     "serve": ("loadtest.jetstream_server", "Serve Jetstream v1 /subscribe over a websocket"),
     "record": ("loadtest.record", "Capture a live Jetstream into rotating zstd JSONL files"),
+    "replay": (
+        "loadtest.replay.run",
+        "Validate a phase: replay N events through the whole pipeline, verify, report",
+    ),
     "identity-replay": (
         "loadtest.identity_replay",
         "Replay with the identity worker on PLC fakes; print the share of posts with a handle",

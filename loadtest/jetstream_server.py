@@ -17,7 +17,11 @@ Protocol (as the real Jetstream):
   nothing new to say, until the client closes it or the server stops.
 
 Pacing: `speed=None` (`--speed max`) sends as fast as the client reads (websocket write
-back-pressure); a factor F sends event time_us deltas in real time divided by F.
+back-pressure); a factor F sends event time_us deltas in real time divided by F. A gap in the
+source longer than `max_gap_s` of paced wall time (`--max-gap`, default 5 s, below the
+ingester's stall timeout) is compressed to `max_gap_s`, logged and counted
+(`stats.gaps_compressed`, `stats.gap_seconds_skipped`), so a capture spanning days never looks
+like a dead server.
 
 Test hooks refer to a frame's position in the source (generator index, or line number across
 recorded files), are checked when a connection's iteration reaches that position (whether or
@@ -206,6 +210,8 @@ class ServerStats:
     stalls: int = 0
     bad_client_messages: int = 0
     rejected_requests: int = 0
+    gaps_compressed: int = 0
+    gap_seconds_skipped: float = 0.0
 
 
 _BAD_FRAMES = (
@@ -247,11 +253,15 @@ class ReplayServer:
         stall_at: Iterable[int] = (),
         stall_seconds: float = 5.0,
         bad_at: Iterable[int] = (),
+        max_gap_s: float = 5.0,
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be > 0 (or None for as fast as the client reads)")
         if stall_seconds < 0:
             raise ValueError("stall_seconds must be >= 0")
+        if not max_gap_s > 0:
+            raise ValueError("max_gap_s must be > 0")
+        self.max_gap_s = max_gap_s
         self.source = source
         self.host = host
         self.port = port
@@ -347,6 +357,10 @@ class ReplayServer:
                 if not t0_wall:
                     t0_event, t0_wall = item.time_us, time.monotonic()
                 delay = t0_wall + (item.time_us - t0_event) / 1e6 / speed - time.monotonic()
+                if delay > self.max_gap_s:
+                    t0_wall -= delay - self.max_gap_s  # later events keep their spacing
+                    self._compressed(delay)
+                    delay = self.max_gap_s
                 if delay > 0.001:
                     await self._flush(ws, batch)
                     await asyncio.sleep(delay)
@@ -355,6 +369,15 @@ class ReplayServer:
             if len(batch) >= _BATCH:
                 await self._flush(ws, batch)
         await self._flush(ws, batch)
+
+    def _compressed(self, delay: float) -> None:
+        self.stats.gaps_compressed += 1
+        self.stats.gap_seconds_skipped += delay - self.max_gap_s
+        log.info(
+            "compressed a gap of %.1f s (paced) in the source to %.1f s (--max-gap)",
+            delay,
+            self.max_gap_s,
+        )
 
     async def _flush(self, ws: ServerConnection, batch: list[bytes]) -> None:
         """Send the frames of `batch` (one websocket message each) and empty it.
@@ -479,6 +502,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'max' (as fast as the client reads; default) or a factor of real time",
     )
     parser.add_argument(
+        "--max-gap",
+        type=float,
+        default=5.0,
+        help="paced replays (--speed F) idle at most this many seconds on a gap in the source "
+        "(default 5)",
+    )
+    parser.add_argument(
         "--preload", action="store_true", help="render every frame into memory before listening"
     )
     parser.add_argument(
@@ -529,6 +559,7 @@ async def _serve(args: argparse.Namespace) -> int:
         stall_at=args.stall_at,
         stall_seconds=args.stall_seconds,
         bad_at=args.bad_at,
+        max_gap_s=args.max_gap,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -106,19 +106,67 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+SEEK_SUFFIX = ".seek.json"
+
+
+class SeekPoint(msgspec.Struct, array_like=True):
+    """Where a zstd frame of a time-ordered capture starts: its first time_us, its byte
+    offset in the file and the position (line number) of its first line."""
+
+    time_us: int
+    offset: int
+    position: int
+
+
+def seek_path(path: str | Path) -> Path:
+    """The seek index beside a capture (`loadtest replay` writes one for each it renders)."""
+    return Path(f"{path}{SEEK_SUFFIX}")
+
+
 class FileSource:
     """Recorded JSON-lines files (plain or .zst) or capture directories, replayed in order; a
     cursor skips every line whose time_us is below it (recordings are nearly, not strictly,
-    time-ordered)."""
+    time-ordered). A single time-ordered .zst file with a seek index beside it starts at the
+    zstd frame holding the cursor instead of reading every line before it: a reconnect deep
+    into a day's capture would otherwise take longer than a client's stall timeout."""
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
         self.paths = expand_paths(paths)
+        self.seek: list[SeekPoint] = []
+        index = seek_path(self.paths[0]) if len(self.paths) == 1 else None
+        if index is not None and index.is_file():
+            self.seek = msgspec.json.decode(index.read_bytes(), type=list[SeekPoint])
 
     def items(self, cursor: int | None) -> Iterator[Item]:
-        items = read_items(self.paths)
         if cursor is None:
-            return items
-        return (item for item in items if item.time_us >= cursor)
+            return read_items(self.paths)
+        if self.seek:
+            k = bisect.bisect_right([p.time_us for p in self.seek], cursor) - 1
+            if k > 0:
+                return self._from(self.seek[k], cursor)
+        return (item for item in read_items(self.paths) if item.time_us >= cursor)
+
+    def _from(self, point: SeekPoint, cursor: int) -> Iterator[Item]:
+        import zstandard
+
+        with open(self.paths[0], "rb") as raw:
+            raw.seek(point.offset)
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            lines = io.BufferedReader(reader, buffer_size=1 << 20)
+            position, last_time = point.position, point.time_us
+            for line in lines:
+                frame = line.rstrip(b"\r\n")
+                if not frame:
+                    continue
+                try:
+                    meta = _meta_decoder.decode(frame)
+                except msgspec.DecodeError:
+                    meta = _Meta(time_us=last_time)
+                last_time = meta.time_us
+                if meta.time_us >= cursor:
+                    collection = meta.commit.collection if meta.commit is not None else ""
+                    yield Item(position, meta.time_us, meta.did, collection, frame)
+                position += 1
 
 
 class PreloadedSource:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from appliance import metrics
@@ -110,6 +111,29 @@ def _texts(rng: random.Random, n: int) -> list[str | None]:
     return out
 
 
+RARE_MENTION = "did:plc:mentionedonce"
+# Filter values, common and rare, with the cases that trip a naive key: case, region subtags,
+# a trailing '-', user info and ports in URLs, look-alike hosts, non-URLs, non-ASCII tags.
+LANGS = [None, [], ["en"], ["en-US"], ["EN"], ["pt-BR"], ["pt"], ["ja"], ["en", "es"],
+         ["zh-Hant-TW"], ["de-"], ["x-klingon"]]  # fmt: skip
+TAGS = [None, [], ["Art"], ["ART", "news"], ["news"], ["İstanbul"], ["café"], ["CAFÉ"]]
+LINKS = [None, [], ["https://m.youtube.com/watch?v=1"], ["http://user@Sub.Example.org:8080/p"],
+         ["not a url"], ["https://example.org.evil.com/x"], ["https://notexample.org/"],
+         ["HTTPS://GITHUB.COM/a", "https://youtube.com/b"]]  # fmt: skip
+
+
+def _features(rng: random.Random, i: int) -> dict[str, object]:
+    """Language, hashtags, links and mentions of a post; a few rare values at fixed rows."""
+    rare = i in (333, 1777)
+    return {
+        "langs": ["uk"] if rare else rng.choice(LANGS),
+        "tags": ["Rare_Tag"] if rare else rng.choice(TAGS),
+        "links": ["https://rare.example.net/x"] if rare else rng.choice(LINKS),
+        "external_uri": rng.choice([None, None, "https://www.YouTube.com/v", "mailto:x@y.org"]),
+        "mentions": [RARE_MENTION] if rare else rng.choice([None, [], [AUTHORS[0]]]),
+    }
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Two compacted days of 2,500 posts each, in row groups of 64 rows, with token indexes."""
@@ -125,7 +149,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
         for i, text in enumerate(texts):
             t = T0_US + day * DAY + i * 30 * SEC
             did = RARE_AUTHOR if i in (700, 701, 2100) else rng.choice(AUTHORS)
-            data.post(text, t=t, did=did)
+            data.post(text, t=t, did=did, **_features(rng, i))
         for i, text in enumerate(TRICKY):  # the tricky texts once more, in their own groups
             data.post(text, t=T0_US + day * DAY + 80_000 * SEC + i, did=rng.choice(AUTHORS))
     data.flush()
@@ -150,16 +174,21 @@ def engines(store: Settings) -> Iterator[tuple[QueryEngine, QueryEngine]]:
     without.close()
 
 
-def _all_rows(engine: QueryEngine, filters: Filters, limit: int = 100) -> list[tuple[str, str]]:
-    """Every result of a search, page after page by cursor: (uri, text)."""
+def _all_rows(
+    engine: QueryEngine, filters: Filters, limit: int = 100, pages: int | None = None
+) -> list[tuple[str, str]]:
+    """Every result of a search (or its first `pages` pages), page after page by cursor:
+    (uri, text)."""
     out: list[tuple[str, str]] = []
     cursor = None
-    while True:
+    while pages is None or pages > 0:
         result = engine.search(filters, limit=limit, cursor=cursor)
         out.extend((p.uri, p.text or "") for p in result.posts)
         if not result.has_more or result.cursor is None:
-            return out
+            break
         cursor = result.cursor
+        pages = None if pages is None else pages - 1
+    return out
 
 
 _DUCK = duckdb.connect()
@@ -266,6 +295,120 @@ def test_the_index_never_changes_results_with_other_filters(
         b = without.search(filters, limit=5, page=page)
         assert [p.uri for p in a.posts] == [p.uri for p in b.posts]
         assert a.has_more == b.has_more
+
+
+def test_filter_keys_narrow_and_never_change_results(
+    engines: tuple[QueryEngine, QueryEngine],
+) -> None:
+    """lang, tag, domain and mention prune row groups through the index's filter keys; every
+    answer equals the scan's, for common, rare, absent and look-alike values."""
+    with_index, without = engines
+    day2 = T0_US + DAY
+    cases = [
+        Filters(lang="uk"),
+        Filters(lang="uk", sort="oldest"),
+        Filters(lang="en"),
+        Filters(lang="en-us"),
+        Filters(lang="pt", include=(COMMON_WORD,)),
+        Filters(lang="zh-hant"),
+        Filters(lang="zh"),
+        Filters(lang="de"),
+        Filters(lang="x"),
+        Filters(lang="es", include=(RARE_WORD,)),
+        Filters(lang="fr"),
+        Filters(tag="rare_tag"),
+        Filters(tag="art"),
+        Filters(tag="istanbul"),
+        Filters(tag="İstanbul".lower()),
+        Filters(tag="café"),
+        Filters(domain="rare.example.net"),
+        Filters(domain="example.net"),
+        Filters(domain="example.org"),
+        Filters(domain="youtube.com", include=(COMMON_WORD,)),
+        Filters(domain="github.com"),
+        Filters(domain="evil.com"),
+        Filters(domain="org"),
+        Filters(domain="y.org"),
+        Filters(domain="absent.example"),
+        Filters(mention=RARE_MENTION),
+        Filters(mention=AUTHORS[0], include=(RARE_WORD,)),
+        Filters(mention="did:plc:nobody"),
+        Filters(lang="uk", tag="rare_tag", domain="example.net", mention=RARE_MENTION),
+        Filters(lang="uk", tag="art"),
+        Filters(include=(ABSENT_WORD,), lang="en"),
+        Filters(lang="uk", since_us=day2, until_us=day2 + DAY),
+        Filters(tag="rare_tag", author=RARE_AUTHOR),
+    ]
+    before = _narrowed()
+    for filters in cases:
+        # the first pages (common values fill them from the first windows), and small pages
+        # past them (the walk moves on to later windows and to the narrowed row groups)
+        expected = _all_rows(without, filters, pages=3)
+        assert _all_rows(with_index, filters, pages=3) == expected, filters
+        small = _all_rows(without, filters, limit=7, pages=6)
+        assert _all_rows(with_index, filters, limit=7, pages=6) == small, filters
+    assert _narrowed() > before, "the filter keys were used"
+    # the rare values are found (the index must not lose them), exactly the posts holding them
+    assert len(_all_rows(with_index, Filters(lang="uk"))) == 4
+    assert len(_all_rows(with_index, Filters(mention=RARE_MENTION))) == 4
+    assert len(_all_rows(with_index, Filters(domain="example.net"))) == 4
+
+
+def test_filter_keys_narrow_a_walk_to_the_groups_that_hold_the_value(store: Settings) -> None:
+    """A rare language reads only its own row groups: the candidate ranges the walk gets."""
+    engine = _engine(store, True)
+    try:
+        snap = engine.snapshot()
+        engine.warm()
+        segments = [
+            seg
+            for day, paths in snap.days["posts"].items()
+            for path in paths
+            for seg in engine._segments(path, day)
+        ]
+        cur = engine._cursor()
+        try:
+            narrowed = engine._narrow(cur, segments, Filters(lang="uk"), None, None)
+        finally:
+            cur.close()
+        assert narrowed is not None
+        kept, restrict = narrowed
+        assert len(kept) == 4 and len(segments) == 80  # rows 333 and 1777 of each day
+        assert sum(len(r) for r in restrict.values()) == 4  # read through their time ranges
+    finally:
+        engine.close()
+
+
+def test_an_index_of_format_2_narrows_by_text_only(store: Settings) -> None:
+    """Indexes written before the filter keys stay valid: they narrow by text and author, and
+    a filter alone reads the files as before (never trusting keys such an index cannot hold)."""
+    data_dir = Path(store.data_dir)
+    for rel in read_manifest(data_dir).table_files("posts"):
+        sidecar = textindex.sidecar_path(data_dir / rel)
+        table = pq.read_table(sidecar)
+        meta = dict(table.schema.metadata or {})
+        meta[b"textindex"] = b"2"
+        pq.write_table(table.replace_schema_metadata(meta), sidecar)
+    old, scan = _engine(store, True), _engine(store, False)
+    try:
+        segments = [
+            seg
+            for day, paths in old.snapshot().days["posts"].items()
+            for path in paths
+            for seg in old._segments(path, day)
+        ]
+        cur = old._cursor()
+        try:
+            assert old._narrow(cur, segments, Filters(lang="uk"), None, None) is None
+            narrowed = old._narrow(cur, segments, Filters(include=(RARE_WORD,)), None, None)
+            assert narrowed is not None and len(narrowed[0]) < len(segments)
+        finally:
+            cur.close()
+        for filters in (Filters(lang="uk"), Filters(include=(RARE_WORD,), tag="art")):
+            assert _all_rows(old, filters) == _all_rows(scan, filters)
+    finally:
+        old.close()
+        scan.close()
 
 
 def test_deleted_posts_stay_hidden_with_the_index(store: Settings) -> None:

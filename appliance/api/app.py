@@ -28,6 +28,7 @@ import msgspec
 from sanic import Blueprint, Sanic
 from sanic.worker.loader import AppLoader
 
+from appliance.api.admission import Admission, Overloaded, on_overloaded, pool_threads
 from appliance.api.http import on_error, on_request, on_response
 from appliance.api.openapi import docs, docs_asset, openapi_document, openapi_json
 from appliance.api.routes import export, health, metrics_endpoint, ready, search, stats
@@ -35,6 +36,7 @@ from appliance.config import Settings
 from appliance.logs import setup_logging
 from appliance.query.accounts import AccountLookup
 from appliance.query.engine import QueryEngine
+from appliance.query.model import Busy
 
 log = logging.getLogger("appliance.api")
 
@@ -67,8 +69,9 @@ def create_app(
     @app.before_server_start
     async def open_engine(app: Sanic) -> None:
         app.ctx.pool = ThreadPoolExecutor(
-            max_workers=max(2, settings.duckdb_threads * 2), thread_name_prefix="query"
+            max_workers=pool_threads(settings), thread_name_prefix="query"
         )
+        app.ctx.admission = Admission.from_settings(settings)
         app.ctx.engine = engine = QueryEngine(settings, cursor_secret=secret)
         app.ctx.accounts = AccountLookup(engine)
         threading.Thread(target=_warm, args=(engine,), name="warm", daemon=True).start()
@@ -101,6 +104,8 @@ def create_app(
     app.register_middleware(on_request, "request")
     app.register_middleware(on_response, "response")  # type: ignore[arg-type]
     app.error_handler.add(Exception, on_error)
+    app.error_handler.add(Overloaded, on_overloaded)
+    app.error_handler.add(Busy, on_overloaded)
     return app
 
 

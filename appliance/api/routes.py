@@ -18,6 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sanic import HTTPResponse, Request
 
 from appliance import metrics
+from appliance.api.admission import admitted
 from appliance.api.exports import WRITERS, ExportSummary
 from appliance.api.http import (
     TooLarge,
@@ -59,7 +60,7 @@ async def search(request: Request) -> HTTPResponse:
     filters = to_filters(params)
     limit = params.limit if "limit" in given else settings.page_size
     began = time.perf_counter()
-    result = await blocking(
+    result = await admitted(
         request,
         engine.search,
         filters,
@@ -133,7 +134,8 @@ async def _prefetch(request: Request, batches: Iterator[list[Post]], rows: int) 
     head: list[list[Post]] = []
     have = 0
     while have < rows:
-        batch = await blocking(request, next, batches, None)
+        # Only the first step may be refused (503): the export is then admitted as a whole.
+        batch = await admitted(request, next, batches, None, refuse=not head)
         if batch is None:
             break
         head.append(batch)
@@ -177,7 +179,7 @@ async def _stream(
         while True:
             batch = next(pending, None)
             if batch is None:
-                batch = await blocking(request, next, batches, None)
+                batch = await admitted(request, next, batches, None, refuse=False)
             if batch is None:
                 return 200, rows, False
             take = batch[: max_rows - rows]
@@ -211,7 +213,9 @@ async def accounts_known(
     for name in ("author", "mention"):
         value = getattr(filters, name)
         if value is not None:
-            known[name] = True if found else await blocking(request, lookup.known, value)
+            known[name] = (
+                True if found else await admitted(request, lookup.known, value, refuse=False)
+            )
     return known
 
 
@@ -220,7 +224,7 @@ async def stats(request: Request) -> HTTPResponse:
     convert_params_none(request)
     engine: QueryEngine = request.app.ctx.engine
     began = time.perf_counter()
-    body = await blocking(request, engine.stats)
+    body = await admitted(request, engine.stats)
     took = time.perf_counter() - began
     metrics.api_query_seconds.labels("stats").observe(took)
     return json_response(msgspec.convert(dict(body, took_ms=round(took * 1000, 2)), StatsResponse))

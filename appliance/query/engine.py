@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +48,7 @@ from appliance.query.files import LiveFiles
 from appliance.query.guard import LRU, Guard
 from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
 from appliance.query.model import (
+    Busy,
     Filters,
     InvalidQuery,
     Position,
@@ -88,6 +89,10 @@ INDEX_MAX_FRACTION = 0.5
 # would need more rows than this (a common word's page or export is then only a few windows away,
 # and the lookup would cost more than it saves).
 NARROW_ROWS = 1_000_000
+# A walk that has read this many rows (estimated) and still needs more is a long scan: it goes
+# on only holding the worker's long-scan lane, so at most `query_long_scans` of them run at once
+# and short searches keep the other query threads (and the cores) meanwhile.
+LONG_SCAN_ROWS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,29 @@ class _WindowQuery:
     hi: int
     latest: bool
     restrict: dict[str, list[tuple[int, int]]]
+
+
+class _Lane:
+    """A walk's hold on the worker's long-scan lane: taken once, when the walk turns long."""
+
+    def __init__(self, lane: threading.BoundedSemaphore, wait_s: float) -> None:
+        self._lane = lane
+        self._wait_s = wait_s
+        self.held = False
+
+    def enter(self) -> None:
+        if self.held:
+            return
+        if not self._lane.acquire(timeout=self._wait_s):
+            metrics.api_long_scans.labels("refused").inc()
+            raise Busy(f"other long scans kept the lane for {self._wait_s:g} s")
+        metrics.api_long_scans.labels("run").inc()
+        self.held = True
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self._lane.release()
 
 
 class QueryEngine:
@@ -129,6 +157,7 @@ class QueryEngine:
         self._db_lock = threading.Lock()
         self.files = LiveFiles(self.data_dir)
         self._cache = LRU(settings.cache_entries)
+        self._long_lane = threading.BoundedSemaphore(settings.query_long_scans)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
         self._hidden = PerFileIndex(
             tuple(visibility.hiders("posts")), load_hiding, visibility.HidingIndex.from_tables
@@ -267,8 +296,11 @@ class QueryEngine:
             return
         filters = resolved
         cur = self._cursor()
+        # an export that has started streaming waits for the long-scan lane rather than end cut
+        walk = self._walk(
+            cur, snap, filters, None, need=max_rows, lane_wait_s=self.settings.query_timeout_s
+        )
         try:
-            walk = self._walk(cur, snap, filters, None, need=max_rows)
             while True:
                 batch = self._step(cur, walk)
                 if batch is None:
@@ -277,10 +309,11 @@ class QueryEngine:
                 self._attach_handles(cur, snap, posts, batch)
                 yield posts
         finally:
+            walk.close()  # gives the long-scan lane back if the walk held it
             cur.close()
 
     def _step(
-        self, cur: duckdb.DuckDBPyConnection, walk: Iterator[list[tuple[Any, ...]]]
+        self, cur: duckdb.DuckDBPyConnection, walk: Generator[list[tuple[Any, ...]], None, None]
     ) -> list[tuple[Any, ...]] | None:
         with Guard(cur, self.settings.query_timeout_s):
             return next(walk, None)
@@ -389,8 +422,12 @@ class QueryEngine:
         filters: Filters,
         after: Position | None,
         need: int,
-    ) -> Iterator[list[tuple[Any, ...]]]:
-        """Yield batches of visible rows in sort order, `need` rows in all (fewer if no more)."""
+        lane_wait_s: float | None = None,
+    ) -> Generator[list[tuple[Any, ...]], None, None]:
+        """Yield batches of visible rows in sort order, `need` rows in all (fewer if no more).
+
+        Past LONG_SCAN_ROWS the walk waits for the long-scan lane up to `lane_wait_s` (by
+        default api_max_wait_s), then raises Busy."""
         author = mention = None
         if filters.author is not None:
             author = self.resolve(cur, snap, filters.author)
@@ -412,26 +449,40 @@ class QueryEngine:
         seen: set[str] = set()
         # The first window is walked as is (a common word fills the page there); if the page is
         # not full after it, the token indexes narrow the rest of the walk to candidate groups.
-        narrow = self.settings.query_text_index and (filters.include or author is not None)
+        narrow = self.settings.query_text_index and bool(
+            filters.include or author or mention or filters.lang or filters.tag or filters.domain
+        )
         restrict: dict[str, list[tuple[int, int]]] = {}
-        while remaining > 0 and (window := planner.next(target)) is not None:
-            lo, hi, files, rows_in_window = window
-            query = _WindowQuery(files, clauses, params, lo, hi, latest, restrict)
-            found, delivered = yield from self._walk_window(
-                cur, snap, query, after, remaining, seen
-            )
-            hits += found
-            remaining -= delivered
-            scanned += rows_in_window
-            target = next_target(
-                target, remaining, scanned, hits, first_rows=FIRST_WINDOW_ROWS, growth=WINDOW_GROWTH
-            )
-            if narrow and worth_narrowing(remaining, scanned, hits, narrow_rows=NARROW_ROWS):
-                narrow = False
-                narrowed = self._narrow(cur, segments, filters, author)
-                if narrowed is not None:
-                    segments, restrict = narrowed
-                    planner = planner.rest(segments)
+        wait = self.settings.api_max_wait_s if lane_wait_s is None else lane_wait_s
+        lane = _Lane(self._long_lane, wait)
+        try:
+            while remaining > 0 and (window := planner.next(target)) is not None:
+                if scanned >= LONG_SCAN_ROWS:
+                    lane.enter()
+                lo, hi, files, rows_in_window = window
+                query = _WindowQuery(files, clauses, params, lo, hi, latest, restrict)
+                found, delivered = yield from self._walk_window(
+                    cur, snap, query, after, remaining, seen
+                )
+                hits += found
+                remaining -= delivered
+                scanned += rows_in_window
+                target = next_target(
+                    target,
+                    remaining,
+                    scanned,
+                    hits,
+                    first_rows=FIRST_WINDOW_ROWS,
+                    growth=WINDOW_GROWTH,
+                )
+                if narrow and worth_narrowing(remaining, scanned, hits, narrow_rows=NARROW_ROWS):
+                    narrow = False
+                    narrowed = self._narrow(cur, segments, filters, author, mention)
+                    if narrowed is not None:
+                        segments, restrict = narrowed
+                        planner = planner.rest(segments)
+        finally:
+            lane.leave()
 
     def _walk_window(
         self,
@@ -497,38 +548,57 @@ class QueryEngine:
         segments: list[Segment],
         filters: Filters,
         author: str | None,
+        mention: str | None,
     ) -> tuple[list[Segment], dict[str, list[tuple[int, int]]]] | None:
         """The segments left once token indexes rule row groups out, and per narrowed file the
         time ranges of its candidate row groups; None if no index applies.
+
+        Text pieces and the author narrow through every valid index; the other filters' keys
+        only through indexes of format FILTER_KEYS_FROM on (older files narrow without them).
         """
         pieces: list[str] = []
         for term in filters.include:
             pieces.extend(textindex.pieces(cur, term))
         pieces = list(dict.fromkeys(pieces))
-        if not pieces and author is None:
-            return None  # terms of emoji or punctuation only: nothing to look up
+        keys = [
+            (field, value)
+            for field, value in (
+                (textindex.FIELD_LANG, filters.lang),
+                (textindex.FIELD_TAG, filters.tag),
+                (textindex.FIELD_DOMAIN, filters.domain),
+                (textindex.FIELD_MENTION, mention),
+            )
+            if value
+        ]
         by_file: dict[str, list[Segment]] = {}
         for seg in segments:
             by_file.setdefault(seg.path, []).append(seg)
-        indexed = [p for p in by_file if self.files.has_index(p)]
-        if not indexed:
-            return None
-        sidecars = {str(textindex.sidecar_path(p)): p for p in indexed}
-        try:
-            found = textindex.candidate_groups(cur, list(sidecars), pieces, author)
-        except duckdb.InterruptException:
-            raise
-        except duckdb.Error:
-            metrics.api_text_index.labels("error").inc()
-            log.exception("token index lookup failed; scanning instead")
-            return None
-        if found is None:
-            metrics.api_text_index.labels("not_selective").inc(len(indexed))
+        formats = {p: self.files.index_format(p) for p in by_file}
+        newer = [p for p, f in formats.items() if f >= textindex.FILTER_KEYS_FROM]
+        older = [p for p, f in formats.items() if 0 < f < textindex.FILTER_KEYS_FROM]
+        found: dict[str, set[int]] = {}
+        for paths, lookup in ((newer, keys), (older, [])):
+            if not paths or not (pieces or author or lookup):
+                continue  # terms of emoji or punctuation only: nothing to look up
+            sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
+            try:
+                looked = textindex.candidate_groups(cur, list(sidecars), pieces, author, lookup)
+            except duckdb.InterruptException:
+                raise
+            except duckdb.Error:
+                metrics.api_text_index.labels("error").inc()
+                log.exception("token index lookup failed; scanning instead")
+                return None
+            if looked is None:
+                metrics.api_text_index.labels("not_selective").inc(len(paths))
+                continue
+            found.update((sidecars[s], g) for s, g in looked.items())
+        if not found:
             return None
         kept, restrict, outcome = narrow_segments(
             by_file,
             {p: self.files.row_groups(p) for p in by_file},
-            {sidecars[s]: g for s, g in found.items()},
+            found,
             max_fraction=INDEX_MAX_FRACTION,
         )
         for label, files in outcome.items():

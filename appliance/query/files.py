@@ -31,7 +31,7 @@ class LiveFiles:
         self._snapshot: Snapshot | None = None
         self._manifest_stat: tuple[int, int, int] | None = None
         self._row_groups: dict[str, list[Segment]] = {}
-        self._indexed: dict[str, bool] = {}  # posts file -> has a valid token index
+        self._indexed: dict[str, int] = {}  # posts file -> format of its valid index, or 0
 
     def snapshot(self) -> Snapshot:
         """The live files, re-reading the manifest only when its inode, mtime or size changed."""
@@ -58,7 +58,7 @@ class LiveFiles:
                 self._manifest_stat = stat_key
                 live = {p for by_day in days.values() for paths in by_day.values() for p in paths}
                 self._row_groups = {p: s for p, s in self._row_groups.items() if p in live}
-                self._indexed = {p: ok for p, ok in self._indexed.items() if p in live}
+                self._indexed = {p: f for p, f in self._indexed.items() if p in live}
             return self._snapshot
 
     def segments(self, path: str, day: str) -> list[Segment]:
@@ -111,20 +111,24 @@ class LiveFiles:
 
     def has_index(self, path: str) -> bool:
         """Whether a posts file has a valid token index (checked once per file)."""
+        return self.index_format(path) > 0
+
+    def index_format(self, path: str) -> int:
+        """The format of a posts file's valid token index, 0 if it has none (checked once)."""
         known = self._indexed.get(path)
         if known is not None:
             return known
         sidecar = textindex.sidecar_path(path)
         try:
-            ok = textindex.valid_for(sidecar, path)
+            found = textindex.format_for(sidecar, path) or 0
         except OSError:
-            ok = False
+            found = 0
             if Path(path).name.startswith(layout.COMPACTED_PREFIX):
                 metrics.api_text_index.labels("missing").inc()
                 log.warning("token index missing; the file is scanned", extra={"file": path})
         else:
-            if not ok:
+            if not found:
                 metrics.api_text_index.labels("invalid").inc()
                 log.warning("token index invalid; the file is scanned", extra={"file": path})
-        self._indexed[path] = ok
-        return ok
+        self._indexed[path] = found
+        return found

@@ -35,6 +35,10 @@ class QueryTimeout(QueryError):
     """The query ran past query_timeout_s and was interrupted: HTTP 504."""
 
 
+class Busy(QueryError):
+    """A long scan found the worker's long-scan lane taken for too long: HTTP 503."""
+
+
 class Filters(msgspec.Struct, frozen=True, kw_only=True):
     """A normalised search: what /v1/search and /v1/export filter on, with no paging."""
 

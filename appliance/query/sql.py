@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from appliance.query.model import Filters, Position, Post
-from appliance.store import layout
+from appliance.store import layout, textindex
 
 # The uri is not stored: it is derived from did and rkey (`layout.uri_sql`), everywhere the
 # same way, so the keyset order, cursors and the visibility index's hash(uri) agree.
@@ -20,7 +20,7 @@ COLUMNS = (
     f"hash({POST_URI}) AS h, hash(did) AS dh"
 )
 URI, DID, REV, TIME_US, URI_HASH, DID_HASH = 0, 1, 2, 3, 15, 16
-_HOST = "lower(regexp_extract({u}, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#:]+)', 1))"
+_HOST = textindex.HOST_SQL  # the token index keys domains by this same expression
 
 
 def _text_clause(term_param: str, exact: bool) -> str:

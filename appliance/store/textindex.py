@@ -6,7 +6,11 @@ no `*.parquet` glob matches) that maps
 
 - every token of the lower-cased text (runs of letters and digits, `[\\p{L}\\p{N}]+`; in
   scripts written without spaces -- Han, kana, Thai, ... -- each character), and
-- every author DID (a stable 64-bit hash of it: a collision only adds candidates)
+- every author DID (a stable 64-bit hash of it: a collision only adds candidates), and
+- the values the other filters compare with equality: each language tag and its `-` prefixes
+  (`pt-br` gives `pt` and `pt-br`), each hashtag, each link host and its parent domains
+  (`m.youtube.com` gives `youtube.com` and `com`), each mentioned DID (hashed), all lower-cased
+  exactly as the filters lower them,
 
 to the sorted list of the file's row groups that contain it. The query engine turns a search into
 candidate row groups and reads only those (by their time_us ranges, which DuckDB prunes on).
@@ -20,6 +24,11 @@ the vocabulary), intersected over pieces, terms and the author. Classification i
 and DuckDB's lower() is per code point too, so a case-sensitive search (exact=true) uses the
 lower-case index as a superset. A term without letters or digits (emoji, punctuation) gives no
 piece and no narrowing. The exact predicate is applied to the candidate rows as before.
+
+The filter keys narrow for the same reason: a row passes `lang=L` only if one of its language
+tags, lower-cased, is L or starts with `L-`, so L is that tag or one of its `-` prefixes, a key
+of the row's group; a row passes `domain=D` only if a host of its links is D or ends with `.D`, so
+D is that host or one of its `.` suffixes; `tag` and `mention` are equalities on a list element.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,7 @@ from appliance.store.writer import fsync_dir
 log = logging.getLogger("appliance.textindex")
 
 SUFFIX = ".tidx"
-FORMAT = "2"
+FORMAT = "3"
 # Token separators: everything but letters and digits (RE2 Unicode classes, as DuckDB runs them).
 SEPARATORS = r"[^\p{L}\p{N}]+"
 # Scripts written without spaces: each of their characters is a token of its own, or a
@@ -58,6 +68,40 @@ def tokens_sql(expr: str) -> str:
 FIELD_TOKEN = 0
 MAX_ENTRIES_PER_FILE = 1000  # vocabulary entries a piece may match and still be looked up
 FIELD_DID = 1
+# Filter keys (format 3 on): equality lookups, like the DID.
+FIELD_LANG = 2
+FIELD_TAG = 3
+FIELD_DOMAIN = 4
+FIELD_MENTION = 5  # hashed like the author DID
+KEY_FIELDS = frozenset({FIELD_LANG, FIELD_TAG, FIELD_DOMAIN})
+HASH_FIELDS = frozenset({FIELD_DID, FIELD_MENTION})
+# Formats a reader accepts; the filter keys exist from format 3 on (a format 2 index narrows by
+# text and author only until its day is compacted again).
+FILTER_KEYS_FROM = 3
+READABLE = frozenset({"2", FORMAT})
+# The host of a URI, lower-cased: the `domain` filter compares exactly this, so the index keys
+# and the filter must use this one expression.
+HOST_SQL = "lower(regexp_extract({u}, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#:]+)', 1))"
+
+
+def _prefixes_sql(value: str, sep: str, suffixes: bool = False) -> str:
+    """SQL listing `value` and its parts cut at `sep`: prefixes (a-b-c: a, a-b, a-b-c) or
+    suffixes (a.b.c: a.b.c, b.c, c)."""
+    parts = f"string_split({value}, '{sep}')"
+    cut = f"{parts}[i:]" if suffixes else f"{parts}[1:i]"
+    return f"list_transform(range(1, len({parts}) + 1), lambda i: array_to_string({cut}, '{sep}'))"
+
+
+# Per row: the keys of each filter field (lists; flattened and grouped by the index builder).
+LANG_KEYS_SQL = (
+    f"flatten(list_transform(coalesce(langs, []), lambda l: {_prefixes_sql('lower(l)', '-')}))"
+)
+TAG_KEYS_SQL = "list_transform(coalesce(tags, []), lambda t: lower(t))"
+DOMAIN_KEYS_SQL = (
+    "flatten(list_transform(list_filter(list_append(coalesce(links, []), external_uri), "
+    "lambda u: u IS NOT NULL), "
+    f"lambda u: {_prefixes_sql(HOST_SQL.format(u='u'), '.', suffixes=True)}))"
+)
 
 
 def sidecar_path(data_file: str | Path) -> Path:
@@ -105,13 +149,24 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
                 SELECT unnest(range(len($starts))) AS g, unnest($starts) AS start
             ),
             src AS (
-                SELECT grp.g, s.text, s.did
+                SELECT grp.g, s.text, s.did, s.langs, s.tags, s.links, s.external_uri,
+                       s.mentions
                 FROM read_parquet($file, file_row_number = true, hive_partitioning = false) s
                 ASOF JOIN grp ON s.file_row_number >= grp.start
             ),
             tokens AS (
                 SELECT DISTINCT g, unnest({tokens_sql("text")}) AS key
                 FROM src WHERE text IS NOT NULL
+            ),
+            keyed AS (
+                SELECT DISTINCT g, {FIELD_LANG} AS field, unnest({LANG_KEYS_SQL}) AS key FROM src
+                UNION ALL
+                SELECT DISTINCT g, {FIELD_TAG}, unnest({TAG_KEYS_SQL}) FROM src
+                UNION ALL
+                SELECT DISTINCT g, {FIELD_DOMAIN}, unnest({DOMAIN_KEYS_SQL}) FROM src
+            ),
+            mentioned AS (
+                SELECT DISTINCT g, unnest(mentions) AS m FROM src
             )
             SELECT {FIELD_TOKEN}::UTINYINT AS field, key, NULL::UBIGINT AS h,
                    list(g::USMALLINT ORDER BY g) AS groups
@@ -120,6 +175,13 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
             SELECT {FIELD_DID}::UTINYINT, NULL, {DID_HASH.format("did")},
                    list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
             FROM src GROUP BY {DID_HASH.format("did")}
+            UNION ALL
+            SELECT field::UTINYINT, key, NULL, list(g::USMALLINT ORDER BY g)
+            FROM keyed WHERE key IS NOT NULL AND key <> '' GROUP BY field, key
+            UNION ALL
+            SELECT {FIELD_MENTION}::UTINYINT, NULL, {DID_HASH.format("m")},
+                   list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
+            FROM mentioned WHERE m IS NOT NULL GROUP BY {DID_HASH.format("m")}
             ORDER BY field, key, h
         ) TO '{_sql_path(tmp)}' (
             FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384,
@@ -175,14 +237,28 @@ def valid_for(sidecar: str | Path, data_file: str | Path) -> bool:
     Raises FileNotFoundError if there is no sidecar; False if it is unreadable, not an index, or
     the index of another (or an older) file.
     """
+    return format_for(sidecar, data_file) is not None
+
+
+def format_for(sidecar: str | Path, data_file: str | Path) -> int | None:
+    """The format of the sidecar if it is a readable index of exactly this data file, else None.
+
+    Raises FileNotFoundError if there is no sidecar.
+    """
     try:
         kv = pq.read_metadata(sidecar).metadata or {}
     except FileNotFoundError:
         raise
     except (OSError, ValueError):
-        return False
+        return None
+    version = kv.get(b"textindex", b"").decode(errors="replace")
+    if version not in READABLE:
+        return None
     want = identity(data_file)
-    return all(kv.get(k.encode()) == v.encode() for k, v in want.items())
+    want.pop("textindex")
+    if not all(kv.get(k.encode()) == v.encode() for k, v in want.items()):
+        return None
+    return int(version)
 
 
 def pieces(con: duckdb.DuckDBPyConnection, term: str) -> list[str]:
@@ -197,26 +273,30 @@ def candidate_groups(
     con: duckdb.DuckDBPyConnection,
     sidecars: list[str],
     term_pieces: list[str],
-    did: str | None,
+    did: str | None = None,
+    keys: Sequence[tuple[int, str]] = (),
 ) -> dict[str, set[int]] | None:
-    """Row groups per sidecar that can hold a row containing every piece (and by `did`).
+    """Row groups per sidecar that can hold a row containing every piece, by `did`, and with
+    every (field, value) of `keys` (a DID for FIELD_MENTION, a lower-case key otherwise).
 
     A piece found in too many vocabulary entries (a letter or two, a common syllable) is left
     out: its groups would be nearly all, and collecting them costs more than it saves. Leaving a
     piece out only widens the candidates. None if nothing selective is left to look up.
 
-    Tokens and DIDs are looked up in separate scans: each filters on `field` alone first, so
-    DuckDB skips the other half of the (field, key)-sorted sidecar by its statistics, and the DID
-    lookup (an equality) reads a single row group per file. A sidecar with no candidate maps to
-    an empty set.
+    Tokens and keys are looked up in separate scans: each filters on `field` first, so DuckDB
+    skips the rest of the (field, key)-sorted sidecar by its statistics, and an equality lookup
+    reads a single row group per file. A sidecar with no candidate maps to an empty set. Filter
+    keys exist only in indexes of format FILTER_KEYS_FROM on: give them only such sidecars.
     """
-    if not term_pieces and did is None:
+    lookups = [(FIELD_DID, did)] if did is not None else []
+    lookups += [(f, v) for f, v in keys if v]
+    if not term_pieces and not lookups:
         raise ValueError("nothing to look up")
     source = "read_parquet($files, filename = true, hive_partitioning = false)"
     found: list[dict[str, set[int]]] = []
     if term_pieces:
         term_pieces = _selective(con, sidecars, term_pieces)
-    if not term_pieces and did is None:
+    if not term_pieces and not lookups:
         return None
     if term_pieces:
         params: dict[str, Any] = {"files": sidecars}
@@ -230,13 +310,29 @@ def candidate_groups(
             f"WHERE field = {FIELD_TOKEN} AND ({' OR '.join(any_piece)}) GROUP BY filename"
         )
         found.append(_per_file(con.execute(sql, params).fetchall()))
-    if did is not None:
-        sql = (
-            f"SELECT filename, groups FROM {source} "
-            f"WHERE field = {FIELD_DID} AND h = {DID_HASH.format('$did')}"
-        )
-        found.append(_per_file(con.execute(sql, {"files": sidecars, "did": did}).fetchall()))
+    if lookups:
+        found.extend(_equalities(con, source, sidecars, lookups))
     return {path: set.intersection(*(f.get(path, set()) for f in found)) for path in sidecars}
+
+
+def _equalities(
+    con: duckdb.DuckDBPyConnection, source: str, sidecars: list[str], lookups: list[tuple[int, str]]
+) -> list[dict[str, set[int]]]:
+    """Per lookup, filename -> the row groups holding that key (one scan, a branch each)."""
+    params: dict[str, Any] = {"files": sidecars}
+    branches = []
+    for i, (field, value) in enumerate(lookups):
+        if field not in HASH_FIELDS and field not in KEY_FIELDS:
+            raise ValueError(f"not a key field: {field}")
+        params[f"v{i}"] = value
+        match = f"h = {DID_HASH.format(f'$v{i}')}" if field in HASH_FIELDS else f"key = $v{i}"
+        branches.append(
+            f"SELECT {i} AS i, filename, groups FROM {source} WHERE field = {field} AND {match}"
+        )
+    out: list[dict[str, set[int]]] = [{} for _ in lookups]
+    for i, filename, groups in con.execute(" UNION ALL ".join(branches), params).fetchall():
+        out[i].setdefault(filename, set()).update(groups or ())
+    return out
 
 
 def _selective(con: duckdb.DuckDBPyConnection, sidecars: list[str], pieces: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from appliance.store import compact, layout
+from appliance.store import compact, layout, textindex
 from appliance.store.manifest import read_manifest, update_manifest
 from appliance.store.writer import write_atomic
 from loadtest.bench import free_port, median, p95
@@ -351,14 +351,67 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
         "build_s": round(time.perf_counter() - began, 1),
         "index_days": index_days,
     }
+    meta["index_format"] = textindex.FORMAT
     meta_path.write_text(json.dumps(meta, indent=2))
     print(f"store: built in {meta['build_s']} s: {json.dumps(counts)}", flush=True)
     return meta
 
 
+def reindex_store(source: Path, store: Path) -> dict[str, Any]:
+    """A copy of the store at `source` (hard links: no data is copied) whose posts files get
+    token indexes of the current format, so an old store can be measured with new indexes
+    beside the old one (the data files, and so the answers, are the same)."""
+    meta_path = source / "bench.json"
+    if not meta_path.exists():
+        raise SystemExit(f"no store in {source} to re-index")
+    done = store / "bench.json"
+    if done.exists():
+        meta: dict[str, Any] = json.loads(done.read_text())
+        if meta.get("reindexed_from") == str(source) and meta.get("index_format") == (
+            textindex.FORMAT
+        ):
+            print(f"store: reusing {store}, re-indexed from {source}", flush=True)
+            return meta
+    if store.exists() and any(store.iterdir()):
+        raise SystemExit(f"{store} is not empty; re-index into a new directory")
+    import duckdb
+
+    began = time.perf_counter()
+    indexer = duckdb.connect(config={"threads": 2})  # as the compactor's connection
+    index_days: list[dict[str, Any]] = []
+    for path in sorted(source.rglob("*")):
+        if path.is_dir() or path.suffix == textindex.SUFFIX:
+            continue
+        target = store / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, target)
+    for rel in read_manifest(store).table_files("posts"):
+        built = compact.index_posts_file(indexer, store / rel)
+        if built is None:
+            raise SystemExit(f"the token index of {rel} failed; see the log")
+        index_days.append(
+            {
+                "day": rel.split("/")[1].removeprefix("date="),
+                "seconds": round(built.seconds, 2),
+                "index_bytes": built.bytes,
+                "data_bytes": (store / rel).stat().st_size,
+                "tokens": built.tokens,
+            }
+        )
+        print(f"store: re-indexed {rel} in {built.seconds:.1f} s", flush=True)
+    meta = json.loads(meta_path.read_text())
+    meta.update(index_days=index_days, index_format=textindex.FORMAT, reindexed_from=str(source))
+    (store / "bench.json").unlink()  # a hard link to the source's: replace, never write through
+    (store / "bench.json").write_text(json.dumps(meta, indent=2))
+    print(f"store: re-indexed in {time.perf_counter() - began:.0f} s", flush=True)
+    return meta
+
+
 # --- measuring --------------------------------------------------------------------------------
 
-FILTERS = ("none", "1d", "7d", "author")
+FILTERS = ("none", "1d", "7d", "author", "lang", "tag", "domain")
+# the values of the lang/tag/domain cases (a 5%, ~1.3% and ~1.7% share of the posts)
+CASE_LANG, CASE_TAG, CASE_DOMAIN = "de", "science", "github.com"
 PLAIN_COLUMNS = (
     f"{layout.uri_sql('posts')} AS uri, did, rev, time_us, created_at, text, langs, reply_parent, reply_root, quote_uri, "
     "embed_kind, external_uri, links, mentions, tags"
@@ -368,22 +421,35 @@ PLAIN_COLUMNS = (
 class _Api:
     """A real `appliance serve` subprocess over the store, result cache off."""
 
-    def __init__(self, store: Path, threads: int, workdir: Path, text_index: bool = True) -> None:
+    def __init__(
+        self,
+        store: Path,
+        threads: int,
+        workdir: Path,
+        text_index: bool = True,
+        environ: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> None:
         from appliance.config import load_settings, to_environ
 
         port = free_port()
+        given: dict[str, Any] = {
+            "api_workers": 1,
+            "cache_entries": 0,  # measure the query, not the cache
+            "query_timeout_s": 600.0,
+            "duckdb_threads": threads,
+            "query_text_index": text_index,
+            **overrides,
+        }
         settings = load_settings(
-            environ={},
+            environ=environ or {},
             data_dir=str(store.resolve()),
             api_port=port,
-            api_workers=1,
-            cache_entries=0,  # measure the query, not the cache
-            query_timeout_s=600.0,
-            duckdb_threads=threads,
-            query_text_index=text_index,
             log_format="json",
             log_level="WARNING",
+            **given,
         )
+        self.settings = settings
         self.base = f"http://127.0.0.1:{port}"
         self.log = workdir / "bench-query-serve.log"
         env = {**os.environ, **to_environ(settings)}
@@ -435,7 +501,8 @@ def _case(meta: dict[str, Any], word: str, flt: str) -> tuple[dict[str, str], st
     """API params, the plain query's extra WHERE and its params for one case."""
     last = datetime.fromisoformat(meta["last_day"])
     params = {"q": f'"{word}"' if " " in word else word, "limit": "50"}
-    where, bound = "", {}
+    where = ""
+    bound: dict[str, Any] = {}
     if flt in ("1d", "7d"):
         since = (last - timedelta(days=0 if flt == "1d" else 6)).strftime("%Y-%m-%d")
         until = (last + timedelta(days=1)).strftime("%Y-%m-%d")
@@ -445,6 +512,21 @@ def _case(meta: dict[str, Any], word: str, flt: str) -> tuple[dict[str, str], st
     elif flt == "author":
         params["author"] = meta["author_handle"]
         where, bound = " AND did = $did", {"did": meta["author_did"]}
+    elif flt.startswith("lang"):  # lang, or lang_XX
+        lang = flt.removeprefix("lang").removeprefix("_") or CASE_LANG
+        params["lang"] = lang
+        where, bound = " AND list_contains(langs, $lang)", {"lang": lang}
+    elif flt == "tag":
+        params["tag"] = CASE_TAG
+        where = " AND list_contains(list_transform(tags, lambda x: lower(x)), $tag)"
+        bound = {"tag": CASE_TAG}
+    elif flt == "domain":
+        params["domain"] = CASE_DOMAIN
+        where = (
+            " AND (contains(coalesce(external_uri, ''), $domain)"
+            " OR contains(array_to_string(links, ' '), $domain))"
+        )
+        bound = {"domain": CASE_DOMAIN}
     return params, where, bound
 
 
@@ -459,9 +541,18 @@ def _timed(fn: Any, runs: int) -> tuple[list[float], Any]:
 
 
 def measure(
-    store: Path, meta: dict[str, Any], runs: int, threads: int, text_index: bool = True
+    store: Path,
+    meta: dict[str, Any],
+    runs: int,
+    threads: int,
+    text_index: bool = True,
+    filters: tuple[str, ...] = FILTERS,
+    with_plain: bool = True,
 ) -> dict[str, Any]:
-    """Every case through the API and as the plain DuckDB query; exports in each format."""
+    """Every case through the API and as the plain DuckDB query; exports in each format.
+
+    Cases: each probe word with each filter, and "the" in Japanese posts (a word common in the
+    store, in a language whose posts never hold it)."""
     import duckdb
 
     manifest = read_manifest(store)
@@ -474,8 +565,11 @@ def measure(
     )
     out: dict[str, Any] = {"posts": meta["posts"], "runs": runs, "cases": {}}
     try:
-        for name, word in PROBES.items():
-            for flt in FILTERS:
+        cases = [(name, word, flt) for name, word in PROBES.items() for flt in filters]
+        if "lang" in filters:
+            cases.append(("the", "the", "lang_ja"))
+        for name, word, flt in cases:
+            if True:  # one case
                 params, where, bound = _case(meta, word, flt)
 
                 def via_api(params: dict[str, str] = params) -> int:
@@ -494,24 +588,32 @@ def measure(
                     return len(plain.execute(sql, plain_params).fetchall())
 
                 api_times, api_rows = _timed(via_api, runs)
-                plain_times, plain_rows = _timed(via_duckdb, runs)
                 case = {
                     "api_median_s": round(median(api_times), 4),
                     "api_p95_s": round(p95(api_times), 4),
-                    "plain_median_s": round(median(plain_times), 4),
-                    "plain_p95_s": round(p95(plain_times), 4),
                     "api_rows": api_rows,
-                    "plain_rows": plain_rows,
                 }
-                case["api_over_plain"] = round(case["api_median_s"] / case["plain_median_s"], 3)
-                out["cases"][f"{name}_{flt}"] = case
-                print(
-                    f"{name:>6} {flt:>6}: API median {case['api_median_s']:.3f} s "
-                    f"(p95 {case['api_p95_s']:.3f}, {api_rows} rows)   plain DuckDB median "
-                    f"{case['plain_median_s']:.3f} s (p95 {case['plain_p95_s']:.3f}, "
-                    f"{plain_rows} rows)   ratio {case['api_over_plain']}",
-                    flush=True,
+                line = (
+                    f"{name:>6} {flt:>7}: API median {case['api_median_s']:.3f} s "
+                    f"(p95 {case['api_p95_s']:.3f}, {api_rows} rows)"
                 )
+                if with_plain:
+                    plain_times, plain_rows = _timed(via_duckdb, runs)
+                    case.update(
+                        plain_median_s=round(median(plain_times), 4),
+                        plain_p95_s=round(p95(plain_times), 4),
+                        plain_rows=plain_rows,
+                        api_over_plain=round(
+                            case["api_median_s"] / max(median(plain_times), 1e-6), 3
+                        ),
+                    )
+                    line += (
+                        f"   plain DuckDB median {case['plain_median_s']:.3f} s (p95 "
+                        f"{case['plain_p95_s']:.3f}, {plain_rows} rows)   ratio "
+                        f"{case['api_over_plain']}"
+                    )
+                out["cases"][f"{name}_{flt}"] = case
+                print(line, flush=True)
         for fmt in ("csv", "jsonl", "parquet"):
             export_params = {"q": COMMON_WORD, "format": fmt, "limit": "1000"}
 
@@ -531,8 +633,11 @@ def measure(
         plain.close()
     cases = out["cases"]
     for name in PROBES:
-        out[f"{name}_first_page_median_s"] = cases[f"{name}_none"]["api_median_s"]
-        out[f"plain_duckdb_{name}_median_s"] = cases[f"{name}_none"]["plain_median_s"]
+        if f"{name}_none" in cases:
+            out[f"{name}_first_page_median_s"] = cases[f"{name}_none"]["api_median_s"]
+        if with_plain and f"{name}_none" in cases:
+            out[f"plain_duckdb_{name}_median_s"] = cases[f"{name}_none"]["plain_median_s"]
+    out["slowest_case_median_s"] = max(c["api_median_s"] for c in cases.values())
     return out
 
 
@@ -555,8 +660,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--zstd-level", type=int, default=9, help="zstd level of the files")
     parser.add_argument("--build-only", action="store_true", help="build the store and stop")
+    parser.add_argument(
+        "--reindex-from",
+        type=Path,
+        metavar="DIR",
+        help="make --store a hard-linked copy of the store in DIR with token indexes of the "
+        "current format (then measure it unless --build-only)",
+    )
     parser.add_argument("--runs", type=int, default=5, help="measured runs per case (>= 5)")
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads, API and plain")
+    parser.add_argument(
+        "--filters",
+        default=",".join(FILTERS),
+        help=f"filters of the cases, comma-separated (of {', '.join(FILTERS)})",
+    )
+    parser.add_argument(
+        "--no-plain", action="store_true", help="time the API only, not the plain DuckDB query"
+    )
     parser.add_argument(
         "--no-text-index",
         action="store_true",
@@ -568,13 +688,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = StoreSpec(
         args.posts, args.days, args.files_per_day, args.row_group_size, args.zstd_level
     )
-    meta = build_store(args.store, spec)
+    if args.reindex_from is not None:
+        meta = reindex_store(args.reindex_from, args.store)
+    else:
+        meta = build_store(args.store, spec)
     if args.build_only:
         return {"posts": meta["posts"], "build_s": meta["build_s"]}
     load = os.getloadavg()
     print(f"load average before the run: {load[0]:.2f} (2 shared cores: figures vary)", flush=True)
+    filters = tuple(f for f in args.filters.split(",") if f)
+    unknown = [f for f in filters if f not in FILTERS]
+    if unknown:
+        raise SystemExit(f"--filters: unknown {', '.join(unknown)} (of {', '.join(FILTERS)})")
     figures = measure(
-        args.store, meta, max(args.runs, 5), args.threads, text_index=not args.no_text_index
+        args.store,
+        meta,
+        max(args.runs, 5),
+        args.threads,
+        text_index=not args.no_text_index,
+        filters=filters,
+        with_plain=not args.no_plain,
     )
     figures["text_index"] = not args.no_text_index
     figures["load_average_before"] = round(load[0], 2)
