@@ -56,7 +56,7 @@ def metrics_markdown_table() -> str:
 # subcommand -> (module, help). Each module has `main(settings, args) -> int`.
 SERVICES = {
     "up": ("appliance.supervisor", "Run the whole stack: redis-server, ingester, batcher, API"),
-    "ingest": ("appliance.ingest.ingester", "Jetstream websocket -> Redis Stream buffer"),
+    "ingest": ("appliance.ingest.command", "Jetstream websocket -> Redis Stream buffer"),
     "batch": ("appliance.batch.batcher", "Redis Stream buffer -> date-partitioned Parquet"),
     "compact": (
         "appliance.store.compact",

@@ -134,8 +134,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     store_cids: Annotated[
         bool,
         _h(
-            "Store record CIDs (cid, subject_cid); off, the columns stay but are null: CIDs are "
-            "random hashes, about half the stored bytes, unused by search and export"
+            "Store the CIDs of likes, reposts, follows, blocks and other records (cid, "
+            "subject_cid); off, the columns stay but are null: CIDs are random hashes, about "
+            "half the stored bytes. Posts' own cid is always stored (XRPC's PostView needs it)"
         ),
     ] = False
     compact_grace_s: Annotated[

@@ -126,6 +126,14 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_request_body: str
 
     def __post_init__(self) -> None:
+        self._check_paths_and_sizes()
+        self._check_addresses()
+        self._check_ports()
+        self._check_appliance()
+        self._check_alert_receiver()
+
+    def _check_paths_and_sizes(self) -> None:
+        """The data root, the volume device, and the sizes and durations written as text."""
         _check(
             _ABS_PATH.match(self.data_root) and self.data_root != "/",
             "data_root",
@@ -151,6 +159,9 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "prometheus_retention",
             f"{self.prometheus_retention!r} is not a duration like 30d",
         )
+
+    def _check_addresses(self) -> None:
+        """The domain, the site's addresses and who may SSH in."""
         _check(
             not self.domain or _HOSTNAME.match(self.domain),
             "domain",
@@ -174,6 +185,9 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "the firewall admits nobody else",
         )
         _check_networks("admin_ssh_addresses", self.admin_ssh_addresses)
+
+    def _check_ports(self) -> None:
+        """The services' ports: distinct, and clear of the ports other parts of the site use."""
         ports = {
             "redis_port": self.redis_port,
             "api_port": self.api_port,
@@ -190,6 +204,9 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _check(
             not clash, "ports", f"{clash} clash with SSH, Caddy, Grafana or the monitoring ports"
         )
+
+    def _check_appliance(self) -> None:
+        """The Jetstream URLs and the appliance's own settings, as the appliance would load them."""
         for url in self.jetstream_urls:
             _check(
                 url.startswith(("ws://", "wss://")),
@@ -206,6 +223,9 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             appliance_config.load_settings(self.appliance_settings)
         except appliance_config.ConfigError as exc:
             raise InventoryError(f"appliance_settings: {exc}") from None
+
+    def _check_alert_receiver(self) -> None:
+        """What the chosen alert receiver needs."""
         receiver = self.alert_receiver
         if receiver.kind == "webhook":
             _check(

@@ -16,8 +16,9 @@ from __future__ import annotations
 from pyinfra import host
 
 from deploys.data import InventoryError, provision_data
-from roles.hetzner import preflight, provision
+from roles.hetzner import provision
 from roles.hetzner.cloud import Cloud, CloudError, Names
+from roles.hetzner.preflight import preflight
 
 try:
     data = provision_data(host.data)

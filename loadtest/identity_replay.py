@@ -60,12 +60,12 @@ def _sample(api: str) -> dict[str, Any]:
     }
 
 
-def main(args: argparse.Namespace) -> int:
-    web, dns = IdentityWeb(), DnsServer()
-    web.state.auto = True
-    root = Path(tempfile.mkdtemp(prefix="identity-replay-"))
-    api_port = free_port()
-    env = {
+def _environment(
+    root: Path, api_port: int, web: IdentityWeb, dns: DnsServer, rate: float
+) -> dict[str, str]:
+    """`appliance up`'s settings: its files under `root`, free ports, the fakes of the PLC
+    directory, the web and DNS, and the identity worker's rate."""
+    return {
         **os.environ,
         "APPLIANCE_DATA_DIR": str(root / "data"),
         "APPLIANCE_REDIS_DIR": str(root / "redis"),
@@ -78,9 +78,48 @@ def main(args: argparse.Namespace) -> int:
         "APPLIANCE_PLC_URL": web.url,
         "APPLIANCE_IDENTITY_WEB_ORIGIN": web.url,
         "APPLIANCE_IDENTITY_DNS": dns.address,
-        "APPLIANCE_IDENTITY_RATE": str(args.rate),
+        "APPLIANCE_IDENTITY_RATE": str(rate),
         "APPLIANCE_LOG_FORMAT": "json",
     }
+
+
+def _figures(
+    args: argparse.Namespace,
+    samples: list[dict[str, Any]],
+    first_posts: float | None,
+    plc_requests: int,
+    reached_target: bool,
+) -> dict[str, Any]:
+    """The run's figures, from its samples."""
+    last = samples[-1] if samples else {}
+    dids = (last.get("identity") or {}).get("dids") or 0
+    reached = next((s["t"] for s in samples if s["share"] >= args.target), None)
+    return {
+        "events": args.events,
+        "rate_per_s": args.rate,
+        "posts": last.get("posts"),
+        "authors_of_posts": last.get("authors"),
+        "dids_resolved": dids,
+        "plc_requests": plc_requests,
+        "backfill_s_the_rate_allows": round(dids / args.rate, 1) if args.rate else None,
+        "first_posts_at_s": first_posts,
+        "target": args.target,
+        "target_reached_at_s": reached,
+        "backfill_s_taken": round(reached - first_posts, 1)
+        if reached is not None and first_posts is not None
+        else None,
+        "final_share": last.get("share"),
+        "final_share_verified": last.get("share_verified"),
+        "reached": reached_target,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    web, dns = IdentityWeb(), DnsServer()
+    web.state.auto = True
+    root = Path(tempfile.mkdtemp(prefix="identity-replay-"))
+    api_port = free_port()
+    env = _environment(root, api_port, web, dns, args.rate)
     command = [sys.executable, "-m", "appliance", "up", "--replay", "--replay-speed", "max"]
     command += ["--replay-events", str(args.events), "--batch-interval", "5"]
     log = open(root / "up.log", "wb")  # noqa: SIM115 (closed in finally)
@@ -125,26 +164,6 @@ def main(args: argparse.Namespace) -> int:
         log.close()
         web.close()
         dns.close()
-    last = samples[-1] if samples else {}
-    dids = (last.get("identity") or {}).get("dids") or 0
-    reached = next((s["t"] for s in samples if s["share"] >= args.target), None)
-    figures = {
-        "events": args.events,
-        "rate_per_s": args.rate,
-        "posts": last.get("posts"),
-        "authors_of_posts": last.get("authors"),
-        "dids_resolved": dids,
-        "plc_requests": len(web.plc_requests()),
-        "backfill_s_the_rate_allows": round(dids / args.rate, 1) if args.rate else None,
-        "first_posts_at_s": first_posts,
-        "target": args.target,
-        "target_reached_at_s": reached,
-        "backfill_s_taken": round(reached - first_posts, 1)
-        if reached is not None and first_posts is not None
-        else None,
-        "final_share": last.get("share"),
-        "final_share_verified": last.get("share_verified"),
-        "reached": done.is_set(),
-    }
+    figures = _figures(args, samples, first_posts, len(web.plc_requests()), done.is_set())
     print(json.dumps(figures, sort_keys=True))
     return 0 if done.is_set() else 1

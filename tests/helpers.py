@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
+import jinja2
 import pyarrow.parquet as pq
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -286,3 +287,36 @@ def client(settings: Settings) -> redis.Redis:
 def sample(name: str, **labels: str) -> float:
     """A sample of the batcher's registry (0 when absent)."""
     return metrics.BATCH.get_sample_value(name, labels) or 0.0
+
+
+# --- processes and monitoring/ ---------------------------------------------------------------------
+
+MONITORING = REPO_ROOT / "monitoring"
+
+
+def children_of(pid: int) -> dict[str, int]:
+    """Child PIDs of a process by a short name taken from their command lines (`appliance up`'s
+    children: redis, replay, ingest, batch, serve, identity)."""
+    out = {}
+    raw = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for child in map(int, raw):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        words = [w.decode() for w in cmd if w]
+        if not words:  # exited, not yet reaped
+            continue
+        if "redis-server" in words[0]:
+            out["redis"] = child
+        elif "loadtest" in words:
+            out["replay"] = child
+        else:
+            out[words[-1]] = child  # ingest | batch | serve | identity
+    return out
+
+
+def render_alertmanager(**variables: object) -> str:
+    """Render monitoring/alertmanager.yml as pyinfra's files.template does (StrictUndefined)."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string((MONITORING / "alertmanager.yml").read_text()).render(**variables)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import runpy
 import sys
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from io import IOBase
@@ -119,3 +120,16 @@ def group_defaults() -> dict[str, Any]:
     """inventory/group_data/all.py as a dict: every tunable with its default."""
     values = runpy.run_path(str(REPO / "inventory" / "group_data" / "all.py"))
     return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
+def make_wheelhouse(directory: Path, marker: str = "1") -> Path:
+    """A wheelhouse with one tiny project wheel (its RECORD names the release) and one other."""
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / "bluesky_appliance-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("appliance/__init__.py", f"# {marker}\n")
+        archive.writestr(
+            "bluesky_appliance-0.1.0.dist-info/RECORD", f"appliance/__init__.py,sha256={marker},4\n"
+        )
+    (directory / "msgspec-0.19.0-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"x")
+    return directory

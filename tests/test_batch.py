@@ -37,6 +37,7 @@ from tests.helpers import (
     sync_client,
     truth_of,
     visible_posts,
+    wait_until,
 )
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -110,7 +111,8 @@ def test_a_rewind_in_a_later_batch_adds_no_duplicate_rows(
 def test_a_deleted_post_disappears_from_search_and_export_once_its_delete_is_batched(
     fast: Settings, redis_fast: RedisProcess
 ) -> None:
-    # DESIGN invariant 4, end to end: files the batcher wrote, read by the real engine and API.
+    # Invariant 4 (docs/architecture.md), end to end: files the batcher wrote, read by the real
+    # engine and API.
     from tests.helpers import commit
 
     def post(i: int, text: str, rev: str, operation: str = "create") -> bytes:
@@ -274,11 +276,12 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
         batcher = batch_mod.Batcher(settings, client)
         task = asyncio.create_task(batcher.run())
         try:
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                if sample("appliance_batch_failures_total", cause="disk_full") > before:
-                    break
-            assert sample("appliance_batch_failures_total", cause="disk_full") > before
+            await asyncio.to_thread(
+                wait_until,
+                lambda: sample("appliance_batch_failures_total", cause="disk_full") > before,
+                10,
+                "a disk_full failure counted",
+            )
             ready, details = await batcher.ready()
             assert not ready and details["failing"] == "disk_full"
             assert sample("appliance_batch_failing") == 1
@@ -288,10 +291,9 @@ def test_a_full_disk_fails_loudly_acknowledges_nothing_and_recovers(
             assert not list(Path(settings.data_dir).rglob("*.tmp"))
             assert not read_manifest(settings.data_dir).files
             filler.unlink()  # space is back: the retry succeeds
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                if batcher.last_success:
-                    break
+            await asyncio.to_thread(
+                wait_until, lambda: batcher.last_success, 10, "a successful batch"
+            )
         finally:
             batcher.stop.set()
             await task
@@ -324,19 +326,20 @@ def test_a_read_only_data_root_fails_loudly_and_recovers(
         batcher = batch_mod.Batcher(settings, client)
         task = asyncio.create_task(batcher.run())
         try:
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                if sample("appliance_batch_failures_total", cause="unwritable") > before:
-                    break
+            await asyncio.to_thread(
+                wait_until,
+                lambda: sample("appliance_batch_failures_total", cause="unwritable") > before,
+                10,
+                "an unwritable failure counted",
+            )
             assert batcher.failing == "unwritable"
             assert (await asyncio.to_thread(group_state, settings))[0] == 5
             await asyncio.to_thread(
                 subprocess.run, ["mount", "-o", "remount,rw", str(tiny_disk)], check=True
             )
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                if batcher.last_success:
-                    break
+            await asyncio.to_thread(
+                wait_until, lambda: batcher.last_success, 10, "a successful batch"
+            )
         finally:
             batcher.stop.set()
             await task

@@ -82,10 +82,10 @@ def test_post_columns_come_from_text_reply_embed_and_facets() -> None:
     assert row["tags"] == ["Rust", "extra"]  # facet tags first, '#' stripped, no repeats
     assert row["created_at"].isoformat() == "2026-07-04T14:38:06.240000+00:00"
     assert row["operation"] == "create"
-    assert row["cid"] is None  # APPLIANCE_STORE_CIDS is off by default
+    assert row["cid"] == CID  # a post's own cid is stored whatever APPLIANCE_STORE_CIDS says
 
 
-def test_cids_are_stored_only_when_asked_and_never_change_the_schema() -> None:
+def test_other_cids_are_stored_only_when_asked_and_never_change_the_schema() -> None:
     like = {"subject": {"uri": "at://s/app.bsky.feed.post/1", "cid": CID}}
     frames = (commit({"text": "p"}), commit(like, collection="app.bsky.feed.like"))
     for store_cids in (False, True):
@@ -93,7 +93,7 @@ def test_cids_are_stored_only_when_asked_and_never_change_the_schema() -> None:
         want = CID if store_cids else None
         for name in ("posts", "likes"):
             assert tables[name].schema == layout.SCHEMAS[name]
-        assert tables["posts"].to_pylist()[0]["cid"] == want
+        assert tables["posts"].to_pylist()[0]["cid"] == CID  # always: PostView needs it
         row = tables["likes"].to_pylist()[0]
         assert (row["cid"], row["subject_cid"]) == (want, want)
         assert row["subject_uri"] == "at://s/app.bsky.feed.post/1"  # kept either way

@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -292,16 +293,12 @@ def _free_port() -> int:
 
 
 def _wait_for_redis(port: int) -> bytes:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(100)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    def ping() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(100)
+
+    return wait_until(ping, 10, f"redis on port {port}", interval=0.1, errors=(OSError,))
 
 
 # --- the running stack (only where a Docker engine answers) -------------------------------------
@@ -358,14 +355,13 @@ def test_the_stack_answers_a_search_through_caddy(stack: int) -> None:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # Caddy's internal CA
-    deadline = time.monotonic() + 600
-    posts: list[Any] = []
-    while time.monotonic() < deadline and not posts:
-        try:
-            url = f"https://localhost:{stack}/v1/search?limit=5"
-            with urllib.request.urlopen(url, timeout=10, context=context) as response:
-                posts = json.loads(response.read())["posts"]
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(3)
-    assert posts, "no search answered through Caddy within 10 minutes"
+
+    def search() -> list[Any]:
+        url = f"https://localhost:{stack}/v1/search?limit=5"
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
+            return json.loads(response.read())["posts"]  # type: ignore[no-any-return]
+
+    posts = wait_until(
+        search, 600, "a search answered through Caddy", interval=3, errors=(OSError,)
+    )
+    assert all(post["uri"].startswith("at://") for post in posts)

@@ -10,8 +10,7 @@ import pytest
 
 from deploys.data import InventoryError, SiteData, site_data, supplied_secrets
 from deploys.wheelhouse import WheelhouseError, missing_requirements, project_wheel, release_id
-from tests.pyinfra_fake import group_defaults
-from tests.test_deploy_site import make_wheelhouse
+from tests.pyinfra_fake import group_defaults, make_wheelhouse
 
 
 def valid() -> dict[str, Any]:

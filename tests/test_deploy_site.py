@@ -4,14 +4,13 @@ files they write say, and that no secret reaches a command line or an operation'
 from __future__ import annotations
 
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.pyinfra_fake import REPO, group_defaults, run_fake
+from tests.pyinfra_fake import REPO, group_defaults, make_wheelhouse, run_fake
 
 SITE = REPO / "deploys" / "site.py"
 VOLUME = "/dev/disk/by-id/scsi-0HC_Volume_4242"
@@ -21,19 +20,6 @@ SECRETS = {
     "grafana_admin_password": "grafana-Secret-2b3c4d5e6f7a",
     "alert_credential": "alert-Secret-8c9d0e1f2a3b",
 }
-
-
-def make_wheelhouse(directory: Path, marker: str = "1") -> Path:
-    """A wheelhouse with one tiny project wheel (its RECORD names the release) and one other."""
-    directory.mkdir(parents=True, exist_ok=True)
-    wheel = directory / "bluesky_appliance-0.1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr("appliance/__init__.py", f"# {marker}\n")
-        archive.writestr(
-            "bluesky_appliance-0.1.0.dist-info/RECORD", f"appliance/__init__.py,sha256={marker},4\n"
-        )
-    (directory / "msgspec-0.19.0-cp311-cp311-manylinux_2_17_x86_64.whl").write_bytes(b"x")
-    return directory
 
 
 @pytest.fixture

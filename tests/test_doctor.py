@@ -6,7 +6,6 @@ import http.server
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from appliance import doctor
 from appliance.config import Settings
 from loadtest.bench import free_port
 from tests.conftest import RedisProcess, stop_process
+from tests.helpers import wait_until
 
 
 def test_redis_with_its_password_passes(settings: Settings, redis_proc: RedisProcess) -> None:
@@ -35,17 +35,15 @@ def test_redis_without_a_password_fails(settings: Settings, tmp_path: Path) -> N
         stdout=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def refusal() -> str | None:
             try:
                 doctor.check_redis(settings)
             except doctor.CheckFailed as exc:
-                if "Connection" in str(exc) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                assert "answers without a password" in str(exc)
-                break
+                return None if "Connection" in str(exc) else str(exc)  # None: not started yet
             pytest.fail("a Redis without a password passed the check")
+
+        assert "answers without a password" in wait_until(refusal, 10, "redis-server to answer")
     finally:
         stop_process(proc)
 
@@ -114,15 +112,15 @@ def test_prometheus_targets_must_all_be_up(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        detail = ""
-        while time.monotonic() < deadline:  # until both targets have been scraped once
+
+        def scraped() -> str | None:
             with pytest.raises(doctor.CheckFailed) as failed:
                 doctor.check_prometheus(f"http://127.0.0.1:{port}")
             detail = str(failed.value)
-            if "targets not up" in detail and "unknown" not in detail:
-                break
-            time.sleep(0.2)
+            return detail if "targets not up" in detail and "unknown" not in detail else None
+
+        # until both targets have been scraped once
+        detail = wait_until(scraped, 30, "both targets scraped", interval=0.2)
         assert f"gone/127.0.0.1:{dead} down" in detail
         assert "self/" not in detail  # Prometheus scraping itself is up
     finally:

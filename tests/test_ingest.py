@@ -28,7 +28,7 @@ from websockets.utils import accept_key
 from appliance import buffer
 from appliance.cli import build_parser
 from appliance.config import Settings, to_environ
-from appliance.ingest import frames, ingester, jetstream
+from appliance.ingest import command, frames, jetstream, writer
 from tests.conftest import RedisProcess, free_port, make_settings, stop_process
 from tests.helpers import client, http_get, metric, scrape, start_ingester, wait_until
 
@@ -112,10 +112,10 @@ def test_a_stream_entry_holds_its_frames_one_per_line(newline_in: int | None) ->
 
 
 def test_redis_errors_are_classified() -> None:
-    assert ingester.redis_error_cause(OutOfMemoryError("OOM command not allowed")) == "oom"
-    assert ingester.redis_error_cause(ReadOnlyError("READONLY replica")) == "readonly"
-    assert ingester.redis_error_cause(RedisConnectionError("refused")) == "connection"
-    assert ingester.redis_error_cause(ResponseError("WRONGTYPE")) == "other"
+    assert writer.redis_error_cause(OutOfMemoryError("OOM command not allowed")) == "oom"
+    assert writer.redis_error_cause(ReadOnlyError("READONLY replica")) == "readonly"
+    assert writer.redis_error_cause(RedisConnectionError("refused")) == "connection"
+    assert writer.redis_error_cause(ResponseError("WRONGTYPE")) == "other"
 
 
 def test_flags_override_urls_collections_and_dids() -> None:
@@ -132,7 +132,7 @@ def test_flags_override_urls_collections_and_dids() -> None:
             "did:plc:abcdefghijklmnopqrstuvwx",
         ]
     )
-    assert args.func is ingester.main
+    assert args.func is command.main
     assert args.set_jetstream_urls == ("ws://a/subscribe", "ws://b/subscribe")
     assert args.set_wanted_collections == ("app.bsky.feed.post", "app.bsky.feed.like")
     assert args.set_wanted_dids == ("did:plc:abcdefghijklmnopqrstuvwx",)

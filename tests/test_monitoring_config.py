@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import MONITORING, render_alertmanager
 
-MONITORING = REPO_ROOT / "monitoring"
 DOCS = REPO_ROOT / "docs" / "monitoring.md"
 JOBS = ("ingester", "batcher", "api", "redis", "node", "prometheus", "alertmanager")
 
@@ -31,12 +31,6 @@ def run(*cmd: str | Path, cwd: Path = MONITORING) -> subprocess.CompletedProcess
 def alerts() -> list[dict[str, Any]]:
     doc = yaml.safe_load((MONITORING / "rules" / "alerts.yml").read_text())
     return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
-
-
-def render_alertmanager(**variables: object) -> str:
-    """Render the template as pyinfra's files.template does (StrictUndefined)."""
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.from_string((MONITORING / "alertmanager.yml").read_text()).render(**variables)
 
 
 @needs_promtool

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from appliance import metrics
-from tests.test_monitoring_config import MONITORING
+from tests.helpers import MONITORING
 
 DASHBOARDS = MONITORING / "dashboards"
 PROVISIONING = MONITORING / "grafana" / "provisioning"

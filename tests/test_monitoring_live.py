@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,8 +36,7 @@ import yaml
 from appliance.config import Settings, to_environ
 from loadtest.firehose import COMMON_WORD
 from tests.conftest import free_port, make_settings, stop_process
-from tests.test_monitoring_config import MONITORING, render_alertmanager
-from tests.test_up import _children
+from tests.helpers import MONITORING, children_of, render_alertmanager, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -69,21 +67,6 @@ BUILTINS = {
 def get_json(url: str, timeout: float = 10) -> Any:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
-    """Poll `check` until it returns something truthy; fail with the last value or error."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}"[:3000])
 
 
 class Webhook:
@@ -174,57 +157,9 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             logs / "appliance.log",
             env,
         )
-        procs["node"] = start(
-            [
-                "prometheus-node-exporter",
-                f"--web.listen-address=127.0.0.1:{ports['node']}",
-                "--collector.disable-defaults",
-                *(f"--collector.{c}" for c in ("cpu", "meminfo", "loadavg", "filesystem")),
-                *("--collector.diskstats", "--collector.netdev", "--collector.uname"),
-            ],
-            logs / "node.log",
-        )
-        procs["redis"] = start(
-            [
-                "prometheus-redis-exporter",
-                f"-redis.addr=redis://127.0.0.1:{settings.redis_port}",
-                f"-web.listen-address=127.0.0.1:{ports['redis']}",
-            ],
-            logs / "redis-exporter.log",
-            # The password by environment, never on a command line.
-            {"PATH": os.environ["PATH"], "REDIS_PASSWORD": settings.redis_password},
-        )
-        am_config = tmp_path / "alertmanager.yml"
-        am_config.write_text(
-            render_alertmanager(
-                alert_receiver="webhook",
-                alert_webhook_url=webhook.url,
-                alert_group_wait="1s",
-                alert_group_interval="1s",
-                alert_repeat_interval="1h",
-            )
-        )
-        procs["alertmanager"] = start(
-            [
-                "prometheus-alertmanager",
-                f"--config.file={am_config}",
-                f"--storage.path={tmp_path / 'am-data'}",
-                f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
-                "--cluster.listen-address=",
-            ],
-            logs / "alertmanager.log",
-        )
-        config = override_copy(tmp_path / "monitoring", ports)
-        procs["prometheus"] = start(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-                f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
-                "--storage.tsdb.retention.time=1d",
-            ],
-            logs / "prometheus.log",
-        )
+        procs.update(start_exporters(settings, ports, logs))
+        procs["alertmanager"] = start_alertmanager(tmp_path, ports, webhook, logs)
+        procs["prometheus"] = start_prometheus(tmp_path, ports, logs)
         yield {
             "settings": settings,
             "ports": ports,
@@ -242,6 +177,74 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         for proc in reversed(procs.values()):
             stop_process(proc, timeout=60)
         webhook.close()
+
+
+def start_exporters(
+    settings: Settings, ports: dict[str, int], logs: Path
+) -> dict[str, subprocess.Popen[bytes]]:
+    """The node exporter (a few collectors) and the Redis exporter, on loopback."""
+    node = start(
+        [
+            "prometheus-node-exporter",
+            f"--web.listen-address=127.0.0.1:{ports['node']}",
+            "--collector.disable-defaults",
+            *(f"--collector.{c}" for c in ("cpu", "meminfo", "loadavg", "filesystem")),
+            *("--collector.diskstats", "--collector.netdev", "--collector.uname"),
+        ],
+        logs / "node.log",
+    )
+    redis_exporter = start(
+        [
+            "prometheus-redis-exporter",
+            f"-redis.addr=redis://127.0.0.1:{settings.redis_port}",
+            f"-web.listen-address=127.0.0.1:{ports['redis']}",
+        ],
+        logs / "redis-exporter.log",
+        # The password by environment, never on a command line.
+        {"PATH": os.environ["PATH"], "REDIS_PASSWORD": settings.redis_password},
+    )
+    return {"node": node, "redis": redis_exporter}
+
+
+def start_alertmanager(
+    tmp_path: Path, ports: dict[str, int], webhook: Webhook, logs: Path
+) -> subprocess.Popen[bytes]:
+    """Alertmanager with the shipped template rendered for the local webhook, grouping in 1 s."""
+    am_config = tmp_path / "alertmanager.yml"
+    am_config.write_text(
+        render_alertmanager(
+            alert_receiver="webhook",
+            alert_webhook_url=webhook.url,
+            alert_group_wait="1s",
+            alert_group_interval="1s",
+            alert_repeat_interval="1h",
+        )
+    )
+    return start(
+        [
+            "prometheus-alertmanager",
+            f"--config.file={am_config}",
+            f"--storage.path={tmp_path / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
+            "--cluster.listen-address=",
+        ],
+        logs / "alertmanager.log",
+    )
+
+
+def start_prometheus(tmp_path: Path, ports: dict[str, int], logs: Path) -> subprocess.Popen[bytes]:
+    """Prometheus over the overridden copy of monitoring/ (see the module docstring)."""
+    config = override_copy(tmp_path / "monitoring", ports)
+    return start(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+            f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
+            "--storage.tsdb.retention.time=1d",
+        ],
+        logs / "prometheus.log",
+    )
 
 
 def query(prom: str, expr: str) -> list[dict[str, Any]]:
@@ -267,106 +270,125 @@ def panel_queries() -> list[tuple[str, str, str]]:
     return out
 
 
+def poll(what: str, check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
+    """`wait_until` for the HTTP checks here: a refused or half-started server is "not yet"."""
+    return wait_until(check, timeout, what, interval=every, errors=(OSError, ValueError, KeyError))
+
+
 def test_prometheus_scrapes_everything_runs_every_panel_and_alerts_through_alertmanager(
     stack: dict[str, Any],
 ) -> None:
-    prom, am, webhook = stack["prom"], stack["am"], stack["webhook"]
-    settings: Settings = stack["settings"]
-    api = f"http://127.0.0.1:{settings.api_port}"
     try:
-        # 1. Every target up, each with its friendly instance name.
-        def all_up() -> list[dict[str, Any]] | None:
-            targets = get_json(f"{prom}/api/v1/targets")["data"]["activeTargets"]
-            healthy = [t for t in targets if t["health"] == "up"]
-            return targets if len(targets) == len(stack["ports"]) == len(healthy) else None
-
-        targets = wait_for("every target up", all_up, 90, every=0.5)
-        assert {t["labels"]["job"] for t in targets} == set(stack["ports"])
-        assert {t["labels"]["instance"] for t in targets} == {"local"}
-        assert get_json(f"{prom}/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
-
-        # 2. Traffic for the API panels: searches (one repeated: a cache hit), an export, a 400.
-        wait_for(
-            "posts searchable", lambda: get_json(f"{api}/v1/search?q={COMMON_WORD}")["posts"], 90
-        )
-        for url in (
-            f"{api}/v1/search?q={COMMON_WORD}",
-            f"{api}/v1/search?q=lighthouse",
-            f"{api}/v1/export?q={COMMON_WORD}&format=jsonl&limit=10",
-            f"{api}/v1/stats",
-        ):
-            with urllib.request.urlopen(url, timeout=30) as resp:
-                resp.read()
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"{api}/v1/search?limit=oops", timeout=10)
-
-        # 3. Every panel's query parses and returns data.
-        queries = panel_queries()
-        assert len({d for d, _, _ in queries}) >= 4 and len(queries) >= 30
-        for board, title, expr in queries:
-            wait_for(f"data for {board} / {title}: {expr}", lambda e=expr: query(prom, e), 60)
-
-        # 4. The source goes silent: IngestStalled pending, then firing, then at the webhook.
-        replay = _children(stack["procs"]["appliance"].pid)["replay"]
-        os.kill(replay, signal.SIGSTOP)
-        stack["stopped"].append(replay)
-        seen: list[str] = []
-
-        def stall_state() -> bool:
-            alerts = get_json(f"{prom}/api/v1/alerts")["data"]["alerts"]
-            for a in alerts:
-                if a["labels"]["alertname"] == "IngestStalled":
-                    assert a["labels"]["instance"] == "local"
-                    if not seen or seen[-1] != a["state"]:
-                        seen.append(a["state"])
-            return "firing" in seen
-
-        wait_for("IngestStalled firing", stall_state, 60, every=0.2)
-        assert seen[:2] == ["pending", "firing"], seen
-        notes = wait_for(
-            "IngestStalled at the webhook", lambda: webhook.alerts("IngestStalled", "firing"), 30
-        )
-        assert notes[0]["labels"]["job"] == "ingester"
-        assert notes[0]["annotations"]["runbook_url"] == "docs/monitoring.md#ingeststalled"
-        os.kill(replay, signal.SIGCONT)
-
-        # 5. The ingester process stops (SIGSTOP: the supervisor does not restart it): its
-        # target goes down and TargetDown reaches the webhook.
-        ingester = _children(stack["procs"]["appliance"].pid)["ingest"]
-        os.kill(ingester, signal.SIGSTOP)
-        stack["stopped"].append(ingester)
-        down = wait_for(
-            "TargetDown at the webhook",
-            lambda: [
-                a
-                for a in webhook.alerts("TargetDown", "firing")
-                if a["labels"]["job"] == "ingester"
-            ],
-            60,
-        )
-        assert down[0]["labels"]["instance"] == "local"
-        os.kill(ingester, signal.SIGCONT)
-
-        # 6. Inhibition in Alertmanager: a TargetDown silences the same target's other alerts.
-        labels = {"job": "ingester", "instance": "inhibit-check", "severity": "critical"}
-        posted = [
-            {"labels": {**labels, "alertname": name}} for name in ("TargetDown", "IngestLagHigh")
-        ]
-        req = urllib.request.Request(
-            f"{am}/api/v2/alerts",
-            data=json.dumps(posted).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        urllib.request.urlopen(req, timeout=10).read()
-
-        def suppressed() -> list[str] | None:
-            got = get_json(f"{am}/api/v2/alerts?filter=instance%3D%22inhibit-check%22")
-            states = {a["labels"]["alertname"]: a["status"]["state"] for a in got}
-            return states if states.get("IngestLagHigh") == "suppressed" else None
-
-        states = wait_for("IngestLagHigh inhibited", suppressed, 20)
-        assert states["TargetDown"] == "active"
+        every_target_is_up(stack)
+        api_traffic(f"http://127.0.0.1:{stack['settings'].api_port}")
+        every_panel_has_data(stack["prom"])
+        a_silent_source_fires_ingest_stalled(stack)
+        a_stopped_ingester_fires_target_down(stack)
+        target_down_inhibits_the_same_targets_alerts(stack["am"])
     except AssertionError:
         for log in sorted(stack["logs"].iterdir()):
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
         raise
+
+
+def every_target_is_up(stack: dict[str, Any]) -> None:
+    """1. Every target up, each with its friendly instance name."""
+    prom = stack["prom"]
+
+    def all_up() -> list[dict[str, Any]] | None:
+        targets = get_json(f"{prom}/api/v1/targets")["data"]["activeTargets"]
+        healthy = [t for t in targets if t["health"] == "up"]
+        return targets if len(targets) == len(stack["ports"]) == len(healthy) else None
+
+    targets = poll("every target up", all_up, 90, every=0.5)
+    assert {t["labels"]["job"] for t in targets} == set(stack["ports"])
+    assert {t["labels"]["instance"] for t in targets} == {"local"}
+    assert get_json(f"{prom}/api/v1/alertmanagers")["data"]["activeAlertmanagers"]
+
+
+def api_traffic(api: str) -> None:
+    """2. Traffic for the API panels: searches (one repeated: a cache hit), an export, a 400."""
+    poll("posts searchable", lambda: get_json(f"{api}/v1/search?q={COMMON_WORD}")["posts"], 90)
+    for url in (
+        f"{api}/v1/search?q={COMMON_WORD}",
+        f"{api}/v1/search?q=lighthouse",
+        f"{api}/v1/export?q={COMMON_WORD}&format=jsonl&limit=10",
+        f"{api}/v1/stats",
+    ):
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            resp.read()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{api}/v1/search?limit=oops", timeout=10)
+
+
+def every_panel_has_data(prom: str) -> None:
+    """3. Every panel's query parses and returns data."""
+    queries = panel_queries()
+    assert len({d for d, _, _ in queries}) >= 4 and len(queries) >= 30
+    for board, title, expr in queries:
+        poll(f"data for {board} / {title}: {expr}", lambda e=expr: query(prom, e), 60)
+
+
+def a_silent_source_fires_ingest_stalled(stack: dict[str, Any]) -> None:
+    """4. The source goes silent: IngestStalled pending, then firing, then at the webhook."""
+    prom, webhook = stack["prom"], stack["webhook"]
+    replay = children_of(stack["procs"]["appliance"].pid)["replay"]
+    os.kill(replay, signal.SIGSTOP)
+    stack["stopped"].append(replay)
+    seen: list[str] = []
+
+    def stall_state() -> bool:
+        alerts = get_json(f"{prom}/api/v1/alerts")["data"]["alerts"]
+        for a in alerts:
+            if a["labels"]["alertname"] == "IngestStalled":
+                assert a["labels"]["instance"] == "local"
+                if not seen or seen[-1] != a["state"]:
+                    seen.append(a["state"])
+        return "firing" in seen
+
+    poll("IngestStalled firing", stall_state, 60, every=0.2)
+    assert seen[:2] == ["pending", "firing"], seen
+    notes = poll(
+        "IngestStalled at the webhook", lambda: webhook.alerts("IngestStalled", "firing"), 30
+    )
+    assert notes[0]["labels"]["job"] == "ingester"
+    assert notes[0]["annotations"]["runbook_url"] == "docs/monitoring.md#ingeststalled"
+    os.kill(replay, signal.SIGCONT)
+
+
+def a_stopped_ingester_fires_target_down(stack: dict[str, Any]) -> None:
+    """5. The ingester process stops (SIGSTOP: the supervisor does not restart it): its target
+    goes down and TargetDown reaches the webhook."""
+    webhook = stack["webhook"]
+    ingester = children_of(stack["procs"]["appliance"].pid)["ingest"]
+    os.kill(ingester, signal.SIGSTOP)
+    stack["stopped"].append(ingester)
+    down = poll(
+        "TargetDown at the webhook",
+        lambda: [
+            a for a in webhook.alerts("TargetDown", "firing") if a["labels"]["job"] == "ingester"
+        ],
+        60,
+    )
+    assert down[0]["labels"]["instance"] == "local"
+    os.kill(ingester, signal.SIGCONT)
+
+
+def target_down_inhibits_the_same_targets_alerts(am: str) -> None:
+    """6. Inhibition in Alertmanager: a TargetDown silences the same target's other alerts."""
+    labels = {"job": "ingester", "instance": "inhibit-check", "severity": "critical"}
+    posted = [{"labels": {**labels, "alertname": name}} for name in ("TargetDown", "IngestLagHigh")]
+    req = urllib.request.Request(
+        f"{am}/api/v2/alerts",
+        data=json.dumps(posted).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(req, timeout=10).read()
+
+    def suppressed() -> dict[str, str] | None:
+        got = get_json(f"{am}/api/v2/alerts?filter=instance%3D%22inhibit-check%22")
+        states = {a["labels"]["alertname"]: a["status"]["state"] for a in got}
+        return states if states.get("IngestLagHigh") == "suppressed" else None
+
+    states = poll("IngestLagHigh inhibited", suppressed, 20)
+    assert states["TargetDown"] == "active"

@@ -100,7 +100,7 @@ def test_following_the_readme_runs_searches_and_exports(tmp_path: Path) -> None:
             else:
                 assert result.stdout.startswith("# export complete: rows="), result.stdout
                 (exported,) = tmp_path.glob("posts-*.csv")
-                assert exported.read_text().startswith("uri,did,handle,text")
+                assert exported.read_text().startswith("uri,did,")
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as the README says
         try:

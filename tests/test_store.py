@@ -124,8 +124,8 @@ def test_stored_keys_match_the_natural_key_of_the_event_each_row_came_from() -> 
 def test_the_engine_sees_complete_files_only_while_a_batch_is_being_written(
     tmp_path: Path,
 ) -> None:
-    # DESIGN invariant 3 through the real engine: a file being written (under its temporary
-    # name, in the partition the engine reads) changes nothing a query returns.
+    # Invariant 3 (docs/architecture.md) through the real engine: a file being written (under its
+    # temporary name, in the partition the engine reads) changes nothing a query returns.
     from appliance.query.engine import QueryEngine
     from appliance.query.model import Filters
     from tests.conftest import T0_US, ParquetData

@@ -316,11 +316,11 @@ def test_filter_keys_narrow_and_never_change_results(
         Filters(lang="x"),
         Filters(lang="es", include=(RARE_WORD,)),
         Filters(lang="fr"),
-        Filters(tag="rare_tag"),
-        Filters(tag="art"),
-        Filters(tag="istanbul"),
-        Filters(tag="İstanbul".lower()),
-        Filters(tag="café"),
+        Filters(tags=("rare_tag",)),
+        Filters(tags=("art",)),
+        Filters(tags=("istanbul",)),
+        Filters(tags=("İstanbul".lower(),)),
+        Filters(tags=("café",)),
         Filters(domain="rare.example.net"),
         Filters(domain="example.net"),
         Filters(domain="example.org"),
@@ -333,11 +333,12 @@ def test_filter_keys_narrow_and_never_change_results(
         Filters(mention=RARE_MENTION),
         Filters(mention=AUTHORS[0], include=(RARE_WORD,)),
         Filters(mention="did:plc:nobody"),
-        Filters(lang="uk", tag="rare_tag", domain="example.net", mention=RARE_MENTION),
-        Filters(lang="uk", tag="art"),
+        Filters(lang="uk", tags=("rare_tag",), domain="example.net", mention=RARE_MENTION),
+        Filters(lang="uk", tags=("art",)),
+        Filters(tags=("rare_tag", "art")),  # every tag must match
         Filters(include=(ABSENT_WORD,), lang="en"),
         Filters(lang="uk", since_us=day2, until_us=day2 + DAY),
-        Filters(tag="rare_tag", author=RARE_AUTHOR),
+        Filters(tags=("rare_tag",), author=RARE_AUTHOR),
     ]
     before = _narrowed()
     for filters in cases:
@@ -404,7 +405,7 @@ def test_an_index_of_format_2_narrows_by_text_only(store: Settings) -> None:
             assert narrowed is not None and len(narrowed[0]) < len(segments)
         finally:
             cur.close()
-        for filters in (Filters(lang="uk"), Filters(include=(RARE_WORD,), tag="art")):
+        for filters in (Filters(lang="uk"), Filters(include=(RARE_WORD,), tags=("art",))):
             assert _all_rows(old, filters) == _all_rows(scan, filters)
     finally:
         old.close()

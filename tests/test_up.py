@@ -17,30 +17,9 @@ import pytest
 from appliance.config import to_environ
 from loadtest.firehose import COMMON_WORD
 from tests.conftest import free_port, make_settings, stop_process
-from tests.helpers import wait_until
+from tests.helpers import children_of, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _children(pid: int) -> dict[str, int]:
-    """Child PIDs of a process by a short name taken from their command lines."""
-    out = {}
-    raw = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    for child in map(int, raw):
-        try:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        words = [w.decode() for w in cmd if w]
-        if not words:  # exited, not yet reaped
-            continue
-        if "redis-server" in words[0]:
-            out["redis"] = child
-        elif "loadtest" in words:
-            out["replay"] = child
-        else:
-            out[words[-1]] = child  # ingest | batch | serve | identity
-    return out
 
 
 def _get_json(url: str) -> dict[str, object]:
@@ -92,11 +71,11 @@ def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_pat
             print(b"".join(output[-60:]).decode(errors="replace"))
             raise
 
-        before = _children(proc.pid)
+        before = children_of(proc.pid)
         assert {"redis", "replay", "ingest", "batch", "serve", "identity"} <= set(before)
         os.kill(before["batch"], signal.SIGKILL)
         wait_until(
-            lambda: _children(proc.pid).get("batch") not in (None, before["batch"]),
+            lambda: children_of(proc.pid).get("batch") not in (None, before["batch"]),
             30,
             "the batcher to be restarted",
             interval=0.5,
@@ -104,7 +83,7 @@ def test_up_with_replay_serves_posts_restarts_children_and_stops_cleanly(tmp_pat
         )
     finally:
         try:
-            kids = _children(proc.pid) if proc.poll() is None else {}
+            kids = children_of(proc.pid) if proc.poll() is None else {}
         finally:
             stop_process(proc, timeout=60)
     assert proc.returncode == 0

@@ -28,6 +28,7 @@ import msgspec
 from sanic import Blueprint, Sanic
 from sanic.worker.loader import AppLoader
 
+from appliance.api import xrpc
 from appliance.api.admission import Admission, Overloaded, on_overloaded, pool_threads
 from appliance.api.http import on_error, on_request, on_response
 from appliance.api.openapi import docs, docs_asset, openapi_document, openapi_json
@@ -63,7 +64,7 @@ def create_app(
     app.config.REQUEST_MAX_HEADER_SIZE = REQUEST_MAX_HEADER_BYTES
     app.ctx.settings = settings
     app.ctx.metrics_dir = metrics_dir
-    app.ctx.openapi = msgspec.json.encode(openapi_document())
+    app.ctx.openapi = msgspec.json.encode(xrpc.with_openapi(openapi_document()))
     secret = (cursor_secret or settings.api_cursor_secret or "").encode() or None
 
     @app.before_server_start
@@ -101,6 +102,7 @@ def create_app(
     )
     app.blueprint(v1)
     app.blueprint(root)
+    xrpc.register(app)  # /xrpc/app.bsky.feed.searchPosts, /xrpc/_health
     app.register_middleware(on_request, "request")
     app.register_middleware(on_response, "response")  # type: ignore[arg-type]
     app.error_handler.add(Exception, on_error)

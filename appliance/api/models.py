@@ -154,7 +154,7 @@ def to_filters(params: FilterParams) -> Filters:
         author=_who("author", params.author) if params.author else None,
         mention=_who("mention", params.mention) if params.mention else None,
         lang=_lang(params.lang) if params.lang else None,
-        tag=_tag(params.tag) if params.tag else None,
+        tags=(_tag(params.tag),) if params.tag else (),
         domain=_domain(params.domain) if params.domain else None,
         since_us=since,
         until_us=until,

@@ -5,7 +5,7 @@ routed to tables, deduplicated by natural key (inside the batch, and against sto
 time_us is within `batch_dedupe_margin_s` of the batch's), and written per (table, day) as
 `<data_dir>/<table>/date=YYYY-MM-DD/<first-id>_<last-id>.parquet`: the name comes from the batch's
 stream range, so a batch redone after a crash overwrites its own files. Order of effects, each
-one durable before the next (DESIGN invariant 3):
+one durable before the next (invariant 3 in docs/architecture.md):
 
     temp file → fsync → rename → dir fsync → manifest (files + last_batch) → XACK → XTRIM MINID
 

@@ -447,7 +447,8 @@ class TableBuilder:
             return
         raw = c.record
         store_cids = self.store_cids
-        cid = c.cid if store_cids else None
+        # A post's own cid is always kept: XRPC's PostView requires it (app.bsky.feed.defs).
+        cid = c.cid if store_cids or table == "posts" else None
         row: Row
         head = (ev.did, c.rkey, c.rev, cid)
         if table == "likes" or table == "reposts":

@@ -14,6 +14,10 @@ micro-batch and the queue of sealed batches not yet written):
 - the ticker seals a partial batch every `ingest_flush_ms` and detects a silent stall.
 - the sampler samples XLEN and logs a progress line.
 
+This module holds the reader's side (the connection, the reader, the ticker's watchdog); the
+writer, the held-data bound and the circuit breaker are `writer.Writer`; `appliance ingest` is
+`command`.
+
 Failures:
 - a dropped, failed or stalled websocket → reconnect with capped exponential backoff and jitter,
   trying the configured URLs in turn, each time with a fresh URL carrying the current cursor;
@@ -27,27 +31,20 @@ Failures:
 Duplicates: the rewind on every (re)connect re-delivers a few seconds of events. They are NOT
 removed here: Jetstream is not strictly time-ordered, so a time_us high-water mark cannot tell a
 re-delivered event from a late one, and a crash can leave a batch written but its successor not.
-The batcher removes them by natural key (DESIGN invariant 2).
+The batcher removes them by natural key (invariant 2 in docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import collections
 import contextlib
 import logging
-import signal
-import sys
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI
 
@@ -56,64 +53,28 @@ from appliance.config import Settings
 from appliance.httpd import serve_probes
 from appliance.ingest.frames import FrameConnection
 from appliance.ingest.jetstream import (
-    SubscriptionError,
     backoff_delay,
     display_url,
     subscribe_url,
-    validate_subscription,
 )
-from appliance.logs import setup_logging
+from appliance.ingest.writer import Batch, Writer, redis_error_cause
 
 log = logging.getLogger("appliance.ingest")
 
 # A batch holding this many bytes of rejected frames is sealed early (they may be large).
 DEAD_LETTER_SEAL_BYTES = 1 << 20
-# Held (sealed, unwritten) data is bounded by events and by bytes; the reader waits beyond it.
-HELD_BYTES_LIMIT = 64 << 20
 SAMPLE_INTERVAL_S = 2.0
 SHUTDOWN_FLUSH_S = 10.0
 # Frames the websocket library queues before it pauses reading the socket (its default; 256
 # and 1024 measured no faster in `loadtest bench ingest`, and bound memory less tightly). The
 # benchmark's bare client uses it; FrameConnection bypasses that queue and uses WS_HELD_BYTES.
 WS_MAX_QUEUE = 16
-# Collections labelled by name on the events metric (others are "other"): bounded cardinality.
-LABELLED_PREFIXES = ("app.bsky.", "chat.bsky.")
-MAX_LABELLED_COLLECTIONS = 200
 
 _KIND_KEY = {events.IdentityEvent: "identity", events.AccountEvent: "account"}
 
 
 class CursorError(ValueError):
     """The saved cursor in Redis is not a time_us; resuming from it would guess."""
-
-
-def redis_error_cause(exc: BaseException) -> str:
-    """The `cause` label of a failed Redis write."""
-    if isinstance(exc, OutOfMemoryError):
-        return "oom"
-    if isinstance(exc, ReadOnlyError):
-        return "readonly"
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
-        return "connection"
-    return "other"
-
-
-class _Batch:
-    """One micro-batch: the frames of one stream entry, plus what was rejected meanwhile."""
-
-    __slots__ = ("counts", "dead", "dead_bytes", "frames", "max_time_us", "nbytes")
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.max_time_us = 0
-        # events per collection (commits) or per kind (identity, account)
-        self.counts: dict[str, int] = {}
-        self.dead: list[tuple[str, bytes, str]] = []  # (reason, frame, detail)
-        self.dead_bytes = 0
-        self.nbytes = 0  # all frames, set when sealed
-
-    def size(self) -> int:
-        return len(self.frames) + len(self.dead)
 
 
 class Ingester:
@@ -128,27 +89,18 @@ class Ingester:
             # We retry ourselves, with the circuit breaker; the library must fail fast.
             retry=Retry(NoBackoff(), 0),
         )
-        self._open = _Batch()
-        self._pending: collections.deque[_Batch] = collections.deque()
-        self._held_events = 0  # in sealed batches, pending or being written
-        self._held_bytes = 0
+        self._open = Batch()
         self._generation = 0  # bumped on every seal
-        self._cursor: int | None = None  # saved in Redis: highest time_us written
         self._received_max = 0  # highest valid time_us received (sealed batches)
         self._now_us = events.now_us()
-        self._held_limit = max(
-            2 * settings.ingest_pipeline_events, 4 * settings.ingest_entry_events
-        )
-
-        self._wake = asyncio.Event()  # the writer has work
-        self._space = asyncio.Event()  # the reader may go on
-        self._idle = asyncio.Event()  # nothing held
-        self._idle.set()
         self._stopping = asyncio.Event()
-        self._circuit_open = False
-        self._circuit_closed = asyncio.Event()
-        self._circuit_closed.set()
-        self._circuit_since = 0.0
+        self.writer = Writer(
+            settings,
+            self.redis,
+            open_events=lambda: self._open.size(),
+            seal_open=self._seal,
+            drop=self._drop,
+        )
 
         self._reader: asyncio.Task[None] | None = None
         self._drop_cause = ""
@@ -156,11 +108,7 @@ class Ingester:
         self._blocked = False  # the reader waits for the writer (not a stall)
         self._connected = False
 
-        self._counters: dict[str, Any] = {}
-        self._labelled: set[str] = set()
         self.received_events = 0  # valid events sealed into batches
-        self.written_events = 0
-        self.dead_letters = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -175,7 +123,7 @@ class Ingester:
         """Serve until stopped; 0 when everything received was written, 1 otherwise."""
         s = self.settings
         metrics.ingest_lag.set_function(self._lag_seconds)
-        metrics.ingest_held_events.set_function(lambda: self._held_events + self._open.size())
+        metrics.ingest_held_events.set_function(lambda: self.writer.held_events + self._open.size())
         probes = await serve_probes(s.ingest_host, s.ingest_port, metrics.INGEST, self._ready)
         port = probes.sockets[0].getsockname()[1] if probes.sockets else s.ingest_port
         log.info(
@@ -197,7 +145,7 @@ class Ingester:
                 log.critical("cannot resume: %s; fix or delete the key", exc)
                 return 2
             tasks = [
-                asyncio.create_task(self._write_loop(), name="writer"),
+                asyncio.create_task(self.writer.run(), name="writer"),
                 asyncio.create_task(self._tick_loop(), name="ticker"),
                 asyncio.create_task(self._sample_loop(), name="sampler"),
             ]
@@ -217,19 +165,19 @@ class Ingester:
             await connection
             self._seal()
             try:
-                await asyncio.wait_for(self._idle.wait(), SHUTDOWN_FLUSH_S)
+                await asyncio.wait_for(self.writer.idle.wait(), SHUTDOWN_FLUSH_S)
             except TimeoutError:
                 log.error(
                     "stopped with events not written; a restart re-fetches them from the cursor",
-                    extra={"held_events": self._held_events, "cursor": self._cursor},
+                    extra={"held_events": self.writer.held_events, "cursor": self.writer.cursor},
                 )
                 return 1
             log.info(
                 "stopped",
                 extra={
-                    "cursor": self._cursor,
+                    "cursor": self.writer.cursor,
                     "events_received": self.received_events,
-                    "events_written": self.written_events,
+                    "events_written": self.writer.written_events,
                 },
             )
             return 0
@@ -245,27 +193,27 @@ class Ingester:
         attempt = 0
         while not self._stopping.is_set():
             try:
-                self._cursor = await buffer.read_cursor(self.redis, self.settings)
+                self.writer.cursor = await buffer.read_cursor(self.redis, self.settings)
             except (RedisError, OSError) as exc:
                 attempt += 1
                 metrics.ingest_redis_errors.labels(redis_error_cause(exc)).inc()
-                self._open_circuit(redis_error_cause(exc), exc)
+                self.writer.open_circuit(redis_error_cause(exc), exc)
                 await self._sleep(backoff_delay(attempt, self.settings.reconnect_max_backoff_s))
                 continue
             except ValueError as exc:
                 raise CursorError(
                     f"{self.settings.cursor_key} does not hold a time_us integer: {exc}"
                 ) from None
-            if self._cursor is not None and self._cursor < events.MIN_TIME_US:
+            if self.writer.cursor is not None and self.writer.cursor < events.MIN_TIME_US:
                 raise CursorError(
-                    f"{self.settings.cursor_key} = {self._cursor} is not a time_us in µs"
+                    f"{self.settings.cursor_key} = {self.writer.cursor} is not a time_us in µs"
                 )
-            if self._circuit_open:
-                self._close_circuit()
-            if self._cursor is not None:
-                metrics.ingest_cursor.set(self._cursor)
-                self._received_max = self._cursor
-            log.info("cursor loaded", extra={"cursor": self._cursor})
+            if self.writer.circuit_open:
+                self.writer.close_circuit()
+            if self.writer.cursor is not None:
+                metrics.ingest_cursor.set(self.writer.cursor)
+                self._received_max = self.writer.cursor
+            log.info("cursor loaded", extra={"cursor": self.writer.cursor})
             return True
         return False
 
@@ -288,8 +236,8 @@ class Ingester:
         index = 0
         rewind_us = int(s.cursor_rewind_s * 1_000_000)
         while not self._stopping.is_set():
-            if self._circuit_open:
-                await self._wait_any(self._circuit_closed)
+            if self.writer.circuit_open:
+                await self._wait_any(self.writer.circuit_closed)
                 continue
             resume = self._resume_us()
             request = None if resume is None else resume - rewind_us
@@ -313,7 +261,7 @@ class Ingester:
                 continue
             if ws is None:
                 return  # stopped while connecting
-            if self._circuit_open or self._stopping.is_set():
+            if self.writer.circuit_open or self._stopping.is_set():
                 await ws.close()
                 continue
             log.info(
@@ -435,7 +383,7 @@ class Ingester:
                     event = decode(frame, now, max_bytes)
                 except rejected as exc:
                     batch.max_time_us = top
-                    if self._hold_rejected(exc, frame) and self._over_limit():
+                    if self._hold_rejected(exc, frame) and self.writer.over_limit():
                         await self._wait_for_space()
                     batch = self._open
                     frames, counts, top = batch.frames, batch.counts, batch.max_time_us
@@ -452,7 +400,7 @@ class Ingester:
                 if len(frames) >= per_entry:
                     batch.max_time_us = top
                     self._seal()
-                    if self._over_limit():
+                    if self.writer.over_limit():
                         await self._wait_for_space()
                     batch = self._open
                     frames, counts, top = batch.frames, batch.counts, batch.max_time_us
@@ -469,9 +417,6 @@ class Ingester:
             self._seal()
             return True
         return False
-
-    def _over_limit(self) -> bool:
-        return self._held_events >= self._held_limit or self._held_bytes >= HELD_BYTES_LIMIT
 
     def _check_gap(self, resume: int | None, first_us: int) -> None:
         """Record a gap when the first event lies beyond the resume point by more than tolerated."""
@@ -493,9 +438,9 @@ class Ingester:
     async def _wait_for_space(self) -> None:
         self._blocked = True
         try:
-            while self._over_limit():
-                self._space.clear()
-                await self._space.wait()
+            while self.writer.over_limit():
+                self.writer.space.clear()
+                await self.writer.space.wait()
         finally:
             self._blocked = False
 
@@ -506,181 +451,13 @@ class Ingester:
         batch = self._open
         if not batch.frames and not batch.dead:
             return
-        self._open = _Batch()
+        self._open = Batch()
         self._generation += 1
         batch.nbytes = sum(map(len, batch.frames)) + batch.dead_bytes
-        self._held_events += batch.size()
-        self._held_bytes += batch.nbytes
         self.received_events += len(batch.frames)
         if batch.max_time_us > self._received_max:
             self._received_max = batch.max_time_us
-        self._pending.append(batch)
-        self._idle.clear()
-        self._wake.set()
-
-    def _take(self) -> list[_Batch]:
-        """Sealed batches for one round trip: at least one, up to ingest_pipeline_events events."""
-        take = [self._pending.popleft()]
-        n = take[0].size()
-        limit = self.settings.ingest_pipeline_events
-        while self._pending and n + self._pending[0].size() <= limit:
-            batch = self._pending.popleft()
-            n += batch.size()
-            take.append(batch)
-        return take
-
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._circuit_open:
-                    self._close_circuit()
-                if self._open.size() == 0:
-                    self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            take = self._take()
-            await self._write_until_done(take)
-            if self._circuit_open:
-                self._seal()  # the batch the reader had open when the circuit opened
-
-    async def _write_until_done(self, take: list[_Batch]) -> None:
-        """Write batches, retrying with backoff (circuit open) until Redis accepts them."""
-        attempt = 0
-        while True:
-            try:
-                cursor = await self._write(take)
-                break
-            except (RedisError, OSError) as exc:
-                attempt += 1
-                cause = redis_error_cause(exc)
-                metrics.ingest_redis_errors.labels(cause).inc()
-                self._open_circuit(cause, exc)
-                delay = backoff_delay(attempt, self.settings.reconnect_max_backoff_s)
-                if attempt & (attempt - 1) == 0 and attempt > 1:  # 2, 4, 8, ...: not every retry
-                    log.warning(
-                        "Redis write still failing",
-                        extra={
-                            "cause": cause,
-                            "attempt": attempt,
-                            "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                            "retry_in_s": round(delay, 3),
-                        },
-                    )
-                await asyncio.sleep(delay)
-        self._cursor = cursor
-        if cursor is not None:
-            metrics.ingest_cursor.set(cursor)
-        self._account(take)
-        self._space.set()
-
-    async def _write(self, take: Sequence[_Batch]) -> int | None:
-        """One MULTI/EXEC: dead letters, one entry per batch, the cursor. Returns the cursor.
-
-        The cursor is SET once, with the last entry (queue_append); SETs for the entries before
-        it would be overwritten in the same transaction anyway, and with one event per entry
-        they would double the commands.
-        """
-        s = self.settings
-        cursor = self._cursor
-        source = self._source
-        last = next((b for b in reversed(take) if b.frames), None)
-        pipe = self.redis.pipeline(transaction=True)
-        for batch in take:
-            for reason, frame, detail in batch.dead:
-                buffer.queue_dead_letter(pipe, s, reason, frame, source, detail)
-            if not batch.frames:
-                continue
-            if cursor is None or batch.max_time_us > cursor:
-                cursor = batch.max_time_us
-            if batch is last:
-                buffer.queue_append(pipe, s, batch.frames, cursor)
-            else:
-                pipe.xadd(s.stream_key, buffer.pack(batch.frames))  # type: ignore[arg-type]
-        await pipe.execute()
-        return cursor
-
-    @property
-    def _source(self) -> str:
-        return ",".join(display_url(u) for u in self.settings.jetstream_urls)
-
-    def _account(self, take: Sequence[_Batch]) -> None:
-        """Metrics for batches now safely in Redis (per round trip, not per event or entry)."""
-        totals: dict[str, int] = {}
-        nbytes = 0
-        for batch in take:
-            self._held_events -= batch.size()
-            nbytes += batch.nbytes
-            self.written_events += len(batch.frames)
-            for key, n in batch.counts.items():
-                totals[key] = totals.get(key, 0) + n
-            for reason, frame, detail in batch.dead:
-                self.dead_letters += 1
-                metrics.ingest_dead_letters.labels(reason).inc()
-                if self.dead_letters <= 10 or self.dead_letters % 10_000 == 0:
-                    log.warning(
-                        "frame dead-lettered",
-                        extra={
-                            "reason": reason,
-                            "detail": detail[:200],
-                            "bytes": len(frame),
-                            "dead_letters": self.dead_letters,
-                        },
-                    )
-        self._held_bytes -= nbytes
-        metrics.ingest_bytes.inc(nbytes)
-        counters = self._counters
-        for key, n in totals.items():
-            counter = counters.get(key)
-            if counter is None:
-                counter = counters[key] = self._events_counter(key)
-            counter.inc(n)
-
-    def _events_counter(self, key: str) -> Any:
-        if key in ("identity", "account"):
-            return metrics.ingest_events.labels(key, "none")
-        label = "other"
-        if key.startswith(LABELLED_PREFIXES) and (
-            key in self._labelled or len(self._labelled) < MAX_LABELLED_COLLECTIONS
-        ):
-            self._labelled.add(key)
-            label = key
-        return metrics.ingest_events.labels("commit", label)
-
-    # --- circuit breaker -----------------------------------------------------------------------
-
-    def _open_circuit(self, cause: str, exc: BaseException) -> None:
-        if self._circuit_open:
-            return
-        self._circuit_open = True
-        self._circuit_since = time.monotonic()
-        self._circuit_closed.clear()
-        metrics.ingest_circuit_open.set(1)
-        metrics.ingest_circuit_transitions.labels("open").inc()
-        log.warning(
-            "circuit open: Redis refuses writes; websocket reading paused",
-            extra={
-                "cause": cause,
-                "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                "held_events": self._held_events + self._open.size(),
-            },
-        )
-        self._drop("circuit")
-
-    def _close_circuit(self) -> None:
-        if not self._circuit_open:
-            return
-        self._circuit_open = False
-        metrics.ingest_circuit_open.set(0)
-        metrics.ingest_circuit_transitions.labels("closed").inc()
-        log.info(
-            "circuit closed: Redis accepts writes again; resuming from the cursor",
-            extra={
-                "open_seconds": round(time.monotonic() - self._circuit_since, 3),
-                "cursor": self._cursor,
-            },
-        )
-        self._circuit_closed.set()
+        self.writer.queue(batch)
 
     # --- periodic work -------------------------------------------------------------------------
 
@@ -693,7 +470,7 @@ class Ingester:
         while True:
             await asyncio.sleep(period)
             self._now_us = events.now_us()
-            if self._open.size() and not self._circuit_open:
+            if self._open.size() and not self.writer.circuit_open:
                 self._seal()
             now = time.monotonic()
             sig = (self._session, self._generation, self._open.size())
@@ -713,11 +490,11 @@ class Ingester:
         """Sample XLEN (not per event) and log a progress line every ingest_log_interval_s."""
         s = self.settings
         last_log = time.monotonic()
-        last_written = self.written_events
+        last_written = self.writer.written_events
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL_S)
             length: int | None = None
-            if not self._circuit_open:
+            if not self.writer.circuit_open:
                 try:
                     length = int(await self.redis.xlen(s.stream_key))
                     metrics.buffer_length.set(length)
@@ -725,22 +502,22 @@ class Ingester:
                     pass  # the writer notices and opens the circuit
             now = time.monotonic()
             if now - last_log >= s.ingest_log_interval_s:
-                rate = (self.written_events - last_written) / (now - last_log)
+                rate = (self.writer.written_events - last_written) / (now - last_log)
                 log.info(
                     "progress",
                     extra={
-                        "events_written": self.written_events,
+                        "events_written": self.writer.written_events,
                         "events_per_s": round(rate, 1),
-                        "dead_letters": self.dead_letters,
-                        "cursor": self._cursor,
+                        "dead_letters": self.writer.dead_letters,
+                        "cursor": self.writer.cursor,
                         "lag_s": round(self._lag_seconds(), 3),
                         "buffer_entries": length,
-                        "held_events": self._held_events + self._open.size(),
+                        "held_events": self.writer.held_events + self._open.size(),
                         "connected": self._connected,
-                        "circuit_open": self._circuit_open,
+                        "circuit_open": self.writer.circuit_open,
                     },
                 )
-                last_log, last_written = now, self.written_events
+                last_log, last_written = now, self.writer.written_events
 
     def _lag_seconds(self) -> float:
         newest = self._resume_us()
@@ -754,74 +531,7 @@ class Ingester:
         details: dict[str, object] = {
             "redis": redis_ok,
             "websocket": self._connected,
-            "circuit_open": self._circuit_open,
-            "cursor": self._cursor,
+            "circuit_open": self.writer.circuit_open,
+            "cursor": self.writer.cursor,
         }
         return redis_ok and self._connected, details
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-class _ExtendTuple(argparse.Action):
-    """Repeatable flag; each value may also be comma-separated; the result is a tuple."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        current = getattr(namespace, self.dest) or ()
-        parts = tuple(p.strip() for p in str(values).split(",") if p.strip())
-        setattr(namespace, self.dest, (*current, *parts))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url",
-        dest="set_jetstream_urls",
-        action=_ExtendTuple,
-        metavar="URL",
-        help="Jetstream /subscribe URL (repeatable; overrides APPLIANCE_JETSTREAM_URLS)",
-    )
-    parser.add_argument(
-        "--collections",
-        dest="set_wanted_collections",
-        action=_ExtendTuple,
-        metavar="NSID[,NSID]",
-        help="wantedCollections (repeatable or comma-separated; prefix.* allowed)",
-    )
-    parser.add_argument(
-        "--dids",
-        dest="set_wanted_dids",
-        action=_ExtendTuple,
-        metavar="DID[,DID]",
-        help="wantedDids (repeatable or comma-separated)",
-    )
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when installed (it comes with sanic): cheaper socket reads per frame."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    """`appliance ingest`: run until SIGTERM/SIGINT; exit 0 once everything held is written."""
-    setup_logging(settings.log_level, settings.log_format)
-    try:
-        validate_subscription(settings)
-    except SubscriptionError as exc:
-        print(f"appliance ingest: {exc}", file=sys.stderr)
-        return 2
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        ingester = Ingester(settings)
-        loop = runner.get_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, ingester.stop)
-        return runner.run(ingester.run())

@@ -13,13 +13,13 @@ the rows a page needs. DuckDB skips the row groups outside a window by their sta
 applies the time bounds inside the scan, so the first page of a common word matches text in a
 few thousand rows, date filters prune whole days, and only a word that is rare scans everything.
 
-Visibility (DESIGN invariant 4) is applied on every query, by the rule in `store.visibility`:
-each worker keeps its in-memory index of the rows that can hide a version (post deletes and
-post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per live file
-(`query.index`). Candidate rows of a page are checked against it in microseconds; the walk
-fetches more candidates when some are hidden. A second index holds the latest handle of each
-DID (from identities, the firehose's identity events); `identity.directory` merges it with the
-identity store the background worker fills, for the handles shown in results and for
+Visibility (invariant 4 in docs/architecture.md) is applied on every query, by the rule in
+`store.visibility`: each worker keeps its in-memory index of the rows that can hide a version
+(post deletes and post updates) as sorted arrays of (hash(uri), greatest rev), loaded once per
+live file (`query.index`). Candidate rows of a page are checked against it in microseconds;
+the walk fetches more candidates when some are hidden. A second index holds the latest handle
+of each DID (from identities, the firehose's identity events); `identity.directory` merges it
+with the identity store the background worker fills, for the handles shown in results and for
 author=/mention= given as a handle (resolved at query time when neither knows it).
 """
 
@@ -450,7 +450,7 @@ class QueryEngine:
         # The first window is walked as is (a common word fills the page there); if the page is
         # not full after it, the token indexes narrow the rest of the walk to candidate groups.
         narrow = self.settings.query_text_index and bool(
-            filters.include or author or mention or filters.lang or filters.tag or filters.domain
+            filters.include or author or mention or filters.lang or filters.tags or filters.domain
         )
         restrict: dict[str, list[tuple[int, int]]] = {}
         wait = self.settings.api_max_wait_s if lane_wait_s is None else lane_wait_s
@@ -564,7 +564,7 @@ class QueryEngine:
             (field, value)
             for field, value in (
                 (textindex.FIELD_LANG, filters.lang),
-                (textindex.FIELD_TAG, filters.tag),
+                *((textindex.FIELD_TAG, tag) for tag in filters.tags),  # each must match
                 (textindex.FIELD_DOMAIN, filters.domain),
                 (textindex.FIELD_MENTION, mention),
             )

@@ -48,8 +48,9 @@ class Filters(msgspec.Struct, frozen=True, kw_only=True):
     author: str | None = None  # a DID, or a handle (lower case) resolved through identities
     mention: str | None = None  # likewise
     lang: str | None = None  # lower case; "en" also matches "en-US"
-    tag: str | None = None  # lower case, without '#'
+    tags: tuple[str, ...] = ()  # lower case, without '#'; every one must match
     domain: str | None = None  # lower-case host; subdomains match too
+    url: str | None = None  # a link or external embed pointing exactly here
     since_us: int | None = None  # inclusive
     until_us: int | None = None  # exclusive
     sort: Sort = "latest"
@@ -99,6 +100,7 @@ class Post(msgspec.Struct, kw_only=True):
 
     uri: str
     did: str
+    cid: str | None = None  # the record's CID (null in files written before it was kept)
     handle: str | None = None
     text: str | None = None
     created_at: datetime | None = None

@@ -17,9 +17,9 @@ POST_URI = layout.uri_sql("posts")
 COLUMNS = (
     f"{POST_URI} AS uri, did, rev, time_us, epoch_us(created_at) AS created_us, text, langs, "
     "reply_parent, reply_root, quote_uri, embed_kind, external_uri, links, mentions, tags, "
-    f"hash({POST_URI}) AS h, hash(did) AS dh"
+    f"cid, hash({POST_URI}) AS h, hash(did) AS dh"
 )
-URI, DID, REV, TIME_US, URI_HASH, DID_HASH = 0, 1, 2, 3, 15, 16
+URI, DID, REV, TIME_US, URI_HASH, DID_HASH = 0, 1, 2, 3, 16, 17
 _HOST = textindex.HOST_SQL  # the token index keys domains by this same expression
 
 
@@ -57,9 +57,12 @@ def filter_sql(
             "len(list_filter(langs, lambda x: lower(x) = $lang "
             "OR starts_with(lower(x), $lang_prefix))) > 0"
         )
-    if filters.tag is not None:
-        params["tag"] = filters.tag
-        clauses.append("list_contains(list_transform(tags, lambda x: lower(x)), $tag)")
+    for i, tag in enumerate(filters.tags):
+        params[f"tag{i}"] = tag
+        clauses.append(f"list_contains(list_transform(tags, lambda x: lower(x)), $tag{i})")
+    if filters.url is not None:
+        params["url"] = filters.url
+        clauses.append("(external_uri = $url OR list_contains(links, $url))")
     if filters.domain is not None:
         params["domain"], params["subdomain"] = filters.domain, "." + filters.domain
         host = _HOST.format(u="x")
@@ -77,10 +80,11 @@ def filter_sql(
 
 def row_to_post(row: Sequence[Any]) -> Post:
     (uri, did, _rev, time_us, created_us, text, langs, parent, root, quote, embed, external,
-     links, mentions, tags, _hash, _did_hash) = row  # fmt: skip
+     links, mentions, tags, cid, _hash, _did_hash) = row  # fmt: skip
     return Post(
         uri=uri,
         did=did,
+        cid=cid,
         text=text,
         created_at=utc(created_us) if created_us is not None else None,
         indexed_at=utc(time_us),

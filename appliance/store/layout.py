@@ -72,7 +72,8 @@ _STRS = pa.list_(pa.string())
 # The record's at:// uri is not stored: it is exactly at://{did}/{collection}/{rkey}, derived
 # where needed (`uri_sql`, `uri_array`); storing it cost ~20 B per row after zstd.
 # `operation` tells a create from an update. `cid` (and likes'/reposts' `subject_cid`) are
-# content hashes: null unless APPLIANCE_STORE_CIDS=true (see config.store_cids).
+# content hashes: null unless APPLIANCE_STORE_CIDS=true (see config.store_cids), except the
+# `cid` of posts, always stored (the XRPC PostView requires it).
 _COMMIT = [
     pa.field("did", pa.string(), nullable=False),
     pa.field("rkey", pa.string(), nullable=False),
@@ -197,8 +198,9 @@ def table_glob(data_dir: str | Path, table: str) -> str:
 
 # --- natural keys ----------------------------------------------------------------------------
 
-# The columns that make a stored row unique (DESIGN invariant 2), per table: commits by
-# (did, collection, rkey, rev), where a typed table's collection is fixed and so not a column.
+# The columns that make a stored row unique (invariant 2 in docs/architecture.md), per table:
+# commits by (did, collection, rkey, rev), where a typed table's collection is fixed and so not a
+# column.
 # Content hashes (cid) are never part of a key: they may be null (store_cids off).
 KEY_COLUMNS: dict[str, tuple[str, ...]] = {
     **{t: ("did", "rkey", "rev") for t in TABLE_COLLECTION},

@@ -1,4 +1,5 @@
-"""The visibility rule (DESIGN invariant 4): which stored versions of a record a reader sees.
+"""The visibility rule (invariant 4 in docs/architecture.md): which stored versions of a record
+a reader sees.
 
 A version of a record (did, collection, rkey) is visible iff no row that hides the record has a
 greater rev. The rows that hide a record are its deletes (rows of `deletes` with its did,

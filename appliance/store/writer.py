@@ -1,4 +1,5 @@
-"""Atomic Parquet writes: a `*.parquet` file is either absent or complete (DESIGN invariant 3).
+"""Atomic Parquet writes: a `*.parquet` file is either absent or complete (invariant 3 in
+docs/architecture.md).
 
 A file is written under a temporary name no reader's glob matches (`.<name>.tmp`, not ending in
 .parquet), fsynced, renamed, and the directory fsynced. The same name always lands at the same

@@ -7,10 +7,12 @@ Generates the events (loadtest.firehose), then measures:
 2. the whole path through a real redis-server (XADD entries, then `appliance batch` as a
    subprocess: XREADGROUP → files → XACK → trim), from its own log line, with its peak RSS;
 3. storage: Parquet bytes per event against the raw JSON and the same events as zstd JSON lines
-   (level 3), for posts and for all events, in the default configuration (CIDs not stored) and,
+   (level 3), for posts and for all events, in the default configuration (only posts' own
+   CIDs stored) and,
    beside it, with APPLIANCE_STORE_CIDS=true (`*_with_cids`, one more child run); the same after
    compaction; and encoding variants measured on the same rows (zstd levels, the derived uri
-   stored as a column, CIDs as binary) so that the choice of layout rests on numbers.
+   stored as a column, CIDs as binary) and what more of the post record would cost (reply and
+   quote CIDs, the record JSON), so that the choice of layout rests on numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
@@ -314,6 +317,61 @@ def _variants(data_dir: Path, cids_dir: Path, events_n: int) -> dict[str, float]
     return {k: round(v, 1) for k, v in out.items()}
 
 
+def _post_record_variants(data_dir: Path, frames_path: Path, raw_posts: int) -> dict[str, float]:
+    """What more of the post record would cost (B per post, and the posts saving), measured on
+    the stored posts rows with columns added from their frames: the reply and quote CIDs (the
+    strong refs a complete record needs), and the record JSON itself (whole, or without its text,
+    which the `text` column already holds)."""
+    posts = _read_tables(data_dir)["posts"]
+    decode = msgspec.json.Decoder().decode
+    records: dict[tuple[str, str, str], dict[str, Any]] = {}
+    with open(frames_path, "rb") as fh:
+        for line in fh:
+            if b'"app.bsky.feed.post"' not in line:
+                continue
+            try:
+                event = decode(line)
+                c = event["commit"]
+                records[(event["did"], c["rkey"], c["rev"])] = c["record"]
+            except (msgspec.DecodeError, KeyError, TypeError):
+                continue
+    key_columns = (posts[c].to_pylist() for c in ("did", "rkey", "rev"))
+    recs = [records.get(k) or {} for k in zip(*key_columns, strict=True)]
+
+    def at(rec: Any, *path: str) -> Any:
+        for key in path:
+            rec = rec.get(key) if isinstance(rec, dict) else None
+        return rec
+
+    refs = {
+        "reply_root_cid": [at(r, "reply", "root", "cid") for r in recs],
+        "reply_parent_cid": [at(r, "reply", "parent", "cid") for r in recs],
+        "quote_cid": [
+            at(r, "embed", "record", "cid") or at(r, "embed", "record", "record", "cid")
+            for r in recs
+        ],
+    }
+    whole = [msgspec.json.encode(r).decode() for r in recs]
+    no_text = [
+        msgspec.json.encode({k: v for k, v in r.items() if k != "text"}).decode() for r in recs
+    ]
+    variants = {
+        "default": {},
+        "with_reply_and_quote_cids": refs,
+        "with_record_json": {"record": whole},
+        "with_record_json_without_text": {"record": no_text},
+    }
+    out: dict[str, float] = {}
+    for name, columns in variants.items():
+        table = posts
+        for column, values in columns.items():
+            table = table.append_column(column, pa.array(values, pa.string()))
+        size = _encoded_size(table, 3)
+        out[f"bytes_per_post_{name}"] = round(size / max(1, posts.num_rows), 1)
+        out[f"saving_posts_{name}"] = round(1 - size / max(1, raw_posts), 4)
+    return out
+
+
 # --- run ---------------------------------------------------------------------------------------
 
 
@@ -485,7 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures.update(_with_cids_figures(with_cids, raw, n))
         print(
             f"storage: {figures['bytes_per_event_all']} B/event, saving_all "
-            f"{figures['saving_all']}, saving_posts {figures['saving_posts']} (CIDs not stored); "
+            f"{figures['saving_all']}, saving_posts {figures['saving_posts']} (default CIDs); "
             f"with CIDs {figures['bytes_per_event_all_with_cids']} B/event, saving_all "
             f"{figures['saving_all_with_cids']}, saving_posts {figures['saving_posts_with_cids']}",
             flush=True,
@@ -499,13 +557,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         if not args.skip_variants:
             figures["variants_bytes_per_event"] = _variants(data_dir, cids_dir, n)
+            figures["post_record_variants"] = _post_record_variants(
+                data_dir, frames_path, raw.get("posts", 0)
+            )
         figures.update(_compaction_figures(data_dir, n, raw))
         if not args.skip_redis:
             print("through redis-server ...", flush=True)
             figures.update(_through_redis(frames, workdir, args.entry_events))
         figures["targets"] = {
             "batch_seconds_le_5": figures["batch_seconds"] <= 5,
-            "saving_all_ge_0.85": figures["saving_all"] >= 0.85,
-            "saving_posts_ge_0.88": figures["saving_posts"] >= 0.88,
+            "saving_all_ge_0.87": figures["saving_all"] >= 0.87,
+            "saving_posts_ge_0.85": figures["saving_posts"] >= 0.85,
         }
         return figures

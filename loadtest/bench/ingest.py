@@ -35,7 +35,8 @@ import msgspec
 import redis
 
 from appliance.config import Settings, load_settings, to_environ
-from appliance.ingest.ingester import WS_MAX_QUEUE, event_loop_factory
+from appliance.ingest.command import event_loop_factory
+from appliance.ingest.ingester import WS_MAX_QUEUE
 from appliance.redis_server import start_redis
 from appliance.store.layout import DAY_US
 from loadtest.bench import median, peak_rss_mb
@@ -253,6 +254,28 @@ def _figures(
     return figures
 
 
+def _base_settings(tmp: Path) -> Settings:
+    """The ingester's settings for every run: its own redis-server under `tmp`, free ports."""
+    return load_settings(
+        environ={},
+        redis_dir=str(tmp / "redis"),
+        redis_port=_free_port(),
+        redis_password=secrets.token_hex(16),
+        redis_maxmemory="4gb",
+        ingest_port=_free_port(),
+        log_format="json",
+        stall_timeout_s=30.0,
+    )
+
+
+def _describe(result: dict[str, float]) -> str:
+    return (
+        f"{result['events_per_s']:,.0f} events/s, "
+        f"{result['cpu_us_per_event']:.1f} µs CPU/event, "
+        f"peak RSS {result['peak_rss_mb']:.1f} MB"
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(x) for x in str(args.entry_events).split(",") if x.strip()]
     if args.events < 1000 or not sizes or min(sizes) < 1:
@@ -264,16 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--baseline {args.baseline}: no appliance/__main__.py in it")
     cfg = FirehoseConfig(seed=args.seed, events=args.events)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    base = load_settings(
-        environ={},
-        redis_dir=str(tmp / "redis"),
-        redis_port=_free_port(),
-        redis_password=secrets.token_hex(16),
-        redis_maxmemory="4gb",
-        ingest_port=_free_port(),
-        log_format="json",
-        stall_timeout_s=30.0,
-    )
+    base = _base_settings(tmp)
     load = os.getloadavg()
     print(
         f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"
@@ -309,9 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runs[n].append(result)
                 print(
                     f"[{repeat + 1}/{args.repeats}] ingester, {n} events/entry: "
-                    f"{result['events_per_s']:,.0f} events/s, "
-                    f"{result['cpu_us_per_event']:.1f} µs CPU/event, "
-                    f"peak RSS {result['peak_rss_mb']:.1f} MB, {result['entries']:,} entries",
+                    f"{_describe(result)}, {result['entries']:,} entries",
                     flush=True,
                 )
                 if baseline is not None and n == sizes[0]:
@@ -321,9 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     baseline_runs.append(result)
                     print(
                         f"[{repeat + 1}/{args.repeats}] baseline ingester, {n} events/entry: "
-                        f"{result['events_per_s']:,.0f} events/s, "
-                        f"{result['cpu_us_per_event']:.1f} µs CPU/event, "
-                        f"peak RSS {result['peak_rss_mb']:.1f} MB",
+                        f"{_describe(result)}",
                         flush=True,
                     )
     finally:

@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,9 @@ from appliance.store import compact, layout, textindex
 from appliance.store.manifest import read_manifest, update_manifest
 from appliance.store.writer import write_atomic
 from loadtest.bench import free_port, median, p95
+
+if TYPE_CHECKING:
+    import duckdb
 
 COMMON_WORD = "today"
 RARE_WORD = "quokkanaut"
@@ -260,8 +263,9 @@ def _identities(pools: _Pools) -> pa.Table:
     return pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
-def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
-    """Build the store under `store` unless a complete one with the same spec is there."""
+def _reusable(store: Path, spec: StoreSpec) -> dict[str, Any] | None:
+    """The metadata of a complete store with the same spec under `store`, or None if `store` is
+    empty or absent; anything else there stops the run."""
     meta_path = store / "bench.json"
     if meta_path.exists():
         meta: dict[str, Any] = json.loads(meta_path.read_text())
@@ -273,6 +277,60 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
         )
     if store.exists() and any(store.iterdir()):
         raise SystemExit(f"{store} is not empty and has no bench.json; use another --store")
+    return None
+
+
+def _write_day(
+    store: Path,
+    spec: StoreSpec,
+    table_name: str,
+    table: pa.Table,
+    date: str,
+    indexer: duckdb.DuckDBPyConnection,
+    index_days: list[dict[str, Any]],
+) -> list[str]:
+    """One day of a table as `files_per_day` compacted files (posts with their token index, its
+    figures appended to `index_days`); returns the files' paths relative to the store."""
+    written: list[str] = []
+    directory = layout.partition_dir(store, table_name, date)
+    time_col = table.schema.get_field_index("time_us")
+    sorting = [pq.SortingColumn(time_col)]
+    bounds = np.linspace(0, table.num_rows, spec.files_per_day + 1).astype(int)
+    for part in range(spec.files_per_day):
+        chunk = table.slice(bounds[part], bounds[part + 1] - bounds[part])
+        path = write_atomic(
+            chunk,
+            directory,
+            f"{layout.COMPACTED_PREFIX}{part:02d}",
+            sorting_columns=sorting,
+            row_group_size=(
+                spec.row_group_size if table_name == "posts" else compact.ROW_GROUP_ROWS
+            ),
+            zstd_level=spec.zstd_level,
+        )
+        written.append(str(path.relative_to(store)))
+        if table_name == "posts":
+            built = compact.index_posts_file(indexer, path)
+            if built is None:
+                raise SystemExit(f"the token index of {path} failed; see the log")
+            index_days.append(
+                {
+                    "day": date,
+                    "seconds": round(built.seconds, 2),
+                    "index_bytes": built.bytes,
+                    "data_bytes": path.stat().st_size,
+                    "tokens": built.tokens,
+                }
+            )
+    return written
+
+
+def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
+    """Build the store under `store` unless a complete one with the same spec is there."""
+    meta_path = store / "bench.json"
+    reused = _reusable(store, spec)
+    if reused is not None:
+        return reused
     import duckdb
 
     rng = np.random.default_rng(spec.seed)
@@ -293,36 +351,9 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
         for name, word in PROBES.items():
             counts[name] += int(pc.sum(pc.match_substring(lowered, word)).as_py() or 0)
         for table_name, table in (("posts", posts), ("deletes", deletes)):
-            directory = layout.partition_dir(store, table_name, date)
-            time_col = table.schema.get_field_index("time_us")
-            sorting = [pq.SortingColumn(time_col)]
-            bounds = np.linspace(0, table.num_rows, spec.files_per_day + 1).astype(int)
-            for part in range(spec.files_per_day):
-                chunk = table.slice(bounds[part], bounds[part + 1] - bounds[part])
-                path = write_atomic(
-                    chunk,
-                    directory,
-                    f"compacted-{part:02d}",
-                    sorting_columns=sorting,
-                    row_group_size=(
-                        spec.row_group_size if table_name == "posts" else compact.ROW_GROUP_ROWS
-                    ),
-                    zstd_level=spec.zstd_level,
-                )
-                files[table_name].append(str(path.relative_to(store)))
-                if table_name == "posts":
-                    built = compact.index_posts_file(indexer, path)
-                    if built is None:
-                        raise SystemExit(f"the token index of {path} failed; see the log")
-                    index_days.append(
-                        {
-                            "day": date,
-                            "seconds": round(built.seconds, 2),
-                            "index_bytes": built.bytes,
-                            "data_bytes": path.stat().st_size,
-                            "tokens": built.tokens,
-                        }
-                    )
+            files[table_name] += _write_day(
+                store, spec, table_name, table, date, indexer, index_days
+            )
         posts_written += n
         print(
             f"store: day {day + 1}/{spec.days} ({date}) {n:,} posts, "
@@ -332,7 +363,7 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
     ident_dir = layout.partition_dir(
         store, "identities", layout.day_of(int(START_DAY.timestamp() * 1e6))
     )
-    path = write_atomic(_identities(pools), ident_dir, "compacted-00")
+    path = write_atomic(_identities(pools), ident_dir, f"{layout.COMPACTED_PREFIX}00")
     files["identities"].append(str(path.relative_to(store)))
     with update_manifest(store) as manifest:
         for table_name, paths in files.items():

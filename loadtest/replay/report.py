@@ -154,7 +154,9 @@ def write(out: Path, figures: dict[str, Any], samples: list[Sample], batch_log: 
 
 
 def markdown(f: dict[str, Any], charts: list[str]) -> str:
-    ok = "**passed**" if f["verified"] else "**FAILED**: " + "; ".join(f["problems"])
+    problems = f["problems"]
+    more = f" (and {len(problems) - 3} more in report.json)" if len(problems) > 3 else ""
+    ok = "**passed**" if f["verified"] else "**FAILED**: " + "; ".join(problems[:3]) + more
     lines = [
         f"# Replay: {f['scale']} ({f['events']:,} events), {f['path']} path",
         "",

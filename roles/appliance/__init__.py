@@ -9,6 +9,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
+from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server, systemd
 
@@ -67,6 +68,28 @@ def appliance(
 ) -> None:
     """Install release `release` (the project wheel `project_wheel` of `wheelhouse`), point
     `current` at it, and run the services; they restart only when something they use changed."""
+    link = _install_release(wheelhouse=wheelhouse, project_wheel=project_wheel, release=release)
+    env, secret_env = _settings(
+        environment=environment, secret_environment=secret_environment, user=user
+    )
+    units = _units(user=user, data_dir=data_dir, mount_point=mount_point)
+    shared_change = link.will_change or env.will_change or secret_env.will_change
+    unit_change = any(u.will_change for u in units)
+    for (unit, (_, what, _)), unit_op in zip(SERVICES.items(), units, strict=True):
+        systemd.service(
+            name=f"Run the {what}, restarted only when its code, settings or unit changed",
+            service=f"{unit}.service",
+            running=True,
+            enabled=True,
+            daemon_reload=unit_change,
+            restarted=shared_change or unit_op.will_change,
+        )
+    _prune(release=release, keep_releases=keep_releases)
+
+
+def _install_release(*, wheelhouse: str, project_wheel: str, release: str) -> OperationMeta:
+    """The release's venv, installed from the uploaded wheelhouse once; `current` pointed at
+    it. Returns the link operation."""
     files.directory(name="Create the appliance's home", path=HOME, mode="755")
     files.sync(
         name="Upload the wheelhouse (only wheels not on the host yet)",
@@ -93,6 +116,14 @@ def appliance(
         path=CURRENT,
         target=release_dir,
     )
+    return link
+
+
+def _settings(
+    *, environment: dict[str, str], secret_environment: dict[str, str], user: str
+) -> tuple[OperationMeta, OperationMeta]:
+    """The services' settings files and the operators' commands. Returns the two file
+    operations (plain and secret settings)."""
     files.directory(name="Create /etc/appliance", path="/etc/appliance", mode="755")
     env = files.put(
         name="Write the services' settings",
@@ -128,6 +159,11 @@ def appliance(
         current=CURRENT,
         units=list(SERVICES),
     )
+    return env, secret_env
+
+
+def _units(*, user: str, data_dir: str, mount_point: str) -> list[OperationMeta]:
+    """One hardened systemd unit per service, in the order of SERVICES."""
     units = []
     for unit, (command, what, stop_s) in SERVICES.items():
         units.append(
@@ -146,17 +182,11 @@ def appliance(
                 mount_point=mount_point,
             )
         )
-    shared_change = link.will_change or env.will_change or secret_env.will_change
-    unit_change = any(u.will_change for u in units)
-    for (unit, (_, what, _)), unit_op in zip(SERVICES.items(), units, strict=True):
-        systemd.service(
-            name=f"Run the {what}, restarted only when its code, settings or unit changed",
-            service=f"{unit}.service",
-            running=True,
-            enabled=True,
-            daemon_reload=unit_change,
-            restarted=shared_change or unit_op.will_change,
-        )
+    return units
+
+
+def _prune(*, release: str, keep_releases: int) -> None:
+    """Remove the releases beyond the newest `keep_releases` (never the one just installed)."""
     installed = host.get_fact(Releases, path=RELEASES)
     stale = [r for r in installed if r != release][max(keep_releases - 1, 0) :]
     if stale:

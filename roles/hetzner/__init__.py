@@ -29,6 +29,7 @@ from pyinfra.api import FunctionCommand, State, deploy, operation
 from pyinfra.api.host import Host
 
 from roles.hetzner.cloud import LABEL, Cloud, CloudError, Names
+from roles.hetzner.preflight import check_ours
 
 Rule = tuple[str, str, str, tuple[str, ...]]  # direction, protocol, port, sorted source networks
 
@@ -116,102 +117,6 @@ def _plan(what: str) -> None:
     """Say what a change will do when pyinfra only looks for changes (`--dry`, no `-y`)."""
     if not host.state.is_executing:
         host.log(f"Hetzner plan: {what}")
-
-
-def _ours(obj: Any, names: Names, kind: str) -> None:
-    if obj is not None and (obj.labels or {}).get(LABEL) != names.appliance:
-        raise CloudError(
-            f"a {kind} named {obj.name!r} exists in the project without the label "
-            f"{names.selector}: it is not this appliance's; rename it or choose another "
-            "appliance_name"
-        )
-
-
-def preflight(
-    cloud: Cloud,
-    names: Names,
-    *,
-    server_type: str,
-    location: str,
-    image: str,
-    volume_size_gb: int,
-) -> str:
-    """Check the token, the catalogue and every change Hetzner cannot make, before any change.
-    Returns the server type's monthly price in the location, from Hetzner's price list."""
-    client = cloud.client
-    with cloud.doing("read the project (checking the token)"):
-        found = {
-            kind: cloud.find(kind, name)
-            for kind, name in [
-                ("servers", names.server),
-                ("volumes", names.volume),
-                ("firewalls", names.firewall),
-                ("primary_ips", names.ipv4),
-            ]
-        }
-        known_type = client.server_types.get_by_name(server_type)
-        known_location = client.locations.get_by_name(location)
-        known_image = client.images.get_by_name_and_architecture(
-            image, (known_type.architecture if known_type else None) or "x86"
-        )
-    if known_location is None:
-        raise CloudError(
-            f"hcloud_location {location!r} is not a Hetzner Cloud location: set it in "
-            "inventory/group_data/all.py to one of fsn1, nbg1, hel1, ash, hil, sin"
-        )
-    if known_type is None:
-        raise CloudError(
-            f"hcloud_server_type {server_type!r} is not offered by Hetzner Cloud: set it in "
-            "inventory/group_data/all.py (e.g. cx22; `hcloud server-type list` shows them)"
-        )
-    if known_image is None:
-        raise CloudError(
-            f"hcloud_image {image!r} is not a Hetzner image: set it in "
-            "inventory/group_data/all.py (e.g. debian-12)"
-        )
-    for kind, obj in found.items():
-        _ours(obj, names, kind.rstrip("s").replace("_", " "))
-    server, volume, ipv4 = found["servers"], found["volumes"], found["primary_ips"]
-    if server is not None and server.location.name != location:
-        raise CloudError(
-            f"hcloud_location: the server {server.name} is in {server.location.name}, the "
-            f"inventory says {location}; Hetzner cannot move a server: set hcloud_location back "
-            f"to {server.location.name!r}, or tear down and provision again"
-        )
-    if server is not None and server.server_type.name != server_type:
-        raise CloudError(
-            f"hcloud_server_type: the server is a {server.server_type.name}, the inventory says "
-            f"{server_type}; a type change needs the server powered off, so this deploy does "
-            "not make it: rescale it in the Hetzner Console, or set the value back"
-        )
-    for obj, kind in ((volume, "volume"), (ipv4, "primary IP")):
-        if obj is not None and obj.location.name != location:
-            raise CloudError(
-                f"hcloud_location: the {kind} {obj.name} is in {obj.location.name}, the "
-                f"inventory says {location}; Hetzner cannot move it: set hcloud_location back"
-            )
-    if volume is not None and volume.size > volume_size_gb:
-        raise CloudError(
-            f"hcloud_volume_size_gb: the volume {volume.name} has {volume.size} GB, the inventory "
-            f"says {volume_size_gb}; Hetzner volumes only grow: set it to {volume.size} or more"
-        )
-    if (
-        server is not None
-        and ipv4 is not None
-        and (server.public_net.primary_ipv4 is None or server.public_net.primary_ipv4.id != ipv4.id)
-    ):
-        raise CloudError(
-            f"the server {server.name} does not use the primary IP {ipv4.name}: assign it in the "
-            "Hetzner Console (server powered off), or tear down and provision again"
-        )
-    for price in known_type.prices or []:
-        if price.get("location") == location:
-            monthly = price["price_monthly"]
-            return (
-                f"a {server_type} in {location} costs {float(monthly['net']):.2f} EUR a month "
-                f"before VAT ({float(monthly['gross']):.2f} with it), by Hetzner's price list"
-            )
-    return f"Hetzner lists no price for a {server_type} in {location}"
 
 
 @operation()
@@ -442,7 +347,7 @@ def rebuilt(
             f"there is no server {names.server} to rebuild: run deploys/provision.py first",
         )
         return
-    _ours(current, names, "server")
+    check_ours(current, names, "server")
     what = f"rebuild the server {names.server} from {image} (volume and IP stay)"
     _plan(what)
 

@@ -53,6 +53,13 @@ def monitoring(
 ) -> None:
     """Prometheus scraping `targets` (job -> loopback port) under the name `instance`;
     `alertmanager` holds the template variables of monitoring/alertmanager.yml."""
+    _prometheus(instance=instance, targets=targets, retention=retention)
+    _exporters(redis_port=redis_port, redis_password=redis_password)
+    _alertmanager(alertmanager=alertmanager, alert_credential=alert_credential)
+
+
+def _prometheus(*, instance: str, targets: dict[str, int], retention: str) -> None:
+    """The packages, then Prometheus: its configuration, rules, targets and flags."""
     apt.packages(
         name="Install Prometheus, its exporters and Alertmanager",
         packages=PACKAGES,
@@ -106,6 +113,10 @@ def monitoring(
         restarted=flags.will_change,
         reloaded=(config.will_change or rules.will_change) and not flags.will_change,
     )
+
+
+def _exporters(*, redis_port: int, redis_password: str) -> None:
+    """The node and Redis exporters, on loopback."""
     node = files.template(
         name="Node exporter: listen on loopback only",
         src=beside(__file__, "default.j2"),
@@ -142,6 +153,10 @@ def monitoring(
         enabled=True,
         restarted=redis_exporter.will_change,
     )
+
+
+def _alertmanager(*, alertmanager: dict[str, Any], alert_credential: str | None) -> None:
+    """Alertmanager routing to the configured receiver, with its credential kept in a file."""
     variables: dict[str, Any] = dict(alertmanager)
     if alert_credential:
         secret_file(

@@ -15,15 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.booted import (
-    REPO_MOUNT,
-    VOLUME_PATH,
-    BootedHost,
-    _run,
-    acquire_slot,
-    cache_dir,
-)
+from tests.system.booted import REPO_MOUNT, VOLUME_PATH, BootedHost, acquire_slot
 from tests.system.conftest import DEPLOY_PACKAGES
+from tests.system.images import _run, cache_dir
 
 pytestmark = pytest.mark.system
 

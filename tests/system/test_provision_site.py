@@ -16,15 +16,15 @@ import pytest
 
 from tests.conftest import ServerHandle, start_jetstream_server
 from tests.hcloud_fake import TOKEN, FakeHetzner
+from tests.provisioning import base_settings, pyinfra
 from tests.system.booted import VOLUME_ID, BootedHost
-from tests.system.test_site import (
+from tests.system.site import (
     EVENTS,
     assert_search_finds_posts,
     run_deploy,
     session_wheelhouse,
     write_group_data,
 )
-from tests.test_provision import base_settings, pyinfra
 
 pytestmark = pytest.mark.system
 
