@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
-# The site deploy: `make deploy HOSTS=203.0.113.10` (see README, "Deploy").
+# The site deploy: `make deploy HOSTS=203.0.113.10` (see docs/operations.md, "Deploy").
 WHEELHOUSE ?= dist/wheelhouse
 WHEEL_ARCH ?= x86_64
 INVENTORY  ?= inventory/hosts.py
@@ -34,13 +34,13 @@ $(STAMP): pyproject.toml
 # docker-compose.yml; no Docker engine is installed); Prometheus (with promtool),
 # Alertmanager (with amtool) and the node and Redis exporters, which monitoring/ is tested
 # against; and what the system tests (tests/system) boot a Debian 12 container with:
-# debootstrap, systemd-nspawn, ip, losetup, ssh and apt-ftparchive.
+# debootstrap, systemd-nspawn, ip, losetup, ssh and apt-ftparchive; and curl, which the README uses.
 SYSTEM_TOOLS := redis-server:redis-server prometheus:prometheus promtool:prometheus \
 	prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
 	prometheus-node-exporter:prometheus-node-exporter prometheus-redis-exporter:prometheus-redis-exporter \
 	debootstrap:debootstrap systemd-nspawn:systemd-container ip:iproute2 losetup:mount \
 	ssh:openssh-client ssh-keygen:openssh-client apt-ftparchive:apt-utils blkid:util-linux \
-	docker-compose:docker-compose
+	docker-compose:docker-compose curl:curl
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -72,7 +72,7 @@ deploy: wheelhouse
 deploy-dry: wheelhouse
 	APPLIANCE_HOSTS=$(HOSTS) $(BIN)/pyinfra $(INVENTORY) deploys/site.py --dry $(PYINFRA_ARGS)
 
-# Hetzner Cloud (README, "Deploy to Hetzner"): HCLOUD_TOKEN in the environment.
+# Hetzner Cloud (docs/operations.md, "Provision on Hetzner Cloud"): HCLOUD_TOKEN in the environment.
 CLOUD := $(BIN)/pyinfra inventory/cloud.py
 
 provision: venv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,9 @@ def _cmd_config(settings: config.Settings, args: argparse.Namespace) -> int:
     """Print the effective settings (secrets masked) and where each comes from."""
     if args.markdown:
         print(config.markdown_table())
+        return 0
+    if args.metrics_markdown:
+        print(metrics_markdown_table())
         return 0
     values = config.masked(settings)
     width = max(len(name) for name, _, _ in config.describe())
@@ -26,6 +30,27 @@ def _cmd_config(settings: config.Settings, args: argparse.Namespace) -> int:
             print(f"{'':<{width}}     {help_text}")
     print("\n* = set from the environment or flags", file=sys.stderr)
     return 0
+
+
+def metrics_markdown_table() -> str:
+    """Every metric of every service as a Markdown table (docs/operations.md keeps a copy)."""
+    from appliance import metrics  # prometheus_client only for this
+
+    rows = ["| service | metric | type | labels | what |", "|---|---|---|---|---|"]
+    for service, registry in (("ingester", metrics.INGEST), ("batcher", metrics.BATCH),
+                              ("API", metrics.API), ("identity", metrics.IDENTITY)):  # fmt: skip
+        found = []
+        for collector in list(registry._collector_to_names):
+            name = getattr(collector, "_name", None)
+            kind = getattr(collector, "_type", None)
+            if name is None or kind is None:
+                continue
+            shown = f"{name}_total" if kind == "counter" else name
+            labels = ", ".join(getattr(collector, "_labelnames", ()))
+            found.append((shown, kind, labels, getattr(collector, "_documentation", "")))
+        for shown, kind, labels, text in sorted(found):
+            rows.append(f"| {service} | `{shown}` | {kind} | {labels} | {text} |")
+    return "\n".join(rows)
 
 
 # subcommand -> (module, help). Each module has `main(settings, args) -> int`.
@@ -57,7 +82,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="Print the effective settings (secrets masked)")
     p.add_argument("-v", "--verbose", action="store_true", help="show each setting's help")
     p.add_argument(
-        "--markdown", action="store_true", help="print the defaults as the README's table"
+        "--markdown",
+        action="store_true",
+        help="print the defaults as the settings table of docs/operations.md",
+    )
+    p.add_argument(
+        "--metrics-markdown", action="store_true", help="print every metric as the docs' table"
     )
     p.set_defaults(func=_cmd_config)
     for name, (module, help_text) in SERVICES.items():
@@ -86,4 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"appliance: configuration error: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(settings, args) or 0)
+    try:
+        code = int(args.func(settings, args) or 0)
+        sys.stdout.flush()  # a pipe's buffer: the write that can fail happens here
+        return code
+    except BrokenPipeError:
+        # The reader stopped early (`appliance config | head`): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,7 +1,7 @@
 """One settings object for every service, built once from APPLIANCE_* environment variables.
 
-Each field carries a default and a one-line help text; `appliance config` and the README table
-are generated from the same declarations. No other module reads os.environ.
+Each field carries a default and a one-line help text; `appliance config` and the settings
+table of docs/operations.md are generated from the same declarations. No other module reads os.environ.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         _h("Stored rows this close in time_us to a batch are checked for duplicate keys", ge=0),
     ] = 60.0
     batch_crash_at: Annotated[
-        str, _h("Testing only: SIGKILL the batcher at this named point (see README)")
+        str, _h("Testing only: SIGKILL the batcher at this named point (see docs/architecture.md)")
     ] = ""
     compact_auto: Annotated[
         bool, _h("The batcher compacts each day once it is closed (see compact_after_s)")
@@ -286,7 +286,7 @@ def describe() -> list[tuple[str, str, Any]]:
 
 
 def markdown_table() -> str:
-    """The settings as a Markdown table (variable, default, help): the README's table."""
+    """The settings as a Markdown table (variable, default, help), as docs/operations.md has it."""
     rows = ["| variable | default | what |", "|---|---|---|"]
     for env_name, help_text, default in describe():
         shown = ",".join(default) if isinstance(default, tuple) else default

@@ -57,7 +57,15 @@ def start_redis(settings: Settings, timeout_s: float = 10.0) -> subprocess.Popen
     conf.write_text(render_redis_conf(settings))
     conf.chmod(0o600)  # it holds the password
     log = open(directory / "redis.log", "ab")  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen([exe, str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    # Its own session: a terminal's Ctrl-C reaches only whoever started it, which stops it in
+    # turn (SIGTERM: Redis saves and exits), never mid-save.
+    proc = subprocess.Popen(
+        [exe, str(conf)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     log.close()
     client = redis.Redis(
         host=settings.redis_host, port=settings.redis_port, password=settings.redis_password

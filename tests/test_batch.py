@@ -143,7 +143,9 @@ def test_a_deleted_post_disappears_from_search_and_export_once_its_delete_is_bat
         shown = {p["uri"]: p["text"] for p in response.json["posts"]}
         _, response = client.get("/v1/export", params={"q": "lighthouse", "format": "jsonl"})
         assert response.status_code == 200, response.text
-        exported = {json.loads(line)["uri"] for line in response.text.splitlines()}
+        lines = response.text.splitlines()
+        assert json.loads(lines.pop())["export"]["complete"] is True  # the summary line
+        exported = {json.loads(line)["uri"] for line in lines}
     finally:
         client.stop()
     assert set(shown) == exported == uris - {deleted}

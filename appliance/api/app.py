@@ -31,16 +31,19 @@ from sanic.worker.loader import AppLoader
 from appliance.api import xrpc
 from appliance.api.admission import Admission, Overloaded, on_overloaded, pool_threads
 from appliance.api.http import on_error, on_request, on_response
-from appliance.api.openapi import docs, openapi_document, openapi_json
+from appliance.api.openapi import docs, docs_asset, openapi_document, openapi_json
 from appliance.api.routes import export, health, metrics_endpoint, ready, search, stats
 from appliance.config import Settings
 from appliance.logs import setup_logging
+from appliance.query.accounts import AccountLookup
 from appliance.query.engine import QueryEngine
 from appliance.query.model import Busy
 
 log = logging.getLogger("appliance.api")
 
 APP_NAME = "appliance-api"
+REQUEST_MAX_HEADER_BYTES = 16_384
+WARM_WAIT_ON_STOP_S = 30.0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client in each worker
 
 
@@ -56,6 +59,9 @@ def create_app(
     app = Sanic(APP_NAME, env_prefix=None, configure_logging=False)
     app.config.KEEP_ALIVE_TIMEOUT = 15
     app.config.REQUEST_MAX_SIZE = 64 * 1024  # GET only: no bodies to speak of
+    # The request line and headers: Sanic's ceiling (16 KiB), so an over-long parameter reaches
+    # the handler and gets its 400 naming it; past this, 413.
+    app.config.REQUEST_MAX_HEADER_SIZE = REQUEST_MAX_HEADER_BYTES
     app.ctx.settings = settings
     app.ctx.metrics_dir = metrics_dir
     app.ctx.openapi = msgspec.json.encode(xrpc.with_openapi(openapi_document()))
@@ -68,16 +74,20 @@ def create_app(
         )
         app.ctx.admission = Admission.from_settings(settings)
         app.ctx.engine = engine = QueryEngine(settings, cursor_secret=secret)
+        app.ctx.accounts = AccountLookup(engine)
         threading.Thread(target=_warm, args=(engine,), name="warm", daemon=True).start()
 
     @app.after_server_stop
     async def close_engine(app: Sanic) -> None:
         app.ctx.pool.shutdown(wait=True, cancel_futures=True)
+        # A stop right after the start: let warming finish its query first (DuckDB refuses to
+        # close a connection that is busy).
+        app.ctx.engine.warmed.wait(WARM_WAIT_ON_STOP_S)
         app.ctx.engine.close()
 
     v1 = Blueprint("v1", url_prefix="/v1")
     for path, handler in (("/search", search), ("/export", export), ("/stats", stats)):
-        v1.add_route(handler, path, methods=["GET", "OPTIONS"], name=handler.__name__)
+        v1.add_route(handler, path, methods=["GET", "HEAD", "OPTIONS"], name=handler.__name__)
     root = Blueprint("root")
     for path, handler in (
         ("/health", health),
@@ -86,7 +96,10 @@ def create_app(
         ("/openapi.json", openapi_json),
         ("/docs", docs),
     ):
-        root.add_route(handler, path, methods=["GET"], name=handler.__name__)
+        root.add_route(handler, path, methods=["GET", "HEAD"], name=handler.__name__)
+    root.add_route(
+        docs_asset, "/docs/assets/<name:str>", methods=["GET", "HEAD"], name="docs_asset"
+    )
     app.blueprint(v1)
     app.blueprint(root)
     xrpc.register(app)  # /xrpc/app.bsky.feed.searchPosts, /xrpc/_health
@@ -152,4 +165,5 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         Sanic.serve(primary=app, app_loader=loader)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("API stopped")
     return 0

@@ -1,10 +1,16 @@
-"""Export formats of /v1/export: CSV (RFC 4180), JSON lines and Parquet, written in chunks."""
+"""Export formats of /v1/export: CSV (RFC 4180), JSON lines and Parquet, written in chunks.
+
+Each file ends by saying what it holds (`ExportSummary`), so a saved file still tells whether it
+is complete and whether the result limit cut it: CSV ends with a one-field row
+`# export complete: rows=N limit=L result_limit_reached=true|false`; JSON lines with the line
+`{"export": {...}}` (the posts are the lines with a "uri"); Parquet carries the same object as
+JSON in its key-value metadata under `appliance.export`. A file without that ending was cut off.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +18,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from appliance.api.http import encode_json, iso_us
 from appliance.query.model import Post
 
 EXPORT_FIELDS = [f.name for f in msgspec.structs.fields(Post)]
@@ -19,8 +26,26 @@ _LIST_FIELDS = {"langs", "links", "mentions", "tags"}
 _TIME_FIELDS = {"created_at", "indexed_at"}
 
 
+class ExportSummary(msgspec.Struct, kw_only=True):
+    """What an export holds, written at its end."""
+
+    complete: bool = True  # written only after the last row
+    rows: int  # posts in the file
+    limit: int  # the most this export could hold (the `limit` asked for, or the cap)
+    result_limit_reached: bool  # more posts match the filters than the file holds
+
+    def line(self) -> str:
+        reached = "true" if self.result_limit_reached else "false"
+        return (
+            f"# export complete: rows={self.rows} limit={self.limit} result_limit_reached={reached}"
+        )
+
+
+PARQUET_SUMMARY_KEY = "appliance.export"
+
+
 def _iso(value: datetime | None) -> str:
-    return "" if value is None else value.isoformat().replace("+00:00", "Z")
+    return "" if value is None else iso_us(value)
 
 
 class _CsvWriter:
@@ -52,8 +77,8 @@ class _CsvWriter:
             table.append(row)
         return self._encode(table)
 
-    def end(self) -> bytes:
-        return b""
+    def end(self, summary: ExportSummary) -> bytes:
+        return self._encode([[summary.line()]])
 
 
 class _JsonlWriter:
@@ -66,10 +91,10 @@ class _JsonlWriter:
         return b""
 
     def rows(self, posts: list[Post]) -> bytes:
-        return b"".join(msgspec.json.encode(p) + b"\n" for p in posts)
+        return b"".join(encode_json(p) + b"\n" for p in posts)
 
-    def end(self) -> bytes:
-        return b""
+    def end(self, summary: ExportSummary) -> bytes:
+        return msgspec.json.encode({"export": summary}) + b"\n"
 
 
 _STRS = pa.list_(pa.string())
@@ -128,12 +153,15 @@ class _ParquetWriter:
         self._writer.write_table(pa.table(columns, schema=EXPORT_SCHEMA))
         return self._sink.drain()
 
-    def end(self) -> bytes:
+    def end(self, summary: ExportSummary) -> bytes:
+        self._writer.add_key_value_metadata(
+            {PARQUET_SUMMARY_KEY: msgspec.json.encode(summary).decode()}
+        )
         self._writer.close()
         return self._sink.drain()
 
 
-WRITERS: dict[str, Callable[[], _CsvWriter | _JsonlWriter | _ParquetWriter]] = {
+WRITERS: dict[str, type[_CsvWriter] | type[_JsonlWriter] | type[_ParquetWriter]] = {
     "csv": _CsvWriter,
     "jsonl": _JsonlWriter,
     "parquet": _ParquetWriter,

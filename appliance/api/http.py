@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -40,12 +41,32 @@ class TooLarge(Exception):
         self.detail = detail
 
 
+def iso_us(moment: datetime) -> str:
+    """Every timestamp the API writes: UTC with microseconds and Z, so string order is time
+    order (2026-07-04T14:38:08.000000Z)."""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _fixed_times(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _fixed_times(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fixed_times(v) for v in value]
+    if isinstance(value, datetime):
+        return iso_us(value)
+    return value
+
+
+def encode_json(body: Any) -> bytes:
+    """JSON with every datetime as `iso_us` (msgspec alone drops a zero fraction)."""
+    return msgspec.json.encode(_fixed_times(msgspec.to_builtins(body, builtin_types=(datetime,))))
+
+
 def json_response(
     body: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> HTTPResponse:
-    return HTTPResponse(
-        msgspec.json.encode(body), status=status, headers=headers, content_type=JSON
-    )
+    return HTTPResponse(encode_json(body), status=status, headers=headers, content_type=JSON)
 
 
 async def blocking(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -55,7 +76,22 @@ async def blocking(request: Request, fn: Callable[..., T], *args: Any, **kwargs:
 
 
 def query_args(request: Request) -> dict[str, list[str]]:
-    return dict(request.get_args(keep_blank_values=True))
+    """The query parameters; bytes that are not UTF-8 are a 400, never silently replaced."""
+    args = dict(request.get_args(keep_blank_values=True, errors="surrogateescape"))
+    for name, values in args.items():
+        if not _utf8(name):
+            raise ParamError(None, "a parameter name is not valid UTF-8")
+        if not all(_utf8(value) for value in values):
+            raise ParamError(name, "not valid UTF-8 (percent-encode text as UTF-8 bytes)")
+    return args
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: an undecodable byte, kept by surrogateescape
+        return False
+    return True
 
 
 async def on_error(request: Request, exc: Exception) -> HTTPResponse:
@@ -106,9 +142,12 @@ async def on_response(request: Request, response: HTTPResponse) -> None:
     if origin and (origin in settings.cors_origins or "*" in settings.cors_origins):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Content-Disposition"
+        response.headers["Access-Control-Expose-Headers"] = (
+            "X-Request-ID, Content-Disposition, X-Result-Limit, X-Result-Count, "
+            "X-Result-Limit-Reached, X-Author-Known, X-Mention-Known"
+        )
         if request.method == "OPTIONS":
-            response.headers["Access-Control-Allow-Methods"] = "GET, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = "X-Request-ID"
             response.headers["Access-Control-Max-Age"] = "600"
     if (

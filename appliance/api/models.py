@@ -18,6 +18,9 @@ from msgspec import Meta
 from appliance.query.model import Filters, InvalidQuery, Post, parse_q
 
 Q_MAX = 512
+PARAM_NAME_SHOWN = 64  # longest parameter name an error repeats in full
+INT_PARAMS = frozenset({"limit", "page"})
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _DID = re.compile(r"did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]")
 _HANDLE = re.compile(
     r"([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
@@ -30,6 +33,8 @@ class ParamError(Exception):
     """A request parameter is missing, malformed or out of range: HTTP 400 naming it."""
 
     def __init__(self, param: str | None, detail: str) -> None:
+        if param is not None and len(param) > PARAM_NAME_SHOWN:
+            param = param[:PARAM_NAME_SHOWN] + "…"  # never echo a huge name whole
         super().__init__(f"{param}: {detail}" if param else detail)
         self.param = param
         self.detail = detail
@@ -49,7 +54,8 @@ class FilterParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         str,
         _p(
             'Text to find: case-insensitive substrings that must all occur; "a phrase" in '
-            "double quotes is one substring; -word excludes; %, _ and \\ match themselves",
+            "double quotes is one substring (an unclosed quote runs to the end of q); -word "
+            "excludes; %, _ and \\ match themselves",
             max_length=Q_MAX,
         ),
     ] = ""
@@ -99,7 +105,7 @@ def convert_params(
     args: dict[str, list[str]], kind: type[SearchParams] | type[ExportParams]
 ) -> tuple[Any, set[str]]:
     """Validate raw query arguments into `kind`; also return the names actually given."""
-    flat: dict[str, str] = {}
+    flat: dict[str, str | int] = {}
     for name, values in args.items():
         if "\x00" in name:
             raise ParamError(None, "a parameter name contains a NUL byte")
@@ -108,6 +114,11 @@ def convert_params(
         if "\x00" in values[0]:
             raise ParamError(name, "contains a NUL byte")
         flat[name] = values[0]
+        if name in INT_PARAMS and values[0] != "" and not _DIGITS.fullmatch(values[0]):
+            # msgspec alone would take 1e2 and 5.0 but refuse 05: one rule, decimal digits
+            raise ParamError(name, "a whole number in decimal digits, such as 50")
+        if name in INT_PARAMS and values[0] != "":
+            flat[name] = int(values[0])
     try:
         params = msgspec.convert(flat, kind, strict=False)
     except msgspec.ValidationError as exc:
@@ -217,6 +228,11 @@ class SearchResponse(msgspec.Struct, kw_only=True):
     page: int
     limit: int
     result_limit_reached: bool  # more posts exist, but the result limit stops here
+    # For author= / mention= given: false when the appliance has never seen that account (no
+    # stored post, identity or account event of the DID; no identity event gave the handle),
+    # true when it has; null when not asked (or the lookup timed out).
+    author_known: bool | None = None
+    mention_known: bool | None = None
     took_ms: float
 
 

@@ -4,10 +4,12 @@ the interactive docs page."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 import msgspec
 from sanic import HTTPResponse, Request
+from sanic.exceptions import NotFound
 
 from appliance.api.http import JSON
 from appliance.api.models import (
@@ -28,19 +30,75 @@ async def openapi_json(request: Request) -> HTTPResponse:
 
 
 async def docs(request: Request) -> HTTPResponse:
-    """Interactive API documentation (Swagger UI)."""
+    """Interactive API documentation (Swagger UI, served by the appliance itself)."""
     return HTTPResponse(DOCS_HTML, content_type="text/html; charset=utf-8")
 
 
-DOCS_HTML = """<!doctype html>
+async def docs_asset(request: Request, name: str) -> HTTPResponse:
+    """One of the Swagger UI files the /docs page loads (packaged: no network needed)."""
+    asset = SWAGGER_UI_ASSETS.get(name)
+    if asset is None:
+        raise NotFound(f"no documentation asset {name!r}")
+    body, content_type = asset
+    return HTTPResponse(
+        body,
+        content_type=content_type,
+        headers={"Cache-Control": f"public, max-age={ASSET_MAX_AGE_S}"},
+    )
+
+
+SWAGGER_UI_VERSION = "5.35.0"  # npm swagger-ui-dist, vendored in api/swagger_ui (see SOURCE.txt)
+ASSET_MAX_AGE_S = 86_400
+_ASSET_TYPES = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+    "LICENSE": "text/plain; charset=utf-8",
+    "NOTICE": "text/plain; charset=utf-8",
+    "swagger-ui-bundle.js.LICENSE.txt": "text/plain; charset=utf-8",
+}
+
+
+def _load_assets() -> dict[str, tuple[bytes, str]]:
+    folder = resources.files("appliance.api").joinpath("swagger_ui")
+    return {name: (folder.joinpath(name).read_bytes(), kind) for name, kind in _ASSET_TYPES.items()}
+
+
+SWAGGER_UI_ASSETS = _load_assets()
+
+DOCS_HTML = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Bluesky post explorer API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+<link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png">
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
 </head><body><div id="ui"><p>Loading the API documentation… The machine-readable document is
 at <a href="/openapi.json">/openapi.json</a>.</p></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>window.onload = () => SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script>window.onload = () => SwaggerUIBundle({{url: "/openapi.json", dom_id: "#ui", validatorUrl: null}});</script>
+<!-- Swagger UI {SWAGGER_UI_VERSION} (Apache-2.0): /docs/assets/LICENSE -->
 </body></html>
 """
+
+
+def _header(description: str, kind: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+EXPORT_HEADERS = {
+    "X-Result-Limit": _header("The most rows this export may hold (limit, or the cap)", "integer"),
+    "X-Result-Count": _header(
+        "Rows in the file (exports of up to 10,000 rows, gathered before sending)", "integer"
+    ),
+    "X-Result-Limit-Reached": _header(
+        "true when more posts match than the file holds (same condition as X-Result-Count)",
+        "boolean",
+    ),
+    "X-Author-Known": _header(
+        "With author=: false when the appliance has never seen that account", "boolean"
+    ),
+    "X-Mention-Known": _header(
+        "With mention=: false when the appliance has never seen that account", "boolean"
+    ),
+}
 
 
 def _summary(fn: Callable[..., Any]) -> tuple[str, str]:
@@ -112,7 +170,11 @@ def openapi_document() -> dict[str, Any]:
             "/v1/export": op(
                 export,
                 {
-                    "description": "The file, streamed",
+                    "description": "The file, streamed. It ends with a summary (rows, limit, "
+                    "result_limit_reached): a last row `# export complete: ...` in CSV, a last "
+                    'line `{"export": {...}}` in JSON lines, key-value metadata '
+                    "`appliance.export` in Parquet; a file without it was cut off.",
+                    "headers": EXPORT_HEADERS,
                     "content": {
                         "text/csv": {"schema": {"type": "string"}},
                         "application/x-ndjson": {"schema": {"type": "string"}},

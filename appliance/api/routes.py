@@ -19,7 +19,7 @@ from sanic import HTTPResponse, Request
 
 from appliance import metrics
 from appliance.api.admission import admitted
-from appliance.api.exports import WRITERS
+from appliance.api.exports import WRITERS, ExportSummary
 from appliance.api.http import (
     TooLarge,
     blocking,
@@ -41,8 +41,9 @@ from appliance.api.models import (
     to_filters,
 )
 from appliance.config import Settings
+from appliance.query.accounts import AccountLookup
 from appliance.query.engine import QueryEngine
-from appliance.query.model import QueryError, QueryTimeout
+from appliance.query.model import Filters, Post, QueryError, QueryTimeout
 
 
 async def search(request: Request) -> HTTPResponse:
@@ -67,6 +68,7 @@ async def search(request: Request) -> HTTPResponse:
         page=None if params.cursor else params.page,
         cursor=params.cursor or None,
     )
+    known = await accounts_known(request, filters, found=bool(result.posts))
     return json_response(
         SearchResponse(
             posts=result.posts,
@@ -75,6 +77,8 @@ async def search(request: Request) -> HTTPResponse:
             page=result.page,
             limit=limit,
             result_limit_reached=result.capped,
+            author_known=known.get("author"),
+            mention_known=known.get("mention"),
             took_ms=round((time.perf_counter() - began) * 1000, 2),
         )
     )
@@ -85,7 +89,9 @@ async def export(request: Request) -> HTTPResponse | None:
 
     Takes the search filters, `format` and `limit`; streams rows in search order. With the
     result limit on, at most the configured maximum; otherwise at most the export hard cap. A
-    `limit` above the cap is refused with 413 before anything is scanned.
+    `limit` above the cap is refused with 413 before anything is scanned. Whether the file holds
+    every matching post is said twice: in the X-Result-* headers, and inside the file (a last
+    line for CSV and JSON lines, key-value metadata for Parquet), which a saved file keeps.
     """
     settings: Settings = request.app.ctx.settings
     engine: QueryEngine = request.app.ctx.engine
@@ -96,29 +102,95 @@ async def export(request: Request) -> HTTPResponse | None:
         raise TooLarge("limit", f"an export returns at most {cap} rows (asked for {params.limit})")
     max_rows = params.limit if "limit" in given else cap
     began = time.perf_counter()
-    batches = engine.export(filters, max_rows)
-    # The first batch comes before the headers, so a bad query or a timeout still gets its status.
-    first = await admitted(request, next, batches, None)
-    writer = WRITERS[params.format]()
+    # One row more than the file holds: its presence says the file was cut at the limit.
+    batches = engine.export(filters, max_rows + 1)
+    rows, status = 0, 0
+    try:
+        # Before the headers, so a bad query or a timeout still gets its status: every row when
+        # they fit in memory (the headers then carry the count), else the first batch.
+        head = await _prefetch(request, batches, max_rows + 1 if max_rows <= PREFETCH_ROWS else 1)
+        headers = await _export_headers(request, filters, head, max_rows, params.format)
+        writer = WRITERS[params.format]()
+        response = await request.respond(content_type=writer.content_type, headers=headers)
+        status = 200  # the headers are out: recorded here whatever happens next
+        status, rows, reached = await _stream(request, response, writer, batches, head, max_rows)
+        if status == 200:
+            summary = ExportSummary(rows=rows, limit=max_rows, result_limit_reached=reached)
+            await response.send(writer.end(summary))
+            await response.eof()
+    finally:
+        batches.close()
+        metrics.api_export_rows.labels(params.format).inc(rows)
+        metrics.api_query_seconds.labels("export").observe(time.perf_counter() - began)
+        if status != 0:  # 0: refused before any header, answered (and recorded) as an error
+            record(request, status)
+    return None
+
+
+PREFETCH_ROWS = 10_000  # exports up to this many rows are gathered before the first byte
+
+
+async def _prefetch(request: Request, batches: Iterator[list[Post]], rows: int) -> list[list[Post]]:
+    head: list[list[Post]] = []
+    have = 0
+    while have < rows:
+        # Only the first step may be refused (503): the export is then admitted as a whole.
+        batch = await admitted(request, next, batches, None, refuse=not head)
+        if batch is None:
+            break
+        head.append(batch)
+        have += len(batch)
+    return head
+
+
+async def _export_headers(
+    request: Request, filters: Filters, head: list[list[Post]], max_rows: int, fmt: str
+) -> dict[str, str]:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    response = await request.respond(
-        content_type=writer.content_type,
-        headers={"Content-Disposition": f'attachment; filename="posts-{stamp}.{writer.extension}"'},
-    )
-    rows, status = 0, 200
+    extension = WRITERS[fmt].extension
+    headers = {
+        "Content-Disposition": f'attachment; filename="posts-{stamp}.{extension}"',
+        "X-Result-Limit": str(max_rows),
+    }
+    fetched = sum(len(batch) for batch in head)
+    if max_rows <= PREFETCH_ROWS:  # every row is in hand
+        headers["X-Result-Count"] = str(min(fetched, max_rows))
+        headers["X-Result-Limit-Reached"] = "true" if fetched > max_rows else "false"
+    known = await accounts_known(request, filters, found=fetched > 0)
+    for name, value in known.items():
+        if value is not None:
+            headers[f"X-{name.capitalize()}-Known"] = "true" if value else "false"
+    return headers
+
+
+async def _stream(
+    request: Request,
+    response: Any,
+    writer: Any,
+    batches: Iterator[list[Post]],
+    head: list[list[Post]],
+    max_rows: int,
+) -> tuple[int, int, bool]:
+    """Send the rows; (status, rows sent, whether more posts matched than were sent)."""
+    rows = 0
     try:
         await response.send(writer.begin())
-        batch = first
-        while batch is not None:
-            rows += len(batch)
-            await response.send(writer.rows(batch))
-            batch = await admitted(request, next, batches, None, refuse=False)
-        await response.send(writer.end())
-        await response.eof()
+        pending = iter(head)
+        while True:
+            batch = next(pending, None)
+            if batch is None:
+                batch = await admitted(request, next, batches, None, refuse=False)
+            if batch is None:
+                return 200, rows, False
+            take = batch[: max_rows - rows]
+            rows += len(take)
+            if take:
+                await response.send(writer.rows(take))
+            if len(take) < len(batch):
+                return 200, rows, True  # the extra row: more posts match than the file holds
     except (QueryError, duckdb.Error) as exc:
         # Headers and rows are out: cut the connection without the final chunk, so the client
         # sees an incomplete download instead of a short file that looks whole.
-        status = 504 if isinstance(exc, QueryTimeout) else 500
         log.warning(
             "export cut short",
             extra={
@@ -128,12 +200,23 @@ async def export(request: Request) -> HTTPResponse | None:
             },
         )
         cast(asyncio.Transport, request.transport).abort()
-    finally:
-        batches.close()
-        metrics.api_export_rows.labels(params.format).inc(rows)
-        metrics.api_query_seconds.labels("export").observe(time.perf_counter() - began)
-        record(request, status)
-    return None
+        return (504 if isinstance(exc, QueryTimeout) else 500), rows, False
+
+
+async def accounts_known(
+    request: Request, filters: Filters, *, found: bool
+) -> dict[str, bool | None]:
+    """For each of author= and mention= given: whether the appliance has seen that account
+    (`query.accounts`); a found post proves it, so the lookup runs only on empty results."""
+    lookup: AccountLookup = request.app.ctx.accounts
+    known: dict[str, bool | None] = {}
+    for name in ("author", "mention"):
+        value = getattr(filters, name)
+        if value is not None:
+            known[name] = (
+                True if found else await admitted(request, lookup.known, value, refuse=False)
+            )
+    return known
 
 
 async def stats(request: Request) -> HTTPResponse:

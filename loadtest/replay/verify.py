@@ -174,7 +174,9 @@ def _get_json(base: str, path: str, params: dict[str, str]) -> tuple[Any, float]
 
 def _export(base: str, params: dict[str, str]) -> tuple[list[str], float]:
     body, elapsed = _get_json(base, "/v1/export", {**params, "format": "jsonl"})
-    return [json.loads(line)["uri"] for line in body.splitlines() if line.strip()], elapsed
+    rows = [json.loads(line) for line in body.splitlines() if line.strip()]
+    # the last line is the export's summary ({"export": {...}}), not a post
+    return [row["uri"] for row in rows if "uri" in row], elapsed
 
 
 def check_api(
