@@ -42,6 +42,7 @@ UNITS = [
     "appliance-ingest",
     "appliance-batch",
     "appliance-api",
+    "appliance-identity",
     "caddy",
     "nftables",
     "prometheus",
