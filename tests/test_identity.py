@@ -389,9 +389,9 @@ def test_a_plc_outage_slows_the_backfill_and_it_resumes(
     try:
         w = worker(id_settings)
         wait_until(lambda: w.outcome("unavailable") >= 3, 30, "failed attempts")
+        wait_until(lambda: w.metrics()[("appliance_identity_paused", ())] == 1, 10, "a pause")
         failed = len(web.plc_requests())
         assert set(handles(engine).values()) == {None}  # searches answer, without handles
-        assert w.metrics()[("appliance_identity_paused", ())] in (0.0, 1.0)
         web.state.down = False
         wait_until(lambda: w.outcome("ok") == len(dids), 60, "the backfill resuming")
         # an outage backs off (1, 2, 4 s ...) instead of hammering the directory

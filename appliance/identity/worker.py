@@ -78,11 +78,9 @@ class TokenBucket:
         while True:
             now = time.monotonic()
             if now < self.paused_until:
-                metrics.identity_paused.set(1)
                 await asyncio.sleep(self.paused_until - now)
                 self.stamp = time.monotonic()
                 continue
-            metrics.identity_paused.set(0)
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             if self.tokens >= 1.0:
@@ -274,6 +272,9 @@ async def run(settings: Settings) -> None:
     )
     worker = Worker(settings, store, resolver)
     metrics.identity_rate.set(settings.identity_rate)
+    bucket = worker.bucket
+    if bucket is not None:
+        metrics.identity_paused.set_function(lambda: 1.0 if bucket.paused() else 0.0)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, worker.stopping.set)
