@@ -39,7 +39,7 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 
 # subcommand -> (module, help). Each module has add_arguments(parser) and main(args) -> int.
 COMMANDS = {
-    "generate": ("loadtest.firehose", "Write synthetic Jetstream events as JSON lines"),
+    "generate": ("loadtest.firehose.command", "Write synthetic Jetstream events as JSON lines"),
     "serve": ("loadtest.jetstream_server", "Serve Jetstream v1 /subscribe over a websocket"),
     "record": ("loadtest.record", "Capture a live Jetstream into rotating zstd JSONL files"),
     "identity-replay": (
