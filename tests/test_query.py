@@ -120,6 +120,53 @@ def test_windows_over_single_instant_segments() -> None:
     assert sorted(covered) == list(range(10, 91))
 
 
+def test_a_cursor_moves_the_walk_bounds_and_keeps_its_own_instant() -> None:
+    at = Position(5_000, "at://x")
+    assert planner.walk_bounds(None, None, None, True) == (None, None)
+    assert planner.walk_bounds(100, 9_000, at, True) == (100, 5_001)  # newest first: below it
+    assert planner.walk_bounds(100, 4_000, at, True) == (100, 4_000)  # the filter is tighter
+    assert planner.walk_bounds(100, 9_000, at, False) == (5_000, 9_000)  # oldest first: above
+    assert planner.walk_bounds(6_000, None, at, False) == (6_000, None)
+
+
+def test_the_token_indexes_are_consulted_only_when_the_page_is_far_away() -> None:
+    assert planner.worth_narrowing(50, 16_384, 0, narrow_rows=1_000_000)  # no hit yet
+    # 50 more rows at 10 hits per 16k rows: 82k rows to go, not worth a lookup at 1M
+    assert not planner.worth_narrowing(50, 16_384, 10, narrow_rows=1_000_000)
+    assert planner.worth_narrowing(50, 16_384, 10, narrow_rows=50_000)
+    assert not planner.worth_narrowing(0, 16_384, 0, narrow_rows=1_000_000)  # page is full
+
+
+def test_narrowing_keeps_candidate_groups_merges_adjacent_ones_and_counts_files() -> None:
+    a = [Segment("a", i * 100, i * 100 + 99, 10) for i in range(10)]
+    b = [Segment("b", i * 100, i * 100 + 99, 10) for i in range(4)]
+    c = [Segment("c", 0, 99, 10)]
+    walked = {"a": a[:8], "b": b, "c": c}  # the walk's range ends before a's last two groups
+    kept, restrict, outcome = planner.narrow_segments(
+        walked,
+        {"a": a, "b": b, "c": c},
+        {"a": {1, 2, 4, 9}, "b": {0, 1, 2}},  # c has no index; b's index is not selective
+        max_fraction=0.5,
+    )
+    assert restrict == {"a": [(100, 299), (400, 499)]}  # group 9 is outside the walk
+    assert kept == [a[1], a[2], a[4], *b, *c]
+    assert outcome == {"narrowed": 1, "not_selective": 1}
+
+
+def test_the_rest_of_a_walk_is_planned_from_where_it_stands() -> None:
+    segments = [Segment(f"f{i}", i * 100, i * 100 + 99, 65_536) for i in range(10)]
+    for latest in (True, False):
+        walk = planner.WindowPlanner(segments, latest, None, None)
+        first = walk.next(FIRST_WINDOW_ROWS)
+        assert first is not None
+        rest = walk.rest(segments[2:8])
+        windows = []
+        while (window := rest.next(1e9)) is not None:
+            windows.append(window[:2])
+        # one window over what is left of the walk's range, none of it walked before
+        assert windows == ([(0, first[0])] if latest else [(first[1], 1000)])
+
+
 # --- search semantics on the engine ----------------------------------------------------------
 
 

@@ -25,13 +25,13 @@ author=/mention= given as a handle (resolved at query time when neither knows it
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,22 +39,28 @@ from typing import Any, TypeVar
 import duckdb
 import msgspec
 import numpy as np
-import pyarrow.parquet as pq
 
 from appliance import metrics
 from appliance.config import Settings
 from appliance.identity.directory import Directory, HandleLookup
 from appliance.query.cursor import CursorCodec
+from appliance.query.files import LiveFiles
+from appliance.query.guard import LRU, Guard
 from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
 from appliance.query.model import (
     Filters,
     InvalidQuery,
     Position,
     Post,
-    QueryTimeout,
     SearchResult,
 )
-from appliance.query.planner import WindowPlanner, next_target
+from appliance.query.planner import (
+    WindowPlanner,
+    narrow_segments,
+    next_target,
+    walk_bounds,
+    worth_narrowing,
+)
 from appliance.query.snapshot import Segment, Snapshot
 from appliance.query.sql import (
     DID_HASH,
@@ -69,7 +75,6 @@ from appliance.query.sql import (
 )
 from appliance.query.stats import stored_rows
 from appliance.store import layout, textindex, visibility
-from appliance.store.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger("appliance.query")
 T = TypeVar("T")
@@ -85,60 +90,17 @@ INDEX_MAX_FRACTION = 0.5
 NARROW_ROWS = 1_000_000
 
 
-class _LRU:
-    """A small thread-safe LRU map (the result cache); size 0 disables it."""
+@dataclass(frozen=True)
+class _WindowQuery:
+    """What the candidate query of one window is built from."""
 
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            if key not in self._items:
-                return None
-            self._items.move_to_end(key)
-            return self._items[key]
-
-    def put(self, key: Any, value: Any) -> None:
-        if self._size <= 0:
-            return
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
-class _Guard:
-    """Interrupts a cursor's running query once `seconds` have passed.
-
-    A query that finishes in the same instant the timer fires still counts as timed out, so a
-    request never outlives its timeout by racing the interrupt.
-    """
-
-    def __init__(self, cur: duckdb.DuckDBPyConnection, seconds: float) -> None:
-        self.seconds = seconds
-        self.fired = False
-        self._cur = cur
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        self.fired = True
-        self._cur.interrupt()
-
-    def __enter__(self) -> _Guard:
-        self._timer.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
-    ) -> None:
-        self._timer.cancel()
-        if self.fired or isinstance(exc, duckdb.InterruptException):
-            metrics.api_query_timeouts.inc()
-            raise QueryTimeout(f"query interrupted after {self.seconds:g} s") from exc
+    files: list[str]
+    clauses: list[str]
+    params: dict[str, Any]
+    lo: int
+    hi: int
+    latest: bool
+    restrict: dict[str, list[tuple[int, int]]]
 
 
 class QueryEngine:
@@ -165,12 +127,8 @@ class QueryEngine:
         self._db.execute("SET late_materialization_max_rows = 2048")
         self._db.execute("SET lock_configuration = true")
         self._db_lock = threading.Lock()
-        self._snapshot_lock = threading.Lock()
-        self._snapshot: Snapshot | None = None
-        self._manifest_stat: tuple[int, int, int] | None = None
-        self._row_groups: dict[str, list[Segment]] = {}
-        self._indexed: dict[str, bool] = {}  # posts file -> has a valid token index
-        self._cache = _LRU(settings.cache_entries)
+        self.files = LiveFiles(self.data_dir)
+        self._cache = LRU(settings.cache_entries)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
         self._hidden = PerFileIndex(
             tuple(visibility.hiders("posts")), load_hiding, visibility.HidingIndex.from_tables
@@ -185,58 +143,11 @@ class QueryEngine:
     # --- files ---------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        """The live files, re-reading the manifest only when its inode, mtime or size changed."""
-        path = self.data_dir / MANIFEST
-        try:
-            st = path.stat()
-            stat_key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stat_key = None
-        with self._snapshot_lock:
-            if self._snapshot is None or stat_key != self._manifest_stat:
-                manifest = read_manifest(self.data_dir)
-                days: dict[str, dict[str, list[str]]] = {}
-                for table, paths in manifest.files.items():
-                    for rel in paths:
-                        parts = rel.split("/")
-                        if len(parts) < 3 or not parts[1].startswith("date=") or ".." in parts:
-                            continue  # not a partition file; the manifest is ours, but be strict
-                        day = parts[1].removeprefix("date=")
-                        days.setdefault(table, {}).setdefault(day, []).append(
-                            str(self.data_dir / rel)
-                        )
-                self._snapshot = Snapshot(manifest, days)
-                self._manifest_stat = stat_key
-                live = {p for by_day in days.values() for paths in by_day.values() for p in paths}
-                self._row_groups = {p: s for p, s in self._row_groups.items() if p in live}
-                self._indexed = {p: ok for p, ok in self._indexed.items() if p in live}
-            return self._snapshot
+        """The live files, re-reading the manifest only when it changed."""
+        return self.files.snapshot()
 
     def _segments(self, path: str, day: str) -> list[Segment]:
-        """The row groups of a file with their time_us ranges, read once per file.
-
-        A live file never changes (a redone batch rewrites the same rows under the same name).
-        """
-        cached = self._row_groups.get(path)
-        if cached is not None:
-            return cached
-        try:
-            meta = pq.read_metadata(path)
-        except FileNotFoundError:
-            return []  # retired by a compaction after our snapshot; its rows live in the new file
-        day_start = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()) * 1_000_000
-        column = meta.schema.names.index("time_us")
-        segments = []
-        for i in range(meta.num_row_groups):
-            group = meta.row_group(i)
-            stats = group.column(column).statistics
-            if stats is not None and stats.has_min_max:
-                lo, hi = int(stats.min), int(stats.max)
-            else:  # no statistics: assume the whole partition day
-                lo, hi = day_start, day_start + layout.DAY_US - 1
-            segments.append(Segment(path, lo, hi, group.num_rows))
-        self._row_groups[path] = segments
-        return segments
+        return self.files.segments(path, day)
 
     # --- running queries -----------------------------------------------------------------------
 
@@ -248,7 +159,7 @@ class QueryEngine:
         """Run fn with a fresh cursor; interrupt it after the timeout and raise QueryTimeout."""
         cur = self._cursor()
         try:
-            with _Guard(cur, self.settings.query_timeout_s if timeout is None else timeout):
+            with Guard(cur, self.settings.query_timeout_s if timeout is None else timeout):
                 return fn(cur)
         finally:
             cur.close()
@@ -262,8 +173,8 @@ class QueryEngine:
             self._handles.current(cur, snap)
             for day, paths in snap.days.get("posts", {}).items():
                 for path in paths:
-                    self._segments(path, day)
-                    self._has_index(path)
+                    self.files.segments(path, day)
+                    self.files.has_index(path)
         finally:
             cur.close()
             self.warmed.set()
@@ -371,7 +282,7 @@ class QueryEngine:
     def _step(
         self, cur: duckdb.DuckDBPyConnection, walk: Iterator[list[tuple[Any, ...]]]
     ) -> list[tuple[Any, ...]] | None:
-        with _Guard(cur, self.settings.query_timeout_s):
+        with Guard(cur, self.settings.query_timeout_s):
             return next(walk, None)
 
     # --- stats and probes ----------------------------------------------------------------------
@@ -491,18 +402,10 @@ class QueryEngine:
                 return
         clauses, params = filter_sql(filters, author, mention)
         latest = filters.sort == "latest"
-        lo_bound = filters.since_us
-        hi_bound = filters.until_us  # exclusive
-        if after is not None:
-            if latest:
-                hi_bound = (
-                    after.time_us + 1 if hi_bound is None else min(hi_bound, after.time_us + 1)
-                )
-            else:
-                lo_bound = after.time_us if lo_bound is None else max(lo_bound, after.time_us)
+        lo_bound, hi_bound = walk_bounds(filters.since_us, filters.until_us, after, latest)
         first_day = layout.day_of(lo_bound) if lo_bound is not None else None
         last_day = layout.day_of(max(hi_bound - 1, 0)) if hi_bound is not None else None
-        segments = self._segments_in(snap, first_day, last_day, lo_bound, hi_bound)
+        segments = self.files.posts_segments(snap, first_day, last_day, lo_bound, hi_bound)
         planner = WindowPlanner(segments, latest, lo_bound, hi_bound)
         remaining, target = need, float(FIRST_WINDOW_ROWS)
         scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
@@ -513,107 +416,80 @@ class QueryEngine:
         restrict: dict[str, list[tuple[int, int]]] = {}
         while remaining > 0 and (window := planner.next(target)) is not None:
             lo, hi, files, rows_in_window = window
-            position = after
-            while remaining > 0:
-                fetch = remaining + max(8, remaining // 8)
-                rows = self._candidates(
-                    cur, files, clauses, params, lo, hi, position, latest, fetch, restrict
-                )
-                hits += len(rows)
-                if not rows:
-                    break
-                visible = self._visible(cur, snap, rows)
-                batch = []
-                for row in visible:
-                    if row[URI] in seen:
-                        continue  # the same version stored twice
-                    seen.add(row[URI])
-                    batch.append(row)
-                    if len(batch) == remaining:
-                        break
-                remaining -= len(batch)
-                if batch:
-                    yield batch
-                if len(rows) < fetch:
-                    break  # this window is exhausted
-                position = Position(rows[-1][TIME_US], rows[-1][URI])
+            query = _WindowQuery(files, clauses, params, lo, hi, latest, restrict)
+            found, delivered = yield from self._walk_window(
+                cur, snap, query, after, remaining, seen
+            )
+            hits += found
+            remaining -= delivered
             scanned += rows_in_window
             target = next_target(
                 target, remaining, scanned, hits, first_rows=FIRST_WINDOW_ROWS, growth=WINDOW_GROWTH
             )
-            if narrow and remaining > 0 and (hits == 0 or remaining * scanned / hits > NARROW_ROWS):
+            if narrow and worth_narrowing(remaining, scanned, hits, narrow_rows=NARROW_ROWS):
                 narrow = False
                 narrowed = self._narrow(cur, segments, filters, author)
                 if narrowed is not None:
                     segments, restrict = narrowed
-                    if latest:
-                        planner = WindowPlanner(segments, latest, planner.lo_edge, planner.edge)
-                    else:
-                        planner = WindowPlanner(segments, latest, planner.edge, planner.hi_edge)
+                    planner = planner.rest(segments)
 
-    def _segments_in(
+    def _walk_window(
         self,
+        cur: duckdb.DuckDBPyConnection,
         snap: Snapshot,
-        first_day: str | None,
-        last_day: str | None,
-        lo: int | None,
-        hi: int | None,
-    ) -> list[Segment]:
-        out = []
-        for day, paths in snap.days.get("posts", {}).items():
-            if (first_day is not None and day < first_day) or (
-                last_day is not None and day > last_day
-            ):
-                continue
-            for path in paths:
-                for seg in self._segments(path, day):
-                    if (lo is None or seg.max_t >= lo) and (hi is None or seg.min_t < hi):
-                        out.append(seg)
-        return out
+        query: _WindowQuery,
+        after: Position | None,
+        remaining: int,
+        seen: set[str],
+    ) -> Generator[list[tuple[Any, ...]], None, tuple[int, int]]:
+        """Yield batches of a window's visible rows not `seen` yet, `remaining` at most; return
+        (candidate rows read, rows yielded)."""
+        hits, delivered = 0, 0
+        position = after
+        while remaining > 0:
+            fetch = remaining + max(8, remaining // 8)
+            rows = self._candidates(cur, query, position, fetch)
+            hits += len(rows)
+            if not rows:
+                break
+            visible = self._visible(cur, snap, rows)
+            batch = []
+            for row in visible:
+                if row[URI] in seen:
+                    continue  # the same version stored twice
+                seen.add(row[URI])
+                batch.append(row)
+                if len(batch) == remaining:
+                    break
+            remaining -= len(batch)
+            delivered += len(batch)
+            if batch:
+                yield batch
+            if len(rows) < fetch:
+                break  # this window is exhausted
+            position = Position(rows[-1][TIME_US], rows[-1][URI])
+        return hits, delivered
 
     def _candidates(
         self,
         cur: duckdb.DuckDBPyConnection,
-        files: list[str],
-        clauses: list[str],
-        params: dict[str, Any],
-        lo: int,
-        hi: int,
+        query: _WindowQuery,
         after: Position | None,
-        latest: bool,
         fetch: int,
-        restrict: dict[str, list[tuple[int, int]]] | None = None,
     ) -> list[tuple[Any, ...]]:
         """The first `fetch` rows of a window passing the filters, in walk order.
 
-        Files in `restrict` are read only within the time ranges of their candidate row groups
-        (from their token index): DuckDB skips the other row groups by their statistics.
+        Files in `query.restrict` are read only within the time ranges of their candidate row
+        groups (from their token index): DuckDB skips the other row groups by their statistics.
         """
-        query = candidates_sql(files, clauses, params, lo, hi, after, latest, fetch, restrict)
-        if query is None:
+        q = query
+        built = candidates_sql(
+            q.files, q.clauses, q.params, q.lo, q.hi, after, q.latest, fetch, q.restrict
+        )
+        if built is None:
             return []  # a window between candidate row groups
-        sql, bound = query
+        sql, bound = built
         return cur.execute(sql, bound).fetchall()
-
-    def _has_index(self, path: str) -> bool:
-        """Whether a posts file has a valid token index (checked once per file)."""
-        known = self._indexed.get(path)
-        if known is not None:
-            return known
-        sidecar = textindex.sidecar_path(path)
-        try:
-            ok = textindex.valid_for(sidecar, path)
-        except OSError:
-            ok = False
-            if Path(path).name.startswith(layout.COMPACTED_PREFIX):
-                metrics.api_text_index.labels("missing").inc()
-                log.warning("token index missing; the file is scanned", extra={"file": path})
-        else:
-            if not ok:
-                metrics.api_text_index.labels("invalid").inc()
-                log.warning("token index invalid; the file is scanned", extra={"file": path})
-        self._indexed[path] = ok
-        return ok
 
     def _narrow(
         self,
@@ -634,7 +510,7 @@ class QueryEngine:
         by_file: dict[str, list[Segment]] = {}
         for seg in segments:
             by_file.setdefault(seg.path, []).append(seg)
-        indexed = [p for p in by_file if self._has_index(p)]
+        indexed = [p for p in by_file if self.files.has_index(p)]
         if not indexed:
             return None
         sidecars = {str(textindex.sidecar_path(p)): p for p in indexed}
@@ -649,32 +525,14 @@ class QueryEngine:
         if found is None:
             metrics.api_text_index.labels("not_selective").inc(len(indexed))
             return None
-        groups = {sidecars[s]: g for s, g in found.items()}
-        kept: list[Segment] = []
-        restrict: dict[str, list[tuple[int, int]]] = {}
-        for path, segs in by_file.items():
-            candidates = groups.get(path)
-            every = self._row_groups.get(path, [])
-            if candidates is None or len(candidates) > INDEX_MAX_FRACTION * len(every):
-                if candidates is not None:
-                    metrics.api_text_index.labels("not_selective").inc()
-                kept.extend(segs)
-                continue
-            metrics.api_text_index.labels("narrowed").inc()
-            wanted = {id(s) for s in segs}
-            ranges: list[tuple[int, int]] = []
-            previous = -2
-            for g in sorted(candidates):
-                if g >= len(every) or id(every[g]) not in wanted:
-                    continue
-                seg = every[g]
-                kept.append(seg)
-                if g == previous + 1:  # adjacent row groups: one range
-                    ranges[-1] = (ranges[-1][0], seg.max_t)
-                else:
-                    ranges.append((seg.min_t, seg.max_t))
-                previous = g
-            restrict[path] = ranges
+        kept, restrict, outcome = narrow_segments(
+            by_file,
+            {p: self.files.row_groups(p) for p in by_file},
+            {sidecars[s]: g for s, g in found.items()},
+            max_fraction=INDEX_MAX_FRACTION,
+        )
+        for label, files in outcome.items():
+            metrics.api_text_index.labels(label).inc(files)
         return kept, restrict
 
     def _visible(

@@ -1,12 +1,80 @@
-"""The walk's time windows, as pure functions of the row-group statistics and the tuning values
-the engine passes in (how many rows the first window covers, how fast windows grow)."""
+"""How a walk is planned, as pure functions of the row-group statistics and the tuning values the
+engine passes in (how many rows the first window covers, how fast windows grow, when the token
+indexes are worth consulting and when an index rules out enough of a file): the walk's time
+range, its windows, and the row groups left once the indexes have been looked up."""
 
 from __future__ import annotations
 
 import bisect
+import collections
 from collections.abc import Iterator
 
+from appliance.query.model import Position
 from appliance.query.snapshot import Segment
+
+
+def walk_bounds(
+    since_us: int | None, until_us: int | None, after: Position | None, latest: bool
+) -> tuple[int | None, int | None]:
+    """The time range [lo, hi) a walk covers: the filters' instants, moved up to a cursor's
+    position (whose own instant stays in: rows of one time_us are ordered by uri)."""
+    lo_bound, hi_bound = since_us, until_us
+    if after is not None:
+        if latest:
+            hi_bound = after.time_us + 1 if hi_bound is None else min(hi_bound, after.time_us + 1)
+        else:
+            lo_bound = after.time_us if lo_bound is None else max(lo_bound, after.time_us)
+    return lo_bound, hi_bound
+
+
+def worth_narrowing(remaining: int, scanned: float, hits: int, *, narrow_rows: int) -> bool:
+    """Whether the rest of a page, at the hit rate seen so far, needs more than `narrow_rows`
+    rows: only then is a token-index lookup cheaper than walking on."""
+    return remaining > 0 and (hits == 0 or remaining * scanned / hits > narrow_rows)
+
+
+def narrow_segments(
+    by_file: dict[str, list[Segment]],
+    row_groups: dict[str, list[Segment]],
+    groups: dict[str, set[int]],
+    *,
+    max_fraction: float,
+) -> tuple[list[Segment], dict[str, list[tuple[int, int]]], collections.Counter[str]]:
+    """The segments a walk keeps once token indexes named each file's candidate row groups.
+
+    `by_file` holds the walk's segments per file, `row_groups` every row group of a file by
+    number, `groups` the candidate row-group numbers per indexed file. A file keeps all its
+    segments when it has no candidates or more than `max_fraction` of its row groups are
+    candidates. Returns the kept segments, per narrowed file the time ranges of its candidate
+    row groups (adjacent groups merged), and how many files were "narrowed" or "not_selective".
+    """
+    kept: list[Segment] = []
+    restrict: dict[str, list[tuple[int, int]]] = {}
+    outcome: collections.Counter[str] = collections.Counter()
+    for path, segs in by_file.items():
+        candidates = groups.get(path)
+        every = row_groups.get(path, [])
+        if candidates is None or len(candidates) > max_fraction * len(every):
+            if candidates is not None:
+                outcome["not_selective"] += 1
+            kept.extend(segs)
+            continue
+        outcome["narrowed"] += 1
+        wanted = {id(s) for s in segs}
+        ranges: list[tuple[int, int]] = []
+        previous = -2
+        for g in sorted(candidates):
+            if g >= len(every) or id(every[g]) not in wanted:
+                continue
+            seg = every[g]
+            kept.append(seg)
+            if g == previous + 1:  # adjacent row groups: one range
+                ranges[-1] = (ranges[-1][0], seg.max_t)
+            else:
+                ranges.append((seg.min_t, seg.max_t))
+            previous = g
+        restrict[path] = ranges
+    return kept, restrict, outcome
 
 
 def next_target(
@@ -80,6 +148,12 @@ class WindowPlanner:
         self.edge = far
         files = list(dict.fromkeys(s.path for s in self.segments if s.max_t >= lo and s.min_t < hi))
         return lo, hi, files, self.done - before
+
+    def rest(self, segments: list[Segment]) -> WindowPlanner:
+        """A planner for the part of this walk not yet planned, over `segments` only."""
+        if self.latest:
+            return WindowPlanner(segments, True, self.lo_edge, self.edge)
+        return WindowPlanner(segments, False, self.edge, self.hi_edge)
 
     def _snap(self, instant: int) -> int:
         """The row-group boundary nearest to instant that still moves the edge forward."""
