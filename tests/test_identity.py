@@ -145,6 +145,14 @@ def test_no_answer_is_not_a_verdict(
     assert down.value.plc
 
 
+def test_a_host_without_a_dns_server_gets_unavailable_not_a_crash(tmp_path: Path) -> None:
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("# no nameserver line\n")
+    lookup = dns_txt_lookup((), 1.0, resolv_conf=str(resolv_conf))
+    with pytest.raises(Unavailable, match="no DNS server"):
+        asyncio.run(lookup("_atproto.alice.test"))
+
+
 def test_retry_after_takes_seconds_or_a_date() -> None:
     assert retry_after("30") == 30
     assert retry_after("Wed, 02 Dec 2026 15:00:30 GMT", now=1_796_223_600.0) == 30

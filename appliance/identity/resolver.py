@@ -110,8 +110,13 @@ def retry_after(value: str | None, now: float | None = None) -> float:
 TxtLookup = Callable[[str], Awaitable[list[str]]]
 
 
-def dns_txt_lookup(servers: Sequence[str], timeout_s: float) -> TxtLookup:
-    """A TxtLookup through dnspython: the given servers (host or host:port), or the system's."""
+def dns_txt_lookup(
+    servers: Sequence[str], timeout_s: float, resolv_conf: str = "/etc/resolv.conf"
+) -> TxtLookup:
+    """A TxtLookup through dnspython: the given servers (host or host:port), or the system's
+    (from `resolv_conf`). A system with no DNS server configured gets a lookup that always
+    raises Unavailable: handles then cannot be verified, and nothing crashes."""
+    resolver: dns.asyncresolver.Resolver | None
     if servers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = []
@@ -122,10 +127,18 @@ def dns_txt_lookup(servers: Sequence[str], timeout_s: float) -> TxtLookup:
             ports.add(int(port) if sep else 53)
         resolver.port = ports.pop() if len(ports) == 1 else 53
     else:
-        resolver = dns.asyncresolver.Resolver()
-    resolver.lifetime = timeout_s
+        try:
+            resolver = dns.asyncresolver.Resolver(filename=resolv_conf)
+        except dns.resolver.NoResolverConfiguration:
+            resolver = None
+    if resolver is not None:
+        resolver.lifetime = timeout_s
 
     async def lookup(name: str) -> list[str]:
+        if resolver is None:
+            raise Unavailable(
+                f"DNS {name}: no DNS server in {resolv_conf}; set APPLIANCE_IDENTITY_DNS"
+            )
         try:
             answer = await resolver.resolve(name, "TXT", raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):

@@ -74,6 +74,8 @@ class Store:
 
     def __init__(self, data_dir: str | Path) -> None:
         self.path = store_path(data_dir)
+        # The worker may start before the batcher has created the data root.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = _connect(self.path, readonly=False)
         self._lock = threading.Lock()
 
