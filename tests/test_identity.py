@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,8 +30,10 @@ from appliance.identity.resolver import (
     retry_after,
 )
 from appliance.identity.store import Store
+from appliance.identity.worker import _scan_posts
 from appliance.query.engine import QueryEngine
 from appliance.query.model import Filters
+from appliance.store import layout
 from loadtest.identity_fakes import DnsServer, IdentityWeb, plc_document
 from tests.conftest import T0_US, ParquetData, free_port, make_settings, stop_process
 from tests.helpers import http_get, wait_until
@@ -253,7 +256,7 @@ def test_the_worker_backfills_handles_and_searches_show_them(
         assert identity["posts_counted"] == 3 and identity["posts_with_verified_handle"] == 1 / 3
         wait_until(
             lambda: w.metrics()[("appliance_identity_posts_with_handle_ratio", ())] > 0.6,
-            10,
+            30,  # the store's gauges are updated every 10 s
             "the gauges after the resolutions",
         )
         m = w.metrics()
@@ -263,8 +266,9 @@ def test_the_worker_backfills_handles_and_searches_show_them(
         requests = len(web.plc_requests())
         w.stop()
         w = worker(id_settings)
-        wait_until(lambda: ("appliance_identity_queue_length", ()) in w.metrics(), 30, "a scan")
-        assert w.metrics()[("appliance_identity_dids", (("status", "verified"),))] == 2
+        verified = ("appliance_identity_dids", (("status", "verified"),))
+        wait_until(lambda: w.metrics().get(verified) == 2, 30, "the store's gauges")
+        assert w.metrics()[("appliance_identity_queue_length", ())] == 0
         assert len(web.plc_requests()) == requests
     finally:
         engine.close()
@@ -425,3 +429,27 @@ def test_the_backfill_keeps_to_its_rate(
     times = sorted(t for t, _, _ in web.plc_requests())
     # a bucket of 10 tokens refilled at 10/s: 30 requests take about 2 s at least
     assert times[-1] - times[0] >= 1.5
+
+
+def test_a_scan_counts_authors_posts_once_and_adds_mentioned_dids(tmp_path: Path) -> None:
+    """Batch files count their authors' posts; a compaction output (whose rows were counted in
+    the batch files it replaced) only adds DIDs."""
+    data = ParquetData(tmp_path / "data")
+    data.post("a", t=T0_US, did=ALICE, mentions=[BOB, "not-a-did"])
+    data.post("b", t=T0_US + 1, did=ALICE)
+    data.post("c", t=T0_US + 2, did=MALLORY, mentions=None)
+    (rel,) = data.flush()
+    batch_file = tmp_path / "data" / rel
+    compacted = batch_file.with_name(layout.COMPACTED_PREFIX + "copy.parquet")
+    shutil.copy(batch_file, compacted)
+    store = Store(tmp_path / "data")
+    try:
+        _scan_posts(store, batch_file, rel)
+        _scan_posts(store, compacted, "compacted")
+        rows = store._read("SELECT did, posts FROM dids ORDER BY did")
+        assert rows == sorted([(ALICE, 2), (BOB, 0), (MALLORY, 1)])
+        assert store.is_scanned(rel) and store.is_scanned("compacted")
+        # new DIDs are due at once, the most prolific first
+        assert store.claim_due(time.time(), 10, 60) == [ALICE, MALLORY, BOB]
+    finally:
+        store.close()

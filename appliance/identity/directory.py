@@ -38,7 +38,8 @@ log = logging.getLogger("appliance.identity")
 
 LIVE_CACHE_ENTRIES = 4096
 LIVE_FOUND_TTL_S = 3600.0
-LIVE_MISSING_TTL_S = 300.0  # a handle that names no one may be registered soon
+LIVE_MISSING_TTL_S = 300.0
+SUMMARY_TTL_S = 5.0  # the counts scan every DID of the store: not on every /v1/stats  # a handle that names no one may be registered soon
 
 Source = Literal["firehose", "store", "cache", "live", "none", "unavailable"]
 
@@ -63,6 +64,7 @@ class Directory:
             collections.OrderedDict()
         )
         self._lock = threading.Lock()
+        self._summary: tuple[float, dict[str, Any] | None] | None = None
 
     # --- DID -> handle ----------------------------------------------------------------------------
 
@@ -171,9 +173,15 @@ class Directory:
     # --- figures ----------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any] | None:
-        """The store's counts for /v1/stats; None if there is no store (no worker has run)."""
+        """The store's counts for /v1/stats, at most SUMMARY_TTL_S old; None if there is no
+        store (no worker has run)."""
+        cached = self._summary
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         try:
-            return self.reader.summary()
+            summary = self.reader.summary()
         except sqlite3.Error:
             log.warning("identity store unreadable for stats", exc_info=True)
             return None
+        self._summary = (time.monotonic() + SUMMARY_TTL_S, summary)
+        return summary

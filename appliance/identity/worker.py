@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from appliance import metrics
@@ -49,6 +50,8 @@ LEASE_S = 300.0  # a claimed DID is due again after this if the worker dies mid-
 INVALID_TTL_CAP_S = 3600.0  # handle.invalid is checked again sooner than a verified handle
 PLC_BACKOFF_MAX_S = 60.0
 LOG_INTERVAL_S = 30.0
+GAUGE_INTERVAL_S = 10.0  # the store's counts scan every DID (0.2 s for a million): not each poll
+SCAN_BATCH_ROWS = 1_000_000
 
 
 def did_backoff(failures: int) -> float:
@@ -114,18 +117,27 @@ def scan_files(store: Store, data_dir: Path, ttl_s: float) -> int:
 
 
 def _scan_posts(store: Store, path: Path, rel: str) -> None:
-    columns = pq.read_table(path, columns=["did", "mentions"])
+    """Posts per author and the mentioned DIDs of one file, counted in Arrow a million rows at
+    a time (a compacted day holds millions of rows, but far fewer distinct DIDs)."""
     # A compaction output holds rows already counted in the batch files it replaced.
     counted = not path.name.startswith(layout.COMPACTED_PREFIX)
-    authors = Counter(columns.column("did").to_pylist()) if counted else Counter()
-    counts: dict[str, int] = dict(authors)
-    if not counted:
-        counts.update((d, 0) for d in set(columns.column("did").to_pylist()))
-    for mentioned in columns.column("mentions").combine_chunks().flatten().to_pylist():
-        if mentioned and mentioned.startswith("did:"):
-            counts.setdefault(mentioned, 0)
-    counts.pop(None, None)  # type: ignore[call-overload]
-    store.add_dids(counts, rel)
+    counts: Counter[str] = Counter()
+    mentioned: set[str] = set()
+    source = pq.ParquetFile(path)
+    for batch in source.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=["did", "mentions"]):
+        authors = pc.value_counts(batch.column("did").drop_null())
+        dids = authors.field("values").to_pylist()
+        if counted:
+            counts.update(dict(zip(dids, authors.field("counts").to_pylist(), strict=True)))
+        else:
+            counts.update(dict.fromkeys(dids, 0))
+        flat = pc.list_flatten(batch.column("mentions")).drop_null()
+        mentioned.update(pc.unique(flat).to_pylist())
+    found = dict(counts)
+    for did in mentioned:
+        if did.startswith("did:"):
+            found.setdefault(did, 0)
+    store.add_dids(found, rel)
 
 
 def _scan_identities(store: Store, path: Path, rel: str, ttl_s: float) -> None:
@@ -155,6 +167,8 @@ class Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.outcomes: Counter[str] = Counter()
         self.queue = 0
+        self.summary: dict[str, object] = {}
+        self.gauges_due = 0.0  # monotonic time of the next update of the store's gauges
 
     async def scan_loop(self) -> None:
         while not self.stopping.is_set():
@@ -162,7 +176,9 @@ class Worker:
                 await asyncio.to_thread(
                     scan_files, self.store, self.data_dir, self.settings.identity_ttl_s
                 )
-                await asyncio.to_thread(self.update_gauges)
+                if time.monotonic() >= self.gauges_due:
+                    await asyncio.to_thread(self.update_gauges)
+                    self.gauges_due = time.monotonic() + GAUGE_INTERVAL_S
             except Exception:  # a bad file or a busy store: logged, tried again next poll
                 log.exception("identity scan failed")
             with contextlib.suppress(TimeoutError):
@@ -170,6 +186,7 @@ class Worker:
 
     def update_gauges(self) -> None:
         summary = self.store.summary()
+        self.summary = summary
         self.queue = summary["queue"]
         metrics.identity_queue.set(summary["queue"])
         metrics.identity_dids.labels("verified").set(summary["verified"])
@@ -255,8 +272,7 @@ class Worker:
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), LOG_INTERVAL_S)
-            summary = await asyncio.to_thread(self.store.summary)
-            log.info("identity progress", extra={**dict(self.outcomes), **summary})
+            log.info("identity progress", extra={**dict(self.outcomes), **self.summary})
             self.outcomes.clear()
 
 
