@@ -25,7 +25,13 @@ import redis
 
 from appliance.config import Settings
 
-DEFAULT_UNITS = ("redis-server", "appliance-ingest", "appliance-batch", "appliance-api")
+DEFAULT_UNITS = (
+    "redis-server",
+    "appliance-ingest",
+    "appliance-batch",
+    "appliance-api",
+    "appliance-identity",
+)
 
 
 class CheckFailed(Exception):

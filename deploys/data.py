@@ -22,6 +22,8 @@ from appliance import config as appliance_config
 # Secrets the site keeps on the host under SECRETS_DIR, one file each. A value comes from the
 # operator's environment (DEPLOY_SECRET_<NAME>) or a git-ignored file inventory/secrets/<name>;
 # when neither has it, the one already on the host is kept, and failing that one is generated.
+# The identity worker's /health, /ready, /metrics (loopback; Prometheus scrapes it).
+IDENTITY_PORT = 9103
 SECRET_NAMES = ("redis_password", "api_cursor_secret", "grafana_admin_password")
 # Given only by the operator, never generated: the Alertmanager receiver's credential.
 OPERATOR_SECRETS = ("alert_credential",)
@@ -44,6 +46,8 @@ _SSH_KEY_TYPE = re.compile(r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)|s
 # so that the two never disagree.
 SITE_OWNED_SETTINGS = frozenset(
     {
+        "APPLIANCE_IDENTITY_HOST",
+        "APPLIANCE_IDENTITY_PORT",
         "APPLIANCE_DATA_DIR",
         "APPLIANCE_REDIS_HOST",
         "APPLIANCE_REDIS_PORT",
@@ -199,7 +203,7 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "ports",
             f"redis, API, ingester and batcher need distinct ports: {ports}",
         )
-        taken = {22, 80, 443, 3000, 9090, 9093, 9094, 9100, 9121} - {self.ssh_port}
+        taken = {22, 80, 443, 3000, 9090, 9093, 9094, 9100, 9121, IDENTITY_PORT} - {self.ssh_port}
         clash = {k: v for k, v in ports.items() if v in taken}
         _check(
             not clash, "ports", f"{clash} clash with SSH, Caddy, Grafana or the monitoring ports"
@@ -272,6 +276,8 @@ class SiteData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "APPLIANCE_INGEST_PORT": str(self.ingest_port),
                 "APPLIANCE_BATCH_HOST": "127.0.0.1",
                 "APPLIANCE_BATCH_PORT": str(self.batch_port),
+                "APPLIANCE_IDENTITY_HOST": "127.0.0.1",
+                "APPLIANCE_IDENTITY_PORT": str(IDENTITY_PORT),
                 "APPLIANCE_JETSTREAM_URLS": ",".join(self.jetstream_urls),
                 "APPLIANCE_LOG_FORMAT": "json",
             }

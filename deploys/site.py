@@ -17,7 +17,14 @@ from pathlib import Path
 from pyinfra import host
 
 from deploys import checks
-from deploys.data import SECRET_NAMES, SECRETS_DIR, InventoryError, site_data, supplied_secrets
+from deploys.data import (
+    IDENTITY_PORT,
+    SECRET_NAMES,
+    SECRETS_DIR,
+    InventoryError,
+    site_data,
+    supplied_secrets,
+)
 from deploys.wheelhouse import WheelhouseError, project_wheel, release_id
 from roles.appliance import appliance
 from roles.base import base, keep_secrets
@@ -94,7 +101,10 @@ appliance(
 monitoring(
     instance=host.name,
     targets=scrape_targets(
-        ingest_port=site.ingest_port, batch_port=site.batch_port, api_port=site.api_port
+        ingest_port=site.ingest_port,
+        batch_port=site.batch_port,
+        api_port=site.api_port,
+        identity_port=IDENTITY_PORT,
     ),
     retention=site.prometheus_retention,
     redis_port=site.redis_port,

@@ -91,6 +91,7 @@ def test_the_stack_has_every_service_with_a_healthcheck(config: dict[str, Any]) 
         "ingester",
         "batcher",
         "api",
+        "identity",
         "caddy",
         "prometheus",
         "node-exporter",
@@ -176,6 +177,7 @@ def test_compose_scrape_targets_name_the_services_that_listen_there(
         for f in sd["files"]
     }
     ports = {"ingester": 9101, "batcher": 9102, "api": 8080, "redis-exporter": 9121}
+    ports |= {"identity": 9103}
     ports |= {"node-exporter": 9100, "prometheus": 9090, "alertmanager": 9093}
     for name in files:
         (group,) = yaml.safe_load((REPO / "compose" / name).read_text())

@@ -181,7 +181,7 @@ def test_a_new_release_restarts_the_services_and_old_releases_are_pruned(
     responses = {re.compile(r"ls -1t /opt/appliance/releases"): listing}
     run = run_fake(SITE, data=data, responses=responses, monkeypatch=monkeypatch)
     restarts = [c for c in run.commands if re.search(r"systemctl (re)?start appliance-", c)]
-    assert len(restarts) == 3
+    assert len(restarts) == 4
     removed = sorted(c for c in run.commands if c.startswith("rm -rf /opt/appliance/releases/r"))
     # keep_releases = 3: the new release and the two newest before it stay.
     assert removed == [f"rm -rf /opt/appliance/releases/r{i}" for i in (2, 3, 4)]

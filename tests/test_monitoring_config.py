@@ -18,7 +18,7 @@ from tests.conftest import REPO_ROOT
 from tests.helpers import MONITORING, render_alertmanager
 
 DOCS = REPO_ROOT / "docs" / "monitoring.md"
-JOBS = ("ingester", "batcher", "api", "redis", "node", "prometheus", "alertmanager")
+JOBS = ("ingester", "batcher", "api", "identity", "redis", "node", "prometheus", "alertmanager")
 
 needs_promtool = pytest.mark.skipif(not shutil.which("promtool"), reason="promtool missing")
 needs_amtool = pytest.mark.skipif(not shutil.which("amtool"), reason="amtool missing")

@@ -137,6 +137,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         "ingester": settings.ingest_port,
         "batcher": settings.batch_port,
         "api": settings.api_port,
+        "identity": settings.identity_port,
         "redis": free_port(),
         "node": free_port(),
         "prometheus": free_port(),

@@ -1,6 +1,6 @@
 """The appliance's own services: the code installed from an uploaded wheelhouse into one venv
 per release (the previous releases kept for rollback), its settings, and a hardened systemd unit
-each for the ingester, the batcher and the API."""
+each for the ingester, the batcher, the API and the identity worker."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ SERVICES = {
     "appliance-ingest": ("ingest", "Jetstream ingester", 30),
     "appliance-batch": ("batch", "Parquet batcher", 120),
     "appliance-api": ("serve", "REST API", 30),
+    "appliance-identity": ("identity", "identity worker (DIDs to handles)", 30),
 }
 
 

@@ -27,12 +27,15 @@ ETC = "/etc/prometheus"
 ALERT_CREDENTIAL = f"{ETC}/alert_credential"
 
 
-def scrape_targets(*, ingest_port: int, batch_port: int, api_port: int) -> dict[str, int]:
+def scrape_targets(
+    *, ingest_port: int, batch_port: int, api_port: int, identity_port: int
+) -> dict[str, int]:
     """Each scrape job of monitoring/prometheus.yml and the loopback port it scrapes."""
     return {
         "ingester": ingest_port,
         "batcher": batch_port,
         "api": api_port,
+        "identity": identity_port,
         "redis": REDIS_EXPORTER_PORT,
         "node": NODE_EXPORTER_PORT,
         "prometheus": PROMETHEUS_PORT,

@@ -39,6 +39,7 @@ UNITS = [
     "appliance-ingest",
     "appliance-batch",
     "appliance-api",
+    "appliance-identity",
     "caddy",
     "nftables",
     "prometheus",
