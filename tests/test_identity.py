@@ -237,9 +237,9 @@ def test_the_worker_backfills_handles_and_searches_show_them(
         w = worker(id_settings)
         wait_until(
             lambda: (
-                handles(engine)[GONE] is None
-                and w.outcome("not_found") == 1
+                w.outcome("not_found") == 1
                 and handles(engine)[ALICE] == "alice.test"
+                and handles(engine)[MALLORY] == INVALID_HANDLE
             ),
             30,
             "the backfill",
