@@ -145,7 +145,8 @@ def test_prometheus_scrapes_every_target(debian_host: BootedHost, first: Deploy)
     body = json.loads(inside(debian_host, "curl -s http://127.0.0.1:9090/api/v1/targets"))
     health = {t["labels"]["job"]: t["health"] for t in body["data"]["activeTargets"]}
     assert health == dict.fromkeys(
-        ["alertmanager", "api", "batcher", "identity", "ingester", "node", "prometheus", "redis"], "up"
+        ["alertmanager", "api", "batcher", "identity", "ingester", "node", "prometheus", "redis"],
+        "up",
     )
 
 
