@@ -471,15 +471,16 @@ def _positions(text: str) -> list[int]:
     return values
 
 
-def _speed(text: str) -> float | None:
+def speed_arg(text: str) -> float | None:
+    """A --speed value: 'max' (None: as fast as the client reads) or a factor > 0."""
     if text == "max":
         return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'max' nor a number") from None
+        raise argparse.ArgumentTypeError(f"--speed {text!r}: 'max' or a factor > 0") from None
     if not value > 0:
-        raise argparse.ArgumentTypeError("speed must be > 0")
+        raise argparse.ArgumentTypeError(f"--speed {text!r}: 'max' or a factor > 0")
     return value
 
 
@@ -497,7 +498,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     firehose.add_generator_arguments(parser, events_required=False)
     parser.add_argument(
         "--speed",
-        type=_speed,
+        type=speed_arg,
         default=None,
         help="'max' (as fast as the client reads; default) or a factor of real time",
     )

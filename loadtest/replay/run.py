@@ -24,6 +24,7 @@ from appliance.config import Settings, load_settings
 from appliance.store.manifest import read_manifest
 from loadtest import firehose
 from loadtest.firehose import FirehoseConfig
+from loadtest.jetstream_server import speed_arg
 from loadtest.replay import faults as fl
 from loadtest.replay import report, source, verify
 from loadtest.replay.monitor import Monitor, progress
@@ -32,25 +33,13 @@ from loadtest.replay.stack import Stack, free_port
 STALL_TIMEOUT_S = 5.0  # the ingester's, in a replay: a stall fault lasts longer than this
 
 
-def _speed(text: str) -> float | None:
-    if text == "max":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--speed {text!r}: 'max' or a factor > 0") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--speed {text!r}: 'max' or a factor > 0")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scale", default="day", help="day, week, month (of --per-day events) or N events"
     )
     parser.add_argument("--from", dest="files", nargs="+", metavar="CAPTURE",
                         help="replay recorded captures (files or directories) instead")  # fmt: skip
-    parser.add_argument("--speed", type=_speed, default=None, help="'max' (default) or a factor")
+    parser.add_argument("--speed", type=speed_arg, default=None, help="'max' (default) or a factor")
     parser.add_argument("--path", choices=("websocket", "direct"), default="websocket",
                         help="websocket: through the replay server and the ingester; direct: "
                         "the source straight into the Redis buffer (storage and query "
