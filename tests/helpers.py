@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -57,6 +58,23 @@ def wait_until(
             suffix = f" (last error: {last!r})" if last is not None else ""
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{suffix}")
         time.sleep(interval)
+
+
+def spawn_in_group(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Start `args` as a terminal runs its foreground job (leader of its own process group), with
+    its output (stdout and stderr) collected line by line into the returned list as it comes."""
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0
+    )
+    lines: list[str] = []
+    stdout = proc.stdout
+    assert stdout is not None
+    threading.Thread(
+        target=lambda: lines.extend(line.decode(errors="replace") for line in stdout), daemon=True
+    ).start()
+    return proc, lines
 
 
 def metric_values(text: str) -> dict[str, float]:

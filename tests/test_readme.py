@@ -8,14 +8,13 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT, free_port
-from tests.helpers import wait_until
+from tests.helpers import spawn_in_group, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -55,20 +54,7 @@ def test_following_the_readme_runs_searches_and_exports(tmp_path: Path) -> None:
     blocks = readme_blocks()
     start = next(body for kind, body in blocks if kind == "start")
     # As a terminal runs it: the foreground job, leader of its own process group.
-    proc = subprocess.Popen(
-        ["bash", "-c", start],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        process_group=0,
-    )
-    lines: list[str] = []
-    assert proc.stdout is not None
-    stdout = proc.stdout
-    threading.Thread(
-        target=lambda: lines.extend(line.decode(errors="replace") for line in stdout), daemon=True
-    ).start()
+    proc, lines = spawn_in_group(["bash", "-c", start], env, cwd=REPO_ROOT)
     api = f"http://127.0.0.1:{port}"
 
     def posts() -> object:

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ from appliance import supervisor
 from appliance.config import Settings, to_environ
 from appliance.supervisor import Child, SetupError
 from tests.conftest import RedisProcess, free_port, make_settings
-from tests.helpers import wait_until
+from tests.helpers import spawn_in_group, wait_until
 from tests.test_up import processes_marked
 
 
@@ -178,19 +177,9 @@ def test_without_internet_up_says_so_and_suggests_the_replay(tmp_path: Path) -> 
     settings = make_settings(tmp_path, jetstream_urls=(f"ws://127.0.0.1:{closed}/subscribe",))
     mark = uuid.uuid4().hex
     env = {**os.environ, **to_environ(settings), "FRONTDOOR_TEST_RUN": mark}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "up", "--hint-after", "2"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        process_group=0,
+    proc, lines = spawn_in_group(
+        [sys.executable, "-m", "appliance", "up", "--hint-after", "2"], env
     )
-    lines: list[str] = []
-    assert proc.stdout is not None
-    stdout = proc.stdout
-    threading.Thread(
-        target=lambda: lines.extend(line.decode(errors="replace") for line in stdout), daemon=True
-    ).start()
     try:
         hint = wait_until(
             lambda: next((line for line in lines if "has not reached" in line), None),
