@@ -133,10 +133,14 @@ class _Base:
     def kind_at(self, j: int) -> int:
         """Kind of event j as generated (oversized frames are always posts)."""
         kinds = self._block_kinds.get(j >> _BLOCK_BITS)
-        if kinds is None:
-            self.block_hashes(j >> _BLOCK_BITS)
-            kinds = self._block_kinds[j >> _BLOCK_BITS]
-        return kinds[j & (BLOCK - 1)]
+        if kinds is not None:
+            return kinds[j & (BLOCK - 1)]
+        # A block nobody generated lately (a delete reaches up to 33M events back): hash this
+        # one event, not its whole block; caching such blocks would evict the recent ones.
+        h = _mix((self.key + (j + 1) * _GAMMA) & _M64)
+        if self.bad_cut and self.flag_of(h) == OVERSIZED:
+            return K_POST
+        return self.kinds[h & 0xFFFF]
 
     def core(self, j: int) -> _Core:
         """What other events need to know about event j: kind, author, rkey (creates)."""
