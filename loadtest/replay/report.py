@@ -115,8 +115,8 @@ def build(
         else None,
         "compact_s": round(run["compact_s"], 2),
         # answered from the compacted store (the state a day is in once closed)
-        "query_latencies": _latencies(v.searches_compacted),
-        "query_latencies_batch_files": _latencies(v.searches),
+        "query_latencies": latencies(v.searches_compacted),
+        "query_latencies_batch_files": latencies(v.searches),
         "faults": [msgspec.to_builtins(f) for f in run["faults"]],
         "rejects": {"expected": v.rejects_expected, "found": v.rejects_found},
         "deleted_posts_checked": v.deleted_checked,
@@ -130,7 +130,7 @@ def build(
     return figures
 
 
-def _latencies(searches: list[Any]) -> list[dict[str, Any]]:
+def latencies(searches: list[Any]) -> list[dict[str, Any]]:
     return [
         {
             "query": s.name,
