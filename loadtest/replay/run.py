@@ -133,7 +133,10 @@ def _data_dir(work: Path, spec: fl.FaultSpec, raw_bytes: int) -> Iterator[tuple[
     if not spec.counts.get("disk-full"):
         yield work / "data", None
         return
-    size = max(256 << 20, raw_bytes // 2)  # Parquet is ~10% of the raw JSON: ample room
+    # A cap, not an allocation (a tmpfs uses memory only for what it holds). Parquet is ~10% of
+    # the raw JSON, but the compaction after the replay spills into the data root too
+    # (.compact-spill): a day's merge overflowed a volume of half the raw bytes.
+    size = max(256 << 20, raw_bytes * 3 // 2)
     with fl.tmpfs(work / "volume", size) as mount:
         yield mount / "data", mount
 
