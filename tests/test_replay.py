@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -193,3 +194,14 @@ def test_the_ingest_lag_is_measured_on_the_replays_own_clock() -> None:
     # the direct path has no ingester: no such lag, rather than a made-up one
     direct = [Sample(t=float(i), stored=100.0 * i) for i in range(4)]
     assert report.storage_lag(direct) == [None] * 4
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_the_disk_full_fault_fills_its_volume_to_the_last_page(tmp_path: Path) -> None:
+    with fl.tmpfs(tmp_path / "volume", 8 << 20) as volume:
+        (volume / "data").write_bytes(b"x" * 100_000)  # what the batcher had written
+        size = fl.fill(volume / "filler")
+        assert shutil.disk_usage(volume).free < 4096
+        assert (8 << 20) - 200_000 < size < 8 << 20
+        (volume / "filler").unlink()
+        assert shutil.disk_usage(volume).free >= size  # all of it back

@@ -198,7 +198,9 @@ def _run(
     def drained() -> bool:
         return ingested() and feed.drained(client, stack.settings)
 
-    injector = fl.Injector(stack, monitor, planned, fraction, ingested, drained, filler)
+    injector = fl.Injector(
+        stack, monitor, planned, fraction, ingested, drained, filler, expect.frames
+    )
     injector.start()
     if feeder:
         feeder.start()
