@@ -79,6 +79,11 @@ def test_a_replay_against_a_running_appliance_feeds_and_verifies_it(
     code, out = _replay(tmp_path, "w", f"{api},{buffer}", "--target-password-file", str(wrong))
     assert code == 2 and f"refused the password from {wrong}" in out, out
 
+    # Settings that are not the appliance's (another consumer group): named before feeding.
+    code, out = _replay(tmp_path, "g", f"{api},{buffer}", APPLIANCE_CONSUMER_GROUP="nobody",
+                        **password)  # fmt: skip
+    assert code == 2 and "no consumer group 'nobody'" in out, out
+
     # Told to: another seed (new keys) is added and checked as what it added, by counts.
     secret = tmp_path / "secret"
     secret.write_text(s.redis_password + "\n")

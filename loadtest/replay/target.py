@@ -187,6 +187,21 @@ def check_ready(api: str) -> dict[str, Any]:
         raise TargetError(f"the API at {api} did not answer /v1/stats: {exc}") from None
 
 
+def check_group(client: redis.Redis, settings: Settings) -> None:
+    """The target's batcher reads the stream with its consumer group (it creates the group when
+    it starts): without it nothing fed would ever be stored, and the replay would only time out."""
+    try:
+        groups = client.xinfo_groups(settings.stream_key)
+    except redis.ResponseError:  # no such stream yet
+        groups = []
+    if not any(g["name"].decode() == settings.consumer_group for g in groups):
+        raise TargetError(
+            f"no consumer group {settings.consumer_group!r} on the stream "
+            f"{settings.stream_key!r}: is the target's batcher running, and are "
+            "APPLIANCE_STREAM_KEY and APPLIANCE_CONSUMER_GROUP the appliance's own?"
+        )
+
+
 def holdings(client: redis.Redis, settings: Settings, stats: dict[str, Any]) -> list[str]:
     """What the target holds already: stored events, buffered entries, dead letters."""
     held = []
@@ -268,6 +283,7 @@ def run(args: argparse.Namespace, events: int) -> dict[str, Any]:
     before = check_ready(target.api)
     client = connect(target, settings)
     try:
+        check_group(client, settings)
         held = holdings(client, settings, before)
         if held and not args.target_allow_data:
             raise TargetError(
