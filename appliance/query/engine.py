@@ -43,7 +43,9 @@ import numpy as np
 from appliance import metrics
 from appliance.config import Settings
 from appliance.identity.directory import Directory, HandleLookup
+from appliance.query import postings
 from appliance.query.cursor import CursorCodec
+from appliance.query.exact import ExactWindow, window_groups
 from appliance.query.files import LiveFiles
 from appliance.query.guard import LRU, Guard
 from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
@@ -62,6 +64,7 @@ from appliance.query.planner import (
     walk_bounds,
     worth_narrowing,
 )
+from appliance.query.rows import RowReader
 from appliance.query.snapshot import Segment, Snapshot
 from appliance.query.sql import (
     DID_HASH,
@@ -106,6 +109,7 @@ class _WindowQuery:
     hi: int
     latest: bool
     restrict: dict[str, list[tuple[int, int]]]
+    exact: dict[str, np.ndarray]  # files read row by row: their candidate rows
 
 
 class _Lane:
@@ -156,6 +160,7 @@ class QueryEngine:
         self._db.execute("SET lock_configuration = true")
         self._db_lock = threading.Lock()
         self.files = LiveFiles(self.data_dir)
+        self.rows = RowReader()
         self._cache = LRU(settings.cache_entries)
         self._long_lane = threading.BoundedSemaphore(settings.query_long_scans)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
@@ -453,6 +458,7 @@ class QueryEngine:
             filters.include or author or mention or filters.lang or filters.tags or filters.domain
         )
         restrict: dict[str, list[tuple[int, int]]] = {}
+        exact: dict[str, np.ndarray] = {}
         wait = self.settings.api_max_wait_s if lane_wait_s is None else lane_wait_s
         lane = _Lane(self._long_lane, wait)
         try:
@@ -460,7 +466,7 @@ class QueryEngine:
                 if scanned >= LONG_SCAN_ROWS:
                     lane.enter()
                 lo, hi, files, rows_in_window = window
-                query = _WindowQuery(files, clauses, params, lo, hi, latest, restrict)
+                query = _WindowQuery(files, clauses, params, lo, hi, latest, restrict, exact)
                 found, delivered = yield from self._walk_window(
                     cur, snap, query, after, remaining, seen
                 )
@@ -479,7 +485,7 @@ class QueryEngine:
                     narrow = False
                     narrowed = self._narrow(cur, segments, filters, author, mention)
                     if narrowed is not None:
-                        segments, restrict = narrowed
+                        segments, restrict, exact = narrowed
                         planner = planner.rest(segments)
         finally:
             lane.leave()
@@ -534,13 +540,25 @@ class QueryEngine:
         groups (from their token index): DuckDB skips the other row groups by their statistics.
         """
         q = query
+        scanned = [f for f in q.files if f not in q.exact]
         built = candidates_sql(
-            q.files, q.clauses, q.params, q.lo, q.hi, after, q.latest, fetch, q.restrict
+            scanned, q.clauses, q.params, q.lo, q.hi, after, q.latest, fetch, q.restrict
         )
-        if built is None:
-            return []  # a window between candidate row groups
-        sql, bound = built
-        return cur.execute(sql, bound).fetchall()
+        rows = cur.execute(*built).fetchall() if built is not None else []
+        if len(scanned) == len(q.files):
+            return rows
+        groups = window_groups(
+            q.exact, q.files, self.files.row_groups, self.rows, q.lo, q.hi, after, q.latest
+        )
+        if not groups:
+            return rows
+        window = ExactWindow(cur, self.rows, q.clauses, q.params, q.latest)
+        read = window.first(groups, q.lo, q.hi, after, fetch)
+        metrics.api_rows_read.inc(window.rows_read)
+        if not rows:
+            return read
+        both = sorted([*rows, *read], key=lambda r: (r[TIME_US], r[URI]), reverse=q.latest)
+        return both[:fetch]
 
     def _narrow(
         self,
@@ -549,9 +567,10 @@ class QueryEngine:
         filters: Filters,
         author: str | None,
         mention: str | None,
-    ) -> tuple[list[Segment], dict[str, list[tuple[int, int]]]] | None:
-        """The segments left once token indexes rule row groups out, and per narrowed file the
-        time ranges of its candidate row groups; None if no index applies.
+    ) -> tuple[list[Segment], dict[str, list[tuple[int, int]]], dict[str, np.ndarray]] | None:
+        """The segments left once token indexes rule row groups out; per narrowed file the time
+        ranges of its candidate row groups; and per file whose index lists rows (format
+        ROWS_FROM on) its candidate rows. None if no index applies.
 
         Text pieces and the author narrow through every valid index; the other filters' keys
         only through indexes of format FILTER_KEYS_FROM on (older files narrow without them).
@@ -574,25 +593,32 @@ class QueryEngine:
         for seg in segments:
             by_file.setdefault(seg.path, []).append(seg)
         formats = {p: self.files.index_format(p) for p in by_file}
-        newer = [p for p, f in formats.items() if f >= textindex.FILTER_KEYS_FROM]
+        rowwise = [p for p, f in formats.items() if f >= textindex.ROWS_FROM]
+        newer = [
+            p for p, f in formats.items() if textindex.FILTER_KEYS_FROM <= f < textindex.ROWS_FROM
+        ]
         older = [p for p, f in formats.items() if 0 < f < textindex.FILTER_KEYS_FROM]
         found: dict[str, set[int]] = {}
-        for paths, lookup in ((newer, keys), (older, [])):
-            if not paths or not (pieces or author or lookup):
-                continue  # terms of emoji or punctuation only: nothing to look up
-            sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
-            try:
+        exact: dict[str, np.ndarray] = {}
+        try:
+            if rowwise and (lookups := postings.keys_of(pieces, author, keys)):
+                exact = self._candidate_rows(cur, rowwise, lookups)
+                found.update((p, set(self._groups_of(p, r))) for p, r in exact.items())
+            for paths, lookup in ((newer, keys), (older, [])):
+                if not paths or not (pieces or author or lookup):
+                    continue  # terms of emoji or punctuation only: nothing to look up
+                sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
                 looked = textindex.candidate_groups(cur, list(sidecars), pieces, author, lookup)
-            except duckdb.InterruptException:
-                raise
-            except duckdb.Error:
-                metrics.api_text_index.labels("error").inc()
-                log.exception("token index lookup failed; scanning instead")
-                return None
-            if looked is None:
-                metrics.api_text_index.labels("not_selective").inc(len(paths))
-                continue
-            found.update((sidecars[s], g) for s, g in looked.items())
+                if looked is None:
+                    metrics.api_text_index.labels("not_selective").inc(len(paths))
+                    continue
+                found.update((sidecars[s], g) for s, g in looked.items())
+        except duckdb.InterruptException:
+            raise
+        except duckdb.Error:
+            metrics.api_text_index.labels("error").inc()
+            log.exception("token index lookup failed; scanning instead")
+            return None
         if not found:
             return None
         kept, restrict, outcome = narrow_segments(
@@ -603,7 +629,27 @@ class QueryEngine:
         )
         for label, files in outcome.items():
             metrics.api_text_index.labels(label).inc(files)
-        return kept, restrict
+        # a file narrowed through its rows is read row by row, not scanned
+        exact = {p: r for p, r in exact.items() if p in restrict}
+        restrict = {p: r for p, r in restrict.items() if p not in exact}
+        return kept, restrict, exact
+
+    def _candidate_rows(
+        self, cur: duckdb.DuckDBPyConnection, paths: list[str], lookups: list[postings.Key]
+    ) -> dict[str, np.ndarray]:
+        """Per file, its candidate rows from the row postings of its index (none if the keys
+        are not selective: the files are then scanned)."""
+        sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
+        found = postings.candidate_rows(cur, list(sidecars), lookups)
+        if found is None:
+            metrics.api_text_index.labels("not_selective").inc(len(paths))
+            return {}
+        return {sidecars[s]: rows for s, rows in found.items()}
+
+    def _groups_of(self, path: str, rows: np.ndarray) -> list[int]:
+        """The row groups holding the given rows of a file."""
+        bounds = self.rows.bounds(path)
+        return np.unique(np.searchsorted(bounds, rows, side="right") - 1).tolist()
 
     def _visible(
         self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, rows: list[tuple[Any, ...]]
