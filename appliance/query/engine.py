@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import duckdb
 import msgspec
 import numpy as np
+import pyarrow as pa
 
 from appliance import metrics
 from appliance.config import Settings
@@ -161,6 +162,8 @@ class QueryEngine:
         self._db_lock = threading.Lock()
         self.files = LiveFiles(self.data_dir)
         self.rows = RowReader()
+        self.postings = postings.Postings()
+        self._kept_for = -1  # the data version whose files the row and postings caches keep
         self._cache = LRU(settings.cache_entries)
         self._long_lane = threading.BoundedSemaphore(settings.query_long_scans)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
@@ -178,7 +181,13 @@ class QueryEngine:
 
     def snapshot(self) -> Snapshot:
         """The live files, re-reading the manifest only when it changed."""
-        return self.files.snapshot()
+        snap = self.files.snapshot()
+        if snap.version != self._kept_for:  # forget what was kept for retired files
+            live = set(snap.files("posts"))
+            self.rows.forget(live)
+            self.postings.forget({str(textindex.sidecar_path(p)) for p in live})
+            self._kept_for = snap.version
+        return snap
 
     def _segments(self, path: str, day: str) -> list[Segment]:
         return self.files.segments(path, day)
@@ -601,7 +610,7 @@ class QueryEngine:
         found: dict[str, set[int]] = {}
         exact: dict[str, np.ndarray] = {}
         try:
-            if rowwise and (lookups := postings.keys_of(pieces, author, keys)):
+            if rowwise and (lookups := postings.keys_of(cur, pieces, author, keys)):
                 exact = self._candidate_rows(cur, rowwise, lookups)
                 found.update((p, set(self._groups_of(p, r))) for p, r in exact.items())
             for paths, lookup in ((newer, keys), (older, [])):
@@ -615,7 +624,7 @@ class QueryEngine:
                 found.update((sidecars[s], g) for s, g in looked.items())
         except duckdb.InterruptException:
             raise
-        except duckdb.Error:
+        except (duckdb.Error, OSError, pa.ArrowException):
             metrics.api_text_index.labels("error").inc()
             log.exception("token index lookup failed; scanning instead")
             return None
@@ -640,7 +649,7 @@ class QueryEngine:
         """Per file, its candidate rows from the row postings of its index (none if the keys
         are not selective: the files are then scanned)."""
         sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
-        found = postings.candidate_rows(cur, list(sidecars), lookups)
+        found = self.postings.candidate_rows(list(sidecars), lookups)
         if found is None:
             metrics.api_text_index.labels("not_selective").inc(len(paths))
             return {}

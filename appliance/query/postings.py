@@ -1,5 +1,5 @@
-"""Candidate rows from the row postings of token indexes (format 4 on): the rows of each posts
-file that hold every key a search looks up, so a search reads those rows and no others.
+"""Candidate rows from the row postings of token indexes (format 4 on): the rows of each posts file
+that hold every key a search looks up, so a search reads those rows and no others.
 
 A search's keys are its text pieces (the rows of every vocabulary entry containing the piece),
 its author and mention (hashed DIDs) and its lang, tag and domain keys (`store.textindex` says
@@ -7,21 +7,26 @@ why a matching row always holds them). The candidates of a file are the intersec
 over the keys: a superset of the matching rows, which the engine filters with the search's own
 SQL, so postings only narrow, never change, an answer.
 
-Keys are counted first (the sum of their entries' row counts, from the small `n` column) and
-loaded smallest first; intersecting stops once few candidates are left (the SQL filter is cheap
-on a few rows) or the next key is too large to be worth reading.
+Lookups are point reads with pyarrow, not DuckDB scans: each sidecar's vocabulary of text tokens
+(keys, row counts, where each entry is) is read once and kept, a piece is matched against it in
+memory, and an equality key is found in the one row group whose statistics can hold it. Keys are
+counted first (from `n`) and their rows read smallest first; intersecting stops once few
+candidates are left (the SQL filter is cheap on a few rows) or the next key is too large to be
+worth reading. A sidecar's row groups are small (`textindex.write_sidecar`), so reading a rare
+key's rows decompresses little.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from appliance.store import textindex
 
@@ -31,99 +36,203 @@ FEW_CANDIDATES = 256
 # Never read more postings than this for one key (all files together): 4 bytes each in memory.
 MAX_KEY_ROWS = 8_000_000
 
-_SOURCE = "read_parquet($files, filename = true, hive_partitioning = false)"
 _EMPTY = np.empty(0, dtype=np.uint32)
 
 
 @dataclass(frozen=True)
 class Key:
     """One lookup: a text piece (FIELD_TOKEN, matched as a substring of vocabulary entries), a
-    hashed DID (FIELD_DID, FIELD_MENTION) or an equality key (FIELD_LANG, FIELD_TAG, ...)."""
+    DID (FIELD_DID, FIELD_MENTION: `value` is its 64-bit index hash) or an equality key."""
 
     field: int
-    value: str
-
-    def where(self, param: str) -> str:
-        """SQL selecting this key's entries; `param` names the bound value."""
-        if self.field == textindex.FIELD_TOKEN:
-            return f"field = {textindex.FIELD_TOKEN} AND contains(key, ${param})"
-        if self.field in textindex.HASH_FIELDS:
-            return f"field = {self.field} AND h = {textindex.DID_HASH.format('$' + param)}"
-        if self.field in textindex.KEY_FIELDS:
-            return f"field = {self.field} AND key = ${param}"
-        raise ValueError(f"not a key field: {self.field}")
+    value: str | int
 
 
-def keys_of(pieces: Sequence[str], did: str | None, keys: Sequence[tuple[int, str]]) -> list[Key]:
-    out = [Key(textindex.FIELD_TOKEN, p) for p in dict.fromkeys(pieces) if p]
-    if did is not None:
-        out.append(Key(textindex.FIELD_DID, did))
-    out.extend(Key(field, value) for field, value in keys if value)
-    return out
-
-
-def counts(con: duckdb.DuckDBPyConnection, sidecars: list[str], keys: list[Key]) -> list[int]:
-    """Per key, the rows its entries list over all sidecars (a row may count once per entry)."""
-    params: dict[str, Any] = {"files": sidecars}
-    sums = []
-    for i, key in enumerate(keys):
-        params[f"k{i}"] = key.value
-        sums.append(f"coalesce(sum(n) FILTER (WHERE {key.where(f'k{i}')}), 0)")
-    rows = con.execute(f"SELECT {', '.join(sums)} FROM {_SOURCE}", params).fetchall()
-    return [int(v) for v in rows[0]] if rows else [0] * len(keys)
-
-
-def rows_of(con: duckdb.DuckDBPyConnection, sidecars: list[str], key: Key) -> dict[str, np.ndarray]:
-    """filename -> the ascending, distinct rows of the key's entries in that sidecar."""
-    table = con.sql(
-        f"SELECT filename, rows FROM {_SOURCE} WHERE {key.where('k')}",
-        params={"files": sidecars, "k": key.value},
-    ).to_arrow_table()
-    out: dict[str, np.ndarray] = {}
-    if table.num_rows == 0:
-        return out
-    names = table.column("filename").combine_chunks()
-    lists = table.column("rows").combine_chunks()
-    assert isinstance(lists, pa.ListArray)
-    flat = pc.list_flatten(lists).to_numpy().astype(np.uint32, copy=False)
-    owner = pc.list_parent_indices(lists).to_numpy()
-    file_of_entry = pc.dictionary_encode(names)
-    assert isinstance(file_of_entry, pa.DictionaryArray)
-    codes = file_of_entry.indices.to_numpy()[owner]
-    for code, name in enumerate(file_of_entry.dictionary.to_pylist()):
-        rows = flat[codes == code]
-        out[str(name)] = np.unique(rows)  # sorted; one entry per row
-    return out
-
-
-def candidate_rows(
+def keys_of(
     con: duckdb.DuckDBPyConnection,
-    sidecars: list[str],
-    keys: list[Key],
-    *,
-    few: int = FEW_CANDIDATES,
-    max_key_rows: int = MAX_KEY_ROWS,
-) -> dict[str, np.ndarray] | None:
-    """Per sidecar, the rows holding every key read (ascending), or None if even the smallest
-    key lists more than `max_key_rows` rows (nothing selective: the caller scans instead).
+    pieces: Sequence[str],
+    did: str | None,
+    keys: Sequence[tuple[int, str]],
+) -> list[Key]:
+    """The lookups of a search; DIDs hashed as the index hashes them."""
+    out: list[Key] = [Key(textindex.FIELD_TOKEN, p) for p in dict.fromkeys(pieces) if p]
+    wanted = [(textindex.FIELD_DID, did)] if did is not None else []
+    wanted += [(f, v) for f, v in keys if v]
+    for field, value in wanted:
+        if field in textindex.HASH_FIELDS:
+            rows = con.execute(f"SELECT {textindex.DID_HASH.format('$v')}", {"v": value}).fetchall()
+            out.append(Key(field, int(rows[0][0])))
+        elif field in textindex.KEY_FIELDS:
+            out.append(Key(field, value))
+        else:
+            raise ValueError(f"not a key field: {field}")
+    return out
 
-    A sidecar with no candidate maps to an empty array.
-    """
-    if not keys or not sidecars:
-        raise ValueError("nothing to look up")
-    sizes = counts(con, sidecars, keys)
-    order = sorted(range(len(keys)), key=sizes.__getitem__)
-    if sizes[order[0]] > max_key_rows:
-        return None
-    found: dict[str, np.ndarray] = {s: _EMPTY for s in sidecars}
-    found.update(rows_of(con, sidecars, keys[order[0]]))
-    for i in order[1:]:
-        left = sum(len(r) for r in found.values())
-        if left <= few or sizes[i] > max_key_rows:
-            break
-        other = rows_of(con, sidecars, keys[i])
-        found = {
-            s: np.intersect1d(r, other.get(s, _EMPTY), assume_unique=True) if len(r) else r
-            for s, r in found.items()
-        }
-    return found
+
+@dataclass(frozen=True)
+class Entries:
+    """Index entries of one sidecar: their row groups, positions in them, and row counts."""
+
+    groups: np.ndarray
+    offsets: np.ndarray
+    n: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.n.sum())
+
+
+_NONE = Entries(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+class Sidecar:
+    """The postings of one token index file: its vocabulary in memory, rows read on demand."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.meta = pq.read_metadata(path)
+        names = self.meta.schema.names
+        self._stats = [
+            {name: self._minmax(g, names.index(name)) for name in ("field", "key", "h")}
+            for g in range(self.meta.num_row_groups)
+        ]
+        token_groups = self._groups_for(textindex.FIELD_TOKEN)
+        keys, n, groups, offsets = [], [], [], []
+        handle = self._open()
+        try:
+            for g in token_groups:
+                part = handle.read_row_group(g, columns=["field", "key", "n"], use_threads=False)
+                mine = np.flatnonzero(part.column("field").to_numpy() == textindex.FIELD_TOKEN)
+                keys.append(part.column("key").take(pa.array(mine)))
+                n.append(part.column("n").to_numpy()[mine])
+                groups.append(np.full(len(mine), g))
+                offsets.append(mine)
+        finally:
+            handle.close()
+        self.vocabulary = (
+            pa.chunked_array(keys, pa.string()) if keys else pa.chunked_array([], pa.string())
+        )
+        self._n = np.concatenate(n) if n else np.empty(0, np.int64)
+        self._groups = np.concatenate(groups) if groups else np.empty(0, np.int64)
+        self._offsets = np.concatenate(offsets) if offsets else np.empty(0, np.int64)
+
+    def entries(self, key: Key) -> Entries:
+        if key.field == textindex.FIELD_TOKEN:
+            assert isinstance(key.value, str)
+            hit = pc.match_substring(self.vocabulary, key.value).to_numpy(zero_copy_only=False)
+            hit = np.asarray(hit, dtype=bool)
+            return Entries(self._groups[hit], self._offsets[hit], self._n[hit])
+        column = "h" if key.field in textindex.HASH_FIELDS else "key"
+        found = [_NONE]
+        handle = self._open()
+        try:
+            for g in self._groups_for(key.field, column, key.value):
+                part = handle.read_row_group(g, columns=["field", column, "n"], use_threads=False)
+                values, fields = part.column(column), part.column("field")
+                match = pc.and_(
+                    pc.equal(values, pa.scalar(key.value, values.type)),
+                    pc.equal(fields, pa.scalar(key.field, fields.type)),
+                )
+                mine = np.flatnonzero(pc.fill_null(match, False).to_numpy())
+                if len(mine):
+                    n = part.column("n").to_numpy()[mine]
+                    found.append(Entries(np.full(len(mine), g), mine, n))
+        finally:
+            handle.close()
+        return Entries(
+            np.concatenate([e.groups for e in found]),
+            np.concatenate([e.offsets for e in found]),
+            np.concatenate([e.n for e in found]),
+        )
+
+    def rows(self, entries: Entries) -> np.ndarray:
+        """The distinct rows the entries list, ascending."""
+        if len(entries.groups) == 0:
+            return _EMPTY
+        parts = []
+        handle = self._open()
+        try:
+            for g in np.unique(entries.groups).tolist():
+                at = entries.offsets[entries.groups == g]
+                lists = handle.read_row_group(g, columns=["rows"], use_threads=False).column(0)
+                taken = lists.take(pa.array(at)).combine_chunks()
+                parts.append(pc.list_flatten(taken).to_numpy())
+        finally:
+            handle.close()
+        return np.unique(np.concatenate(parts).astype(np.uint32, copy=False))
+
+    def _open(self) -> pq.ParquetFile:
+        return pq.ParquetFile(self.path, metadata=self.meta)
+
+    def _minmax(self, g: int, column: int) -> tuple[object, object] | None:
+        stats = self.meta.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        return stats.min, stats.max
+
+    def _groups_for(self, field: int, column: str | None = None, value: object = None) -> list[int]:
+        """Row groups that may hold entries of `field` (with `column` equal to `value`)."""
+        out = []
+        for g, stats in enumerate(self._stats):
+            span = stats["field"]
+            if span is not None and not (span[0] <= field <= span[1]):  # type: ignore[operator]
+                continue
+            if column is not None:
+                span = stats[column]
+                if span is None or not (span[0] <= value <= span[1]):  # type: ignore[operator]
+                    continue
+            out.append(g)
+        return out
+
+
+class Postings:
+    """The sidecars of the live posts files, each read once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sidecars: dict[str, Sidecar] = {}
+
+    def forget(self, live: set[str]) -> None:
+        with self._lock:
+            self._sidecars = {p: s for p, s in self._sidecars.items() if p in live}
+
+    def sidecar(self, path: str) -> Sidecar:
+        known = self._sidecars.get(path)
+        if known is None:
+            known = Sidecar(path)
+            with self._lock:
+                self._sidecars[path] = known
+        return known
+
+    def candidate_rows(
+        self,
+        sidecars: list[str],
+        keys: list[Key],
+        *,
+        few: int = FEW_CANDIDATES,
+        max_key_rows: int = MAX_KEY_ROWS,
+    ) -> dict[str, np.ndarray] | None:
+        """Per sidecar, the rows holding every key read (ascending), or None if even the
+        smallest key lists more than `max_key_rows` rows (nothing selective: the caller scans).
+
+        A sidecar with no candidate maps to an empty array.
+        """
+        if not keys or not sidecars:
+            raise ValueError("nothing to look up")
+        files = [self.sidecar(s) for s in sidecars]
+        entries = [[f.entries(k) for f in files] for k in keys]
+        sizes = [sum(e.rows for e in per_file) for per_file in entries]
+        order = sorted(range(len(keys)), key=sizes.__getitem__)
+        if sizes[order[0]] > max_key_rows:
+            return None
+        found = {f.path: f.rows(e) for f, e in zip(files, entries[order[0]], strict=True)}
+        for i in order[1:]:
+            if sum(len(r) for r in found.values()) <= few or sizes[i] > max_key_rows:
+                break
+            found = {
+                f.path: np.intersect1d(found[f.path], f.rows(e), assume_unique=True)
+                if len(found[f.path])
+                else found[f.path]
+                for f, e in zip(files, entries[i], strict=True)
+            }
+        return found

@@ -33,6 +33,7 @@ D is that host or one of its `.` suffixes; `tag` and `mention` are equalities on
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from appliance.store.writer import fsync_dir
@@ -106,6 +108,9 @@ DOMAIN_KEYS_SQL = (
 )
 
 
+# Row groups of a sidecar: at most this many entries, or entries listing this many rows.
+MAX_GROUP_ENTRIES = 4096
+MAX_GROUP_POSTINGS = 65_536
 # Per key: how many rows hold it, which rows (row numbers within the file, ascending), and the row
 # groups they are in. Written with Parquet V2 encodings: the ascending row numbers take about 1.6
 # bytes each (delta encoding) instead of 3.3.
@@ -149,13 +154,11 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
     for i in range(meta.num_row_groups):
         starts.append(acc)
         acc += meta.row_group(i).num_rows
-    kv = ", ".join(f"{k}: '{v}'" for k, v in identity(data_file, meta).items())
     final = sidecar_path(data_file)
     tmp = final.with_name(f".{final.name}.tmp")  # neither *.parquet nor *.tidx
     params: dict[str, Any] = {"file": str(data_file), "starts": starts or [0]}
     # Row number -> row group through an ASOF join on the groups' first rows.
     sql = f"""
-        COPY (
             WITH grp AS (
                 SELECT unnest(range(len($starts))) AS g, unnest($starts) AS start
             ),
@@ -192,20 +195,12 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
             SELECT {FIELD_MENTION}::UTINYINT, NULL, {DID_HASH.format("m")}, {_POSTINGS}
             FROM mentioned WHERE m IS NOT NULL GROUP BY {DID_HASH.format("m")}
             ORDER BY field, key, h
-        ) TO '{_sql_path(tmp)}' (
-            FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384, PARQUET_VERSION V2,
-            KV_METADATA {{{kv}}}
-        )
     """
     if meta.num_row_groups > 65_535:
         raise ValueError(f"{data_file}: too many row groups for the index")
     try:
-        con.execute(sql, params)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        table = con.sql(sql, params=params).to_arrow_table()
+        write_sidecar(table, tmp, identity(data_file, meta))
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -215,9 +210,41 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
     return Built(final, final.stat().st_size, tokens, time.perf_counter() - began)
 
 
-def _sql_path(path: Path) -> str:
-    # COPY TO takes no bound parameter for its target; our own paths, quotes doubled anyway
-    return str(path).replace("'", "''")
+def write_sidecar(table: pa.Table, path: Path, kv: dict[str, str]) -> None:
+    """Write an index table (sorted by field, key, h) to `path` and fsync it.
+
+    A row group ends after MAX_GROUP_ENTRIES entries or once its entries list
+    MAX_GROUP_POSTINGS rows, so a lookup of a rare key decompresses the postings of a few
+    thousand rows, not those of the common keys beside it (a common key gets a group of its
+    own). Row numbers are delta-encoded (ascending within an entry: about 1.6 bytes each).
+    """
+    counts = table.column("n").to_numpy()
+    cuts, entries, postings = [0], 0, 0
+    for i, n in enumerate(counts.tolist()):
+        if entries and (entries >= MAX_GROUP_ENTRIES or postings + n > MAX_GROUP_POSTINGS):
+            cuts.append(i)
+            entries, postings = 0, 0
+        entries += 1
+        postings += n
+    cuts.append(len(counts))
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in kv.items()})
+    with pq.ParquetWriter(
+        path,
+        table.schema,
+        compression="zstd",
+        use_dictionary=["key"],
+        column_encoding={"rows.list.element": "DELTA_BINARY_PACKED"},
+        data_page_version="2.0",
+        write_statistics=["field", "key", "h"],
+    ) as writer:
+        for a, b in itertools.pairwise(cuts):
+            if b > a:
+                writer.write_table(table.slice(a, b - a), row_group_size=b - a)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def identity(data_file: str | Path, meta: pq.FileMetaData | None = None) -> dict[str, str]:
@@ -272,10 +299,10 @@ def format_for(sidecar: str | Path, data_file: str | Path) -> int | None:
 
 def pieces(con: duckdb.DuckDBPyConnection, term: str) -> list[str]:
     """The letter/digit runs of lower(term), split exactly as the index splits text."""
-    row = con.execute(
+    rows = con.execute(
         f"SELECT list_filter({tokens_sql('$t')}, lambda x: x <> '')", {"t": term}
-    ).fetchone()
-    return list(row[0]) if row and row[0] else []
+    ).fetchall()  # all: an unfinished result would block the connection's next use
+    return list(rows[0][0]) if rows and rows[0][0] else []
 
 
 def candidate_groups(
