@@ -92,7 +92,7 @@ INDEX_MAX_FRACTION = 0.5
 # Consult the token indexes only when, at the hit rate of the first window, the rest of the page
 # would need more rows than this (a common word's page or export is then only a few windows away,
 # and the lookup would cost more than it saves).
-NARROW_ROWS = 1_000_000
+NARROW_ROWS = 65_536
 # A walk that has read this many rows (estimated) and still needs more is a long scan: it goes
 # on only holding the worker's long-scan lane, so at most `query_long_scans` of them run at once
 # and short searches keep the other query threads (and the cores) meanwhile.

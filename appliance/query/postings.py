@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 
 from appliance.store import textindex
 
-# Stop intersecting once this few candidate rows are left in all: each costs a row read, and
-# the next key's postings would cost more to read than the rows they would rule out.
-FEW_CANDIDATES = 256
+# Stop intersecting once this few candidate rows per file are left: each costs a row read, and
+# the next key's postings (a read or two per file) would cost more than the rows they rule out.
+FEW_CANDIDATES = 2
 # Never read more postings than this for one key (all files together): 4 bytes each in memory.
 MAX_KEY_ROWS = 8_000_000
 
@@ -91,6 +91,8 @@ class Sidecar:
     def __init__(self, path: str) -> None:
         self.path = path
         self.meta = pq.read_metadata(path)
+        kv = self.meta.metadata or {}
+        self.data_rows = int(kv.get(b"rows", b"0"))  # rows of the data file (its identity)
         names = self.meta.schema.names
         self._stats = [
             {name: self._minmax(g, names.index(name)) for name in ("field", "key", "h")}
@@ -159,7 +161,23 @@ class Sidecar:
                 parts.append(pc.list_flatten(taken).to_numpy())
         finally:
             handle.close()
-        return np.unique(np.concatenate(parts).astype(np.uint32, copy=False))
+        every = np.concatenate(parts)
+        if len(entries.groups) == 1:
+            return every.astype(np.uint32, copy=False)  # one entry: ascending, distinct
+        return self._distinct(every)
+
+    def intersect(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The rows in both ascending arrays (in linear time: a mask over the file's rows)."""
+        if len(a) == 0 or len(b) == 0:
+            return _EMPTY
+        mask = np.zeros(max(self.data_rows, int(a[-1]) + 1, int(b[-1]) + 1), dtype=bool)
+        mask[a] = True
+        return b[mask[b]]
+
+    def _distinct(self, rows: np.ndarray) -> np.ndarray:
+        mask = np.zeros(max(self.data_rows, int(rows.max()) + 1), dtype=bool)
+        mask[rows] = True
+        return np.flatnonzero(mask).astype(np.uint32)
 
     def _open(self) -> pq.ParquetFile:
         return pq.ParquetFile(self.path, metadata=self.meta)
@@ -227,12 +245,11 @@ class Postings:
             return None
         found = {f.path: f.rows(e) for f, e in zip(files, entries[order[0]], strict=True)}
         for i in order[1:]:
-            if sum(len(r) for r in found.values()) <= few or sizes[i] > max_key_rows:
+            # another key costs a read or two per file; a candidate row costs one read
+            if sum(len(r) for r in found.values()) <= few * len(files) or sizes[i] > max_key_rows:
                 break
             found = {
-                f.path: np.intersect1d(found[f.path], f.rows(e), assume_unique=True)
-                if len(found[f.path])
-                else found[f.path]
+                f.path: f.intersect(found[f.path], f.rows(e)) if len(found[f.path]) else _EMPTY
                 for f, e in zip(files, entries[i], strict=True)
             }
         return found
