@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from appliance.events import now_us
 from loadtest.firehose import FirehoseConfig
 from loadtest.jetstream_server import ReplayServer
 from loadtest.replay import faults as fl
-from loadtest.replay import source, verify
+from loadtest.replay import report, source, verify
+from loadtest.replay.monitor import Sample
 from loadtest.sources import FileSource
 from tests.conftest import REPO_ROOT, RedisProcess, make_settings
 from tests.helpers import drain, push, sync_client
@@ -69,6 +71,9 @@ def test_a_seeded_200k_replay_with_every_fault_kind_passes_verification(tmp_path
         "date range",
     }
     assert figures["deleted_posts_checked"] > 0 and figures["deleted_posts_visible"] == 0
+    # ingest lag on the replay's clock: seconds, not the months since the stream's time_us
+    lag = figures["ingest_lag"]["parquet_behind_ingester_s"]
+    assert 0 <= lag["median"] <= lag["max"] < figures["wall_s"], figures["ingest_lag"]
     for chart in ("throughput", "ingest_lag", "redis_memory", "batch_durations", "process_rss",
                   "query_latency"):  # fmt: skip
         assert (report / f"{chart}.png").read_bytes()[:8] == PNG
@@ -179,3 +184,24 @@ def test_a_full_buffer_is_still_acknowledged_and_trimmed(tmp_path: Path) -> None
         client.close()
     finally:
         redis_server.stop()
+
+
+def test_the_ingest_lag_is_measured_on_the_replays_own_clock() -> None:
+    """How many seconds earlier the ingester had received what Parquet holds now."""
+    counts = [(0, 0), (100, 0), (200, 100), (300, 100), (300, 300), (400, 300)]
+    samples = [Sample(t=float(i), received=r, stored=s) for i, (r, s) in enumerate(counts)]
+    assert report.storage_lag(samples) == [None, None, 1.0, 2.0, 1.0, 2.0]
+    # the direct path has no ingester: no such lag, rather than a made-up one
+    direct = [Sample(t=float(i), stored=100.0 * i) for i in range(4)]
+    assert report.storage_lag(direct) == [None] * 4
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_the_disk_full_fault_fills_its_volume_to_the_last_page(tmp_path: Path) -> None:
+    with fl.tmpfs(tmp_path / "volume", 8 << 20) as volume:
+        (volume / "data").write_bytes(b"x" * 100_000)  # what the batcher had written
+        size = fl.fill(volume / "filler")
+        assert shutil.disk_usage(volume).free < 4096
+        assert (8 << 20) - 200_000 < size < 8 << 20
+        (volume / "filler").unlink()
+        assert shutil.disk_usage(volume).free >= size  # all of it back

@@ -24,7 +24,6 @@ import contextlib
 import functools
 import os
 import random
-import shutil
 import subprocess
 import threading
 import time
@@ -136,12 +135,14 @@ class Injector:
         finished: Callable[[], bool],
         drained: Callable[[], bool],
         filler_dir: Path | None,
+        frames: int = 0,
     ) -> None:
         self.stack, self.monitor = stack, monitor
         self.queue = [p for p in planned if p.kind not in ("stall", "drop")]
         self.server_faults = {k: sum(p.kind == k for p in planned) for k in ("stall", "drop")}
         self.progress, self.finished, self.drained = progress, finished, drained
         self.filler_dir = filler_dir
+        self.frames = frames  # the source's, to place a server fault's position in progress
         self.done: list[Injected] = []
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -256,20 +257,17 @@ class Injector:
             raise RuntimeError("disk-full needs the data directory on its own tmpfs")
         filler = self.filler_dir / "filler"
         failures0 = self.monitor.take(usage=False).batch_failures
-        free = shutil.disk_usage(self.filler_dir).free
-        with open(filler, "wb") as fh:
-            size = max(free - 4096, 0)
-            while size > 0:
-                try:
-                    os.posix_fallocate(fh.fileno(), 0, size)
-                    break
-                except OSError:
-                    size -= 1 << 20
+        began = time.monotonic()
+        size = fill(filler)
+        fill_s = time.monotonic() - began
         failed = self._wait(lambda: self.monitor.take(usage=False).batch_failures > failures0, 180)
         freed_at = time.time()
+        full_s = time.monotonic() - began - fill_s
         filler.unlink()
-        fault.detail = f"filled {size:,} bytes; " + (
-            "the batcher failed loudly" if failed else "no batch failed within 180 s"
+        fault.detail = f"filled {size:,} bytes in {fill_s:.1f} s; " + (
+            f"the batcher failed loudly; freed {full_s:.1f} s later"
+            if failed
+            else "no batch failed within 180 s"
         )
         return failed and self._wait(
             lambda: self.monitor.take(usage=False).batch_last_success > freed_at or self.drained()
@@ -288,14 +286,30 @@ class Injector:
         for line in data[:end].splitlines():
             for kind in ("stall", "drop"):
                 if f"hook: {kind}".encode() in line:
-                    fault = Injected(
-                        kind, 0.0, self._now(), detail=line.decode().split("hook: ")[1]
-                    )
+                    detail = line.decode().split("hook: ")[1]
+                    position = detail.rsplit("position ", 1)[-1].split()[0]
+                    at = int(position) / self.frames if position.isdigit() and self.frames else 0.0
+                    fault = Injected(kind, round(at, 4), self._now(), detail=detail)
                     began, cursor0 = time.monotonic(), self.monitor.take(usage=False).cursor_us
                     fault.recovered = self._wait(functools.partial(self._moving, cursor0))
                     if fault.recovered:
                         fault.recovery_s = round(time.monotonic() - began, 2)
                     self.done.append(fault)
+
+
+def fill(path: Path) -> int:
+    """Allocate a file at `path` until the volume has no room left; returns its size. It grows
+    in steps, halved when one does not fit: one allocation of all the free space fails whenever
+    the batcher writes meanwhile, and each failed try on a tmpfs allocates and frees it all."""
+    size, step = 0, 64 << 20
+    with open(path, "wb") as fh:
+        while step >= 4096:
+            try:
+                os.posix_fallocate(fh.fileno(), size, step)
+                size += step
+            except OSError:
+                step //= 2
+    return size
 
 
 @contextlib.contextmanager

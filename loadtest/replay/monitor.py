@@ -23,7 +23,8 @@ class Sample(msgspec.Struct):
     t: float  # seconds since the replay started
     received: float = 0.0  # frames the ingester wrote to Redis (valid + dead-lettered)
     stored: float = 0.0  # events the batcher wrote to Parquet
-    lag_s: float = 0.0
+    lag_s: float = 0.0  # the ingester's: wall clock minus the newest time_us (a replay's is old)
+    buffer_age_s: float = 0.0  # the batcher's oldest unacknowledged entry: seconds it has waited
     cursor_us: float = 0.0
     circuit_open: float = 0.0
     reconnects: float = 0.0
@@ -123,6 +124,7 @@ class Monitor:
             stored=bat.get("appliance_batch_events_total", 0.0),
             lag_s=ing.get("appliance_ingest_lag_seconds", 0.0),
             cursor_us=ing.get("appliance_ingest_cursor_time_us", 0.0),
+            buffer_age_s=bat.get("appliance_batch_oldest_unacked_age_seconds", 0.0),
             circuit_open=ing.get("appliance_ingest_circuit_open", 0.0),
             reconnects=ing.get("appliance_ingest_reconnects_total", 0.0),
             stalls=ing.get("appliance_ingest_stalls_total", 0.0),
@@ -165,7 +167,7 @@ def status(monitor: Monitor, total: int, faults: str) -> dict[str, Any]:
         "stored": s.stored,
         "rate": rate,
         "received_rate": _rate(monitor.samples, "received"),
-        "lag_s": s.lag_s,
+        "buffer_age_s": s.buffer_age_s,
         "redis_mb": s.redis_memory / 2**20,
         "pending": s.pending,
         "batches": s.batches,
@@ -182,7 +184,7 @@ def _line(total: int, st: dict[str, Any]) -> str:
         f"[{st['elapsed_s']:6.0f} s] received {st['received']:,.0f} "
         f"({st['received_rate']:,.0f}/s)  stored {st['stored']:,.0f}/{total:,} "
         f"({st['rate']:,.0f}/s)  buffered {st['buffered']:,.0f} entries  pending "
-        f"{st['pending']:,.0f}  redis {st['redis_mb']:,.0f} MB  lag {st['lag_s']:,.0f} s  "
+        f"{st['pending']:,.0f}  redis {st['redis_mb']:,.0f} MB  oldest unstored {st['buffer_age_s']:,.0f} s  "
         f"batches {st['batches']:,.0f}  compactions {st['compactions']:,.0f}  "
         f"faults {st['faults']}  ETA {eta}"
     )
@@ -212,7 +214,7 @@ def progress(
             ("received (ingester)", f"{st['received']:,.0f}   {st['received_rate']:,.0f}/s"),
             ("stored (Parquet)", f"{st['stored']:,.0f} / {total:,}   {st['rate']:,.0f}/s"),
             ("buffered (stream entries)", f"{st['buffered']:,.0f}   pending {st['pending']:,.0f}"),
-            ("ingest lag", f"{st['lag_s']:,.1f} s"),
+            ("oldest entry not yet stored", f"{st['buffer_age_s']:,.1f} s ago"),
             ("Redis memory", f"{st['redis_mb']:,.1f} MB"),
             ("batches / compactions", f"{st['batches']:,.0f} / {st['compactions']:,.0f}"),
             ("faults injected", st["faults"] or "none"),

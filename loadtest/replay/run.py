@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,15 +17,12 @@ from typing import Any
 
 import redis
 
-from appliance import buffer
-from appliance import events as ev
 from appliance.config import Settings, load_settings
 from appliance.store.manifest import read_manifest
 from loadtest import firehose
-from loadtest.firehose import FirehoseConfig
 from loadtest.jetstream_server import speed_arg
 from loadtest.replay import faults as fl
-from loadtest.replay import report, source, verify
+from loadtest.replay import feed, report, source, target, verify
 from loadtest.replay.monitor import Monitor, progress
 from loadtest.replay.stack import Stack, free_port
 
@@ -47,8 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faults", default="", help=f"e.g. {fl.ALL_FAULTS} (or 'all')")
     parser.add_argument("--seed", type=int, default=1, help="stream and fault seed")
     parser.add_argument("--report", default="replay-report", help="report directory")
-    parser.add_argument("--target", help="a running appliance instead of our own stack "
-                        "(not supported yet: the command says so)")  # fmt: skip
+    parser.add_argument("--target", metavar="URLS",
+                        help="a running appliance instead of our own stack: its API "
+                        "(http://HOST:PORT) and Redis buffer (redis://HOST:PORT), optionally its "
+                        "data root (file:///DIR); fed with --path direct, nothing started or "
+                        "stopped there")  # fmt: skip
+    parser.add_argument("--target-password-file", metavar="FILE",
+                        help="the target's Redis password (default: APPLIANCE_REDIS_PASSWORD)")  # fmt: skip
+    parser.add_argument("--target-allow-data", action="store_true",
+                        help="feed a target that holds data already; only what this replay "
+                        "adds is checked (counts per table and day, no sample searches)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=2, help="processes rendering the capture")
     parser.add_argument("--cache", default="var/replay-cache", help="capture cache directory")
     parser.add_argument("--work", help="directory for the stack's data (default: a temporary one)")
@@ -66,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        if args.target:
-            raise ValueError("--target is not implemented yet; the replay runs its own stack")
+        if args.target is None and (args.target_password_file or args.target_allow_data):
+            raise ValueError("--target-password-file and --target-allow-data need --target")
         spec = fl.parse_faults(args.faults)
         if args.path == "direct" and any(
             spec.counts.get(k) for k in ("kill-ingester", "stall", "drop")
@@ -83,34 +87,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loadtest replay: {exc}", file=sys.stderr)
         return 2
+    if args.target is not None:
+        return target.main(args, events)
     result = replay(args, spec, events)
     print(f"report: {Path(args.report) / 'report.md'}")
     print("verified" if result["verified"] else "NOT verified: " + "; ".join(result["problems"]))
     return 0 if result["verified"] else 1
-
-
-def _expectation(
-    args: argparse.Namespace, spec: fl.FaultSpec, events: int
-) -> tuple[list[str], source.Expectation, dict[str, Any]]:
-    began = time.perf_counter()
-    if args.files:
-        paths = [str(p) for p in source._expand(args.files)]
-        expect = source.recorded(args.files)
-        info: dict[str, Any] = {"from_cache": False}
-    else:
-        cfg = FirehoseConfig(
-            seed=args.seed,
-            events=events,
-            events_per_day=args.per_day,
-            malformed_fraction=spec.bad_frames,
-            # about ten posts with the rare word at any scale (one in 100k posts at a day)
-            rare_word_every=min(100_000, max(100, events // 100)),
-        )
-        capture, expect, cached = source.synthetic(cfg, Path(args.cache), max(args.jobs, 1))
-        paths = [str(capture)]
-        info = {"from_cache": cached, "capture": str(capture)}
-    info["prepare_s"] = round(time.perf_counter() - began, 2)
-    return paths, expect, info
 
 
 def _settings(work: Path, data_dir: Path, server_port: int, args: argparse.Namespace) -> Settings:
@@ -151,7 +133,10 @@ def _data_dir(work: Path, spec: fl.FaultSpec, raw_bytes: int) -> Iterator[tuple[
     if not spec.counts.get("disk-full"):
         yield work / "data", None
         return
-    size = max(256 << 20, raw_bytes // 2)  # Parquet is ~10% of the raw JSON: ample room
+    # A cap, not an allocation (a tmpfs uses memory only for what it holds). Parquet is ~10% of
+    # the raw JSON, but the compaction after the replay spills into the data root too
+    # (.compact-spill): a day's merge overflowed a volume of half the raw bytes.
+    size = max(256 << 20, raw_bytes * 3 // 2)
     with fl.tmpfs(work / "volume", size) as mount:
         yield mount / "data", mount
 
@@ -160,7 +145,7 @@ def replay(args: argparse.Namespace, spec: fl.FaultSpec, events: int) -> dict[st
     """Prepare, run, verify and report; returns the report's figures."""
     out_dir = Path(args.report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, expect, prep = _expectation(args, spec, events)
+    paths, expect, prep = source.prepare(args, spec.bad_frames, events)
     planned = fl.plan(spec, args.seed)
     with contextlib.ExitStack() as stack_exit:
         work = (
@@ -197,7 +182,7 @@ def _run(
     monitor = Monitor(stack)
     monitor.start()
     client = stack.redis()
-    feeder = _Feeder(stack.settings, paths) if args.path == "direct" else None
+    feeder = feed.Feeder(stack.settings, paths) if args.path == "direct" else None
     span = max(expect.last_time_us - expect.first_time_us, 1)
 
     def cursor() -> int:
@@ -211,9 +196,11 @@ def _run(
         return (monitor.latest.cursor_us - expect.first_time_us) / span
 
     def drained() -> bool:
-        return ingested() and _drained(client, stack.settings)
+        return ingested() and feed.drained(client, stack.settings)
 
-    injector = fl.Injector(stack, monitor, planned, fraction, ingested, drained, filler)
+    injector = fl.Injector(
+        stack, monitor, planned, fraction, ingested, drained, filler, expect.frames
+    )
     injector.start()
     if feeder:
         feeder.start()
@@ -316,73 +303,6 @@ def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
     return False
 
 
-def _drained(client: redis.Redis, s: Settings) -> bool:
-    """Every entry delivered to the batcher and acknowledged (so its rows are in Parquet)."""
-    try:
-        groups = client.xinfo_groups(s.stream_key)
-    except redis.ResponseError:
-        return False
-    group = next((g for g in groups if g["name"].decode() == s.consumer_group), None)
-    if group is None or group["pending"]:
-        return False
-    last = group["last-delivered-id"].decode()
-    return not client.xrange(s.stream_key, min=buffer.next_id(last), count=1)
-
-
 def _parquet_bytes(data_dir: Path) -> int:
     manifest = read_manifest(data_dir)
     return sum((data_dir / p).stat().st_size for files in manifest.files.values() for p in files)
-
-
-class _Feeder:
-    """The direct path: the source's frames into the Redis buffer, validated and packed the
-    way the ingester packs them (micro-batches, dead letters, the cursor in one MULTI/EXEC)."""
-
-    def __init__(self, settings: Settings, paths: list[str]) -> None:
-        self.settings, self.paths = settings, paths
-        self.done = False
-        self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        s = self.settings
-        client = redis.Redis(host=s.redis_host, port=s.redis_port, password=s.redis_password)
-        frames: list[bytes] = []
-        dead: list[tuple[str, bytes]] = []
-        cursor = 0
-        for frame in source.frames_of(self.paths):
-            if self.stop.is_set():
-                return
-            try:
-                cursor = max(cursor, ev.decode(frame, max_bytes=s.max_event_bytes).time_us)
-                frames.append(frame)
-            except ev.Rejected as exc:
-                dead.append((exc.reason, frame))
-            if len(frames) >= s.ingest_pipeline_events:
-                self._write(client, frames, dead, cursor)
-        self._write(client, frames, dead, cursor)
-        self.done = True
-
-    def _write(
-        self, client: redis.Redis, frames: list[bytes], dead: list[tuple[str, bytes]], cursor: int
-    ) -> None:
-        s = self.settings
-        per = s.ingest_entry_events
-        while not self.stop.is_set():
-            pipe = client.pipeline(transaction=True)
-            for reason, frame in dead:
-                buffer.queue_dead_letter(pipe, s, reason, frame, "direct")  # type: ignore[arg-type]
-            for i in range(0, len(frames), per):
-                pipe.xadd(s.stream_key, buffer.pack(frames[i : i + per]))  # type: ignore[arg-type]
-            if frames:
-                pipe.set(s.cursor_key, str(cursor))
-            try:
-                pipe.execute()
-                break
-            except redis.RedisError:  # full (noeviction) or restarting: wait, as the ingester does
-                time.sleep(0.5)
-        frames.clear()
-        dead.clear()

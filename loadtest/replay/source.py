@@ -11,11 +11,13 @@ engine. Recorded captures (`--from`) get their expectation from one pass over th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import itertools
 import multiprocessing
 import os
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -445,3 +447,29 @@ def _lines(paths: list[Path]) -> Iterator[bytes]:
 def frames_of(paths: Iterable[Path | str]) -> Iterator[bytes]:
     """Every frame of the captures, in order (the direct path's feed)."""
     return _lines([Path(p) for p in paths])
+
+
+def prepare(
+    args: argparse.Namespace, bad_frames: float, events: int
+) -> tuple[list[str], Expectation, dict[str, Any]]:
+    """(capture paths, expectation, how it was prepared) for a replay's arguments: the recorded
+    captures of `--from`, or the synthetic stream of `--seed`/`--scale`, rendered or cached."""
+    began = time.perf_counter()
+    if args.files:
+        paths = [str(p) for p in _expand(args.files)]
+        expect = recorded(args.files)
+        info: dict[str, Any] = {"from_cache": False}
+    else:
+        cfg = FirehoseConfig(
+            seed=args.seed,
+            events=events,
+            events_per_day=args.per_day,
+            malformed_fraction=bad_frames,
+            # about ten posts with the rare word at any scale (one in 100k posts at a day)
+            rare_word_every=min(100_000, max(100, events // 100)),
+        )
+        capture, expect, cached = synthetic(cfg, Path(args.cache), max(args.jobs, 1))
+        paths = [str(capture)]
+        info = {"from_cache": cached, "capture": str(capture)}
+    info["prepare_s"] = round(time.perf_counter() - began, 2)
+    return paths, expect, info
