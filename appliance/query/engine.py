@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 import duckdb
 import msgspec
 import numpy as np
-import pyarrow as pa
 
 from appliance import metrics
 from appliance.config import Settings
@@ -58,9 +57,9 @@ from appliance.query.model import (
     Post,
     SearchResult,
 )
+from appliance.query.narrow import Narrowed, Narrowing
 from appliance.query.planner import (
     WindowPlanner,
-    narrow_segments,
     next_target,
     walk_bounds,
     worth_narrowing,
@@ -86,9 +85,6 @@ T = TypeVar("T")
 
 FIRST_WINDOW_ROWS = 16_384  # rows the first time window of a walk aims to cover
 WINDOW_GROWTH = 4
-# A file's token index is used only when it rules out at least half of the file's row groups;
-# a word that common fills a page from the first windows anyway.
-INDEX_MAX_FRACTION = 0.5
 # Consult the token indexes only when, at the hit rate of the first window, the rest of the page
 # would need more rows than this (a common word's page or export is then only a few windows away,
 # and the lookup would cost more than it saves).
@@ -163,6 +159,7 @@ class QueryEngine:
         self.files = LiveFiles(self.data_dir)
         self.rows = RowReader()
         self.postings = postings.Postings()
+        self.narrowing = Narrowing(self.files, self.rows, self.postings)
         self._kept_for = -1  # the data version whose files the row and postings caches keep
         self._cache = LRU(settings.cache_entries)
         self._long_lane = threading.BoundedSemaphore(settings.query_long_scans)
@@ -468,6 +465,15 @@ class QueryEngine:
         )
         restrict: dict[str, list[tuple[int, int]]] = {}
         exact: dict[str, np.ndarray] = {}
+        if narrow and self.narrowing.rare(
+            cur, segments, filters, author, mention, need, FIRST_WINDOW_ROWS
+        ):
+            # the row postings say the first window would not fill the page: skip it
+            narrow = False
+            narrowed = self._narrow(cur, segments, filters, author, mention)
+            if narrowed is not None:
+                segments, restrict, exact = narrowed
+                planner = planner.rest(segments)
         wait = self.settings.api_max_wait_s if lane_wait_s is None else lane_wait_s
         lane = _Lane(self._long_lane, wait)
         try:
@@ -576,89 +582,8 @@ class QueryEngine:
         filters: Filters,
         author: str | None,
         mention: str | None,
-    ) -> tuple[list[Segment], dict[str, list[tuple[int, int]]], dict[str, np.ndarray]] | None:
-        """The segments left once token indexes rule row groups out; per narrowed file the time
-        ranges of its candidate row groups; and per file whose index lists rows (format
-        ROWS_FROM on) its candidate rows. None if no index applies.
-
-        Text pieces and the author narrow through every valid index; the other filters' keys
-        only through indexes of format FILTER_KEYS_FROM on (older files narrow without them).
-        """
-        pieces: list[str] = []
-        for term in filters.include:
-            pieces.extend(textindex.pieces(cur, term))
-        pieces = list(dict.fromkeys(pieces))
-        keys = [
-            (field, value)
-            for field, value in (
-                (textindex.FIELD_LANG, filters.lang),
-                *((textindex.FIELD_TAG, tag) for tag in filters.tags),  # each must match
-                (textindex.FIELD_DOMAIN, filters.domain),
-                (textindex.FIELD_MENTION, mention),
-            )
-            if value
-        ]
-        by_file: dict[str, list[Segment]] = {}
-        for seg in segments:
-            by_file.setdefault(seg.path, []).append(seg)
-        formats = {p: self.files.index_format(p) for p in by_file}
-        rowwise = [p for p, f in formats.items() if f >= textindex.ROWS_FROM]
-        newer = [
-            p for p, f in formats.items() if textindex.FILTER_KEYS_FROM <= f < textindex.ROWS_FROM
-        ]
-        older = [p for p, f in formats.items() if 0 < f < textindex.FILTER_KEYS_FROM]
-        found: dict[str, set[int]] = {}
-        exact: dict[str, np.ndarray] = {}
-        try:
-            if rowwise and (lookups := postings.keys_of(cur, pieces, author, keys)):
-                exact = self._candidate_rows(cur, rowwise, lookups)
-                found.update((p, set(self._groups_of(p, r))) for p, r in exact.items())
-            for paths, lookup in ((newer, keys), (older, [])):
-                if not paths or not (pieces or author or lookup):
-                    continue  # terms of emoji or punctuation only: nothing to look up
-                sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
-                looked = textindex.candidate_groups(cur, list(sidecars), pieces, author, lookup)
-                if looked is None:
-                    metrics.api_text_index.labels("not_selective").inc(len(paths))
-                    continue
-                found.update((sidecars[s], g) for s, g in looked.items())
-        except duckdb.InterruptException:
-            raise
-        except (duckdb.Error, OSError, pa.ArrowException):
-            metrics.api_text_index.labels("error").inc()
-            log.exception("token index lookup failed; scanning instead")
-            return None
-        if not found:
-            return None
-        kept, restrict, outcome = narrow_segments(
-            by_file,
-            {p: self.files.row_groups(p) for p in by_file},
-            found,
-            max_fraction=INDEX_MAX_FRACTION,
-        )
-        for label, files in outcome.items():
-            metrics.api_text_index.labels(label).inc(files)
-        # a file narrowed through its rows is read row by row, not scanned
-        exact = {p: r for p, r in exact.items() if p in restrict}
-        restrict = {p: r for p, r in restrict.items() if p not in exact}
-        return kept, restrict, exact
-
-    def _candidate_rows(
-        self, cur: duckdb.DuckDBPyConnection, paths: list[str], lookups: list[postings.Key]
-    ) -> dict[str, np.ndarray]:
-        """Per file, its candidate rows from the row postings of its index (none if the keys
-        are not selective: the files are then scanned)."""
-        sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
-        found = self.postings.candidate_rows(list(sidecars), lookups)
-        if found is None:
-            metrics.api_text_index.labels("not_selective").inc(len(paths))
-            return {}
-        return {sidecars[s]: rows for s, rows in found.items()}
-
-    def _groups_of(self, path: str, rows: np.ndarray) -> list[int]:
-        """The row groups holding the given rows of a file."""
-        bounds = self.rows.bounds(path)
-        return np.unique(np.searchsorted(bounds, rows, side="right") - 1).tolist()
+    ) -> Narrowed | None:
+        return self.narrowing.narrow(cur, segments, filters, author, mention)
 
     def _visible(
         self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, rows: list[tuple[Any, ...]]

@@ -18,6 +18,7 @@ key's rows decompresses little.
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from appliance.store import textindex
 FEW_CANDIDATES = 2
 # Never read more postings than this for one key (all files together): 4 bytes each in memory.
 MAX_KEY_ROWS = 8_000_000
+
+MEMO_KEYS = 256  # keys whose entries each sidecar keeps
 
 _EMPTY = np.empty(0, dtype=np.uint32)
 
@@ -91,6 +94,8 @@ class Sidecar:
     def __init__(self, path: str) -> None:
         self.path = path
         self.meta = pq.read_metadata(path)
+        self._memo: collections.OrderedDict[Key, Entries] = collections.OrderedDict()
+        self._memo_lock = threading.Lock()
         kv = self.meta.metadata or {}
         self.data_rows = int(kv.get(b"rows", b"0"))  # rows of the data file (its identity)
         names = self.meta.schema.names
@@ -119,6 +124,21 @@ class Sidecar:
         self._offsets = np.concatenate(offsets) if offsets else np.empty(0, np.int64)
 
     def entries(self, key: Key) -> Entries:
+        """The entries of a key (kept for the last MEMO_KEYS keys: a walk counts them before
+        it reads their rows, and pages of one search look up the same keys)."""
+        with self._memo_lock:
+            known = self._memo.get(key)
+            if known is not None:
+                self._memo.move_to_end(key)
+                return known
+        found = self._entries(key)
+        with self._memo_lock:
+            self._memo[key] = found
+            while len(self._memo) > MEMO_KEYS:
+                self._memo.popitem(last=False)
+        return found
+
+    def _entries(self, key: Key) -> Entries:
         if key.field == textindex.FIELD_TOKEN:
             assert isinstance(key.value, str)
             hit = pc.match_substring(self.vocabulary, key.value).to_numpy(zero_copy_only=False)
@@ -221,6 +241,11 @@ class Postings:
             with self._lock:
                 self._sidecars[path] = known
         return known
+
+    def smallest(self, sidecars: list[str], keys: list[Key]) -> int:
+        """The rows listed by the key that lists fewest, over all the sidecars."""
+        files = [self.sidecar(s) for s in sidecars]
+        return min(sum(f.entries(k).rows for f in files) for k in keys)
 
     def candidate_rows(
         self,
