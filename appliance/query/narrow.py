@@ -86,7 +86,6 @@ class Narrowing:
         try:
             if rowwise and (lookups := postings.keys_of(cur, pieces, author, keys)):
                 exact = self._candidate_rows(cur, rowwise, lookups)
-                found.update((p, set(self._groups_of(p, r))) for p, r in exact.items())
             for paths, lookup in ((newer, keys), (older, [])):
                 if not paths or not (pieces or author or lookup):
                     continue  # terms of emoji or punctuation only: nothing to look up
@@ -102,19 +101,24 @@ class Narrowing:
             metrics.api_text_index.labels("error").inc()
             log.exception("token index lookup failed; scanning instead")
             return None
-        if not found:
+        if not found and not exact:
             return None
         kept, restrict, outcome = narrow_segments(
-            by_file,
+            {p: segs for p, segs in by_file.items() if p not in exact},
             {p: self.files.row_groups(p) for p in by_file},
             found,
             max_fraction=INDEX_MAX_FRACTION,
         )
+        # A file with candidate rows is read row by row, however many of its row groups hold
+        # one: the walk reads a row group only when its rows are next in walk order, and reading
+        # one costs less than scanning it. It keeps the segments of those row groups.
+        for path, rows in exact.items():
+            groups = set(self._groups_of(path, rows))
+            number = {id(seg): g for g, seg in enumerate(self.files.row_groups(path))}
+            kept.extend(seg for seg in by_file[path] if number.get(id(seg)) in groups)
+            outcome["narrowed"] += 1
         for label, files in outcome.items():
             metrics.api_text_index.labels(label).inc(files)
-        # a file narrowed through its rows is read row by row, not scanned
-        exact = {p: r for p, r in exact.items() if p in restrict}
-        restrict = {p: r for p, r in restrict.items() if p not in exact}
         return kept, restrict, exact
 
     def rare(

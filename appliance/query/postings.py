@@ -252,8 +252,8 @@ class Postings:
         sidecars: list[str],
         keys: list[Key],
         *,
-        few: int = FEW_CANDIDATES,
-        max_key_rows: int = MAX_KEY_ROWS,
+        few: int | None = None,
+        max_key_rows: int | None = None,
     ) -> dict[str, np.ndarray] | None:
         """Per sidecar, the rows holding every key read (ascending), or None if even the
         smallest key lists more than `max_key_rows` rows (nothing selective: the caller scans).
@@ -262,6 +262,8 @@ class Postings:
         """
         if not keys or not sidecars:
             raise ValueError("nothing to look up")
+        few = FEW_CANDIDATES if few is None else few
+        max_key_rows = MAX_KEY_ROWS if max_key_rows is None else max_key_rows
         files = [self.sidecar(s) for s in sidecars]
         entries = [[f.entries(k) for f in files] for k in keys]
         sizes = [sum(e.rows for e in per_file) for per_file in entries]
