@@ -84,6 +84,7 @@ log = logging.getLogger("appliance.query")
 T = TypeVar("T")
 
 FIRST_WINDOW_ROWS = 16_384  # rows the first time window of a walk aims to cover
+MIN_FIRST_WINDOW_ROWS = 256  # ... at least, when the page needs fewer
 WINDOW_GROWTH = 4
 # Consult the token indexes only when, at the hit rate of the first window, the rest of the page
 # would need more rows than this (a common word's page or export is then only a few windows away,
@@ -107,6 +108,14 @@ class _WindowQuery:
     latest: bool
     restrict: dict[str, list[tuple[int, int]]]
     exact: dict[str, np.ndarray]  # files read row by row: their candidate rows
+
+
+def first_window(need: int, density: float | None) -> float:
+    """Rows the first window of a walk covers: FIRST_WINDOW_ROWS, or fewer when at most
+    `density` of the rows match and so fewer hold the page (with half again to spare)."""
+    if density is None or density <= 0:
+        return float(FIRST_WINDOW_ROWS)
+    return float(min(FIRST_WINDOW_ROWS, max(MIN_FIRST_WINDOW_ROWS, need / density * 1.5)))
 
 
 class _Lane:
@@ -455,25 +464,30 @@ class QueryEngine:
         last_day = layout.day_of(max(hi_bound - 1, 0)) if hi_bound is not None else None
         segments = self.files.posts_segments(snap, first_day, last_day, lo_bound, hi_bound)
         planner = WindowPlanner(segments, latest, lo_bound, hi_bound)
-        remaining, target = need, float(FIRST_WINDOW_ROWS)
+        remaining = need
         scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
         seen: set[str] = set()
+        restrict: dict[str, list[tuple[int, int]]] = {}
+        exact: dict[str, np.ndarray] = {}
         # The first window is walked as is (a common word fills the page there); if the page is
-        # not full after it, the token indexes narrow the rest of the walk to candidate groups.
+        # not full after it, the token indexes narrow the rest of the walk to candidate rows.
         narrow = self.settings.query_text_index and bool(
             filters.include or author or mention or filters.lang or filters.tags or filters.domain
         )
-        restrict: dict[str, list[tuple[int, int]]] = {}
-        exact: dict[str, np.ndarray] = {}
-        if narrow and self.narrowing.rare(
-            cur, segments, filters, author, mention, need, FIRST_WINDOW_ROWS
-        ):
+        density = (
+            self.narrowing.density(cur, segments, filters, author, mention) if narrow else None
+        )
+        if not (narrow or filters.exclude or filters.url):
+            density = 1.0  # every row matches but hidden ones
+        target = first_window(need, density)
+        if narrow and density is not None and density * FIRST_WINDOW_ROWS < need:
             # the row postings say the first window would not fill the page: skip it
             narrow = False
             narrowed = self._narrow(cur, segments, filters, author, mention)
             if narrowed is not None:
                 segments, restrict, exact = narrowed
                 planner = planner.rest(segments)
+                target = float(FIRST_WINDOW_ROWS)
         wait = self.settings.api_max_wait_s if lane_wait_s is None else lane_wait_s
         lane = _Lane(self._long_lane, wait)
         try:

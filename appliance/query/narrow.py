@@ -121,33 +121,33 @@ class Narrowing:
             metrics.api_text_index.labels(label).inc(files)
         return kept, restrict, exact
 
-    def rare(
+    def density(
         self,
         cur: duckdb.DuckDBPyConnection,
         segments: list[Segment],
         filters: Filters,
         author: str | None,
         mention: str | None,
-        need: int,
-        first_rows: int,
-    ) -> bool:
-        """Whether, by the row postings of the files' indexes (format ROWS_FROM on, all of them),
-        a first window of `first_rows` rows would hold fewer matches than the page needs."""
+    ) -> float | None:
+        """An upper bound of the share of the walk's rows that match, from the row postings of
+        the files' indexes (format ROWS_FROM on, all of them): the rows the key that lists
+        fewest lists, over the rows of the segments. None if unknown (older or missing indexes,
+        no key to look up)."""
         paths = list(dict.fromkeys(seg.path for seg in segments))
         if not paths or any(self.files.index_format(p) < textindex.ROWS_FROM for p in paths):
-            return False
+            return None
         pieces, keys = _lookups(cur, filters, mention)
         lookups = postings.keys_of(cur, pieces, author, keys)
         if not lookups:
-            return False
+            return None
         try:
             fewest = self.postings.smallest(
                 [str(textindex.sidecar_path(p)) for p in paths], lookups
             )
         except (OSError, pa.ArrowException):
-            return False  # _narrow counts and logs it, if the walk gets there
+            return None  # narrow() counts and logs it, if the walk gets there
         rows = sum(seg.rows for seg in segments)
-        return fewest * first_rows < need * rows
+        return fewest / rows if rows else None
 
     def _candidate_rows(
         self, cur: duckdb.DuckDBPyConnection, paths: list[str], lookups: list[postings.Key]
