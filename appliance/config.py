@@ -203,7 +203,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_entries: Annotated[int, _h("Entries in the search result cache", ge=0)] = 256
     query_text_index: Annotated[
         bool,
-        _h("Skip row groups of compacted posts files that their token index says cannot match"),
+        _h(
+            "Read only the rows (or row groups) of compacted posts files that their token index "
+            "says can match"
+        ),
     ] = True
     api_cursor_secret: Annotated[
         str, _h("Key that signs search cursors (secret); empty = a new random key per start")

@@ -303,6 +303,11 @@ api_text_index = Counter(
 )
 for _outcome in ("narrowed", "not_selective", "missing", "invalid", "error"):
     api_text_index.labels(_outcome)
+api_rows_read = Counter(
+    "appliance_api_rows_read_total",
+    "Candidate rows searches read one by one (named by the row postings of token indexes)",
+    registry=API,
+)
 api_hidden_rows = Counter(
     "appliance_api_hidden_rows_total",
     "Candidate rows a query skipped because a newer version or a delete hides them",

@@ -97,6 +97,11 @@ def held(
         server.stop()
 
 
+def _since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What each counter gained between two scrapes (other tests share the registry)."""
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
 def _hold(client: Served, entered: threading.Event) -> tuple[threading.Thread, list[Any]]:
     """Start a search that takes the only slot; return once it is inside the engine."""
     out: list[Any] = []
@@ -110,6 +115,7 @@ def test_a_full_queue_is_503_with_retry_after_and_the_slot_serves_again(
     held: Callable[..., tuple[Served, threading.Event, threading.Event]],
 ) -> None:
     client, entered, release = held(api_max_waiting=0)
+    before = metric_values(client.get("/metrics").text)  # the registry is process-wide
     thread, out = _hold(client, entered)
     refused = client.get("/v1/search?q=post")
     assert refused.status_code == 503
@@ -126,7 +132,7 @@ def test_a_full_queue_is_503_with_retry_after_and_the_slot_serves_again(
     served = client.get("/v1/search?q=post")
     assert served.status_code == 200 and len(served.json()["posts"]) == 20
     text = client.get("/metrics")
-    values = metric_values(text.text)
+    values = _since(before, metric_values(text.text))
     assert values['appliance_api_rejected_total{reason="queue_full"}'] == 2
     assert values['appliance_api_requests_total{method="GET",route="/v1/search",status="503"}'] == 1
 
@@ -135,6 +141,7 @@ def test_a_query_that_waits_past_max_wait_is_503(
     held: Callable[..., tuple[Served, threading.Event, threading.Event]],
 ) -> None:
     client, entered, release = held(api_max_waiting=4, api_max_wait_s=0.3)
+    before = metric_values(client.get("/metrics").text)
     thread, out = _hold(client, entered)
     refused = client.get("/v1/stats")
     assert refused.status_code == 503
@@ -143,7 +150,9 @@ def test_a_query_that_waits_past_max_wait_is_503(
     thread.join(30)
     assert out[0].status_code == 200
     text = client.get("/metrics")
-    assert metric_values(text.text)['appliance_api_rejected_total{reason="wait"}'] == 1
+    assert (
+        _since(before, metric_values(text.text))['appliance_api_rejected_total{reason="wait"}'] == 1
+    )
     assert metric_values(text.text)["appliance_api_waiting_queries"] == 0
 
 
@@ -185,6 +194,7 @@ def test_a_long_scan_waits_for_the_lane_and_is_503_when_it_stays_taken(
         ready = server.get("/ready")
         assert ready.status_code == 200
         assert server.get("/v1/search?q=absent").status_code == 200  # the lane is free
+        before = metric_values(server.get("/metrics").text)
         engine: QueryEngine = server.app.ctx.engine
         assert engine._long_lane.acquire(timeout=1)  # another long scan holds it
         try:
@@ -197,9 +207,9 @@ def test_a_long_scan_waits_for_the_lane_and_is_503_when_it_stays_taken(
         finally:
             engine._long_lane.release()
         assert server.get("/v1/search?q=absent").status_code == 200
-        values = metric_values(server.get("/metrics").text)
+        values = _since(before, metric_values(server.get("/metrics").text))
         assert values['appliance_api_long_scans_total{outcome="refused"}'] == 1
-        assert values['appliance_api_long_scans_total{outcome="run"}'] == 2
+        assert values['appliance_api_long_scans_total{outcome="run"}'] == 1
         assert values['appliance_api_rejected_total{reason="long_scan"}'] == 1
         assert engine._long_lane.acquire(blocking=False)  # given back after each walk
         engine._long_lane.release()

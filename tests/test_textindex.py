@@ -17,7 +17,7 @@ import pytest
 
 from appliance import metrics
 from appliance.config import Settings
-from appliance.query import engine
+from appliance.query import engine, postings
 from appliance.query.engine import QueryEngine
 from appliance.query.model import Filters, parse_q
 from appliance.store import compact, layout, textindex
@@ -204,6 +204,10 @@ def _narrowed() -> float:
     return metrics.api_text_index.labels("narrowed")._value.get()
 
 
+def _rows_read() -> float:
+    return metrics.api_rows_read._value.get()
+
+
 def test_the_tokenizer_splits_query_terms_as_the_index_splits_text() -> None:
     con = duckdb.connect()
     assert textindex.pieces(con, "Lighthouse-Keeper's") == ["lighthouse", "keeper", "s"]
@@ -250,7 +254,7 @@ def test_the_index_never_changes_results(
     engines: tuple[QueryEngine, QueryEngine], sort: str
 ) -> None:
     with_index, without = engines
-    before = _narrowed()
+    before, read = _narrowed(), _rows_read()
     for q in QUERIES:
         include, exclude = parse_q(q)
         for exact in (False, True):
@@ -268,6 +272,7 @@ def test_the_index_never_changes_results(
                     wanted = term if exact else _lower(term)
                     assert wanted in (text if exact else _lower(text))
     assert _narrowed() > before, "the index was used"
+    assert _rows_read() > read, "candidate rows were read one by one"
 
 
 def test_the_index_never_changes_results_with_other_filters(
@@ -340,7 +345,7 @@ def test_filter_keys_narrow_and_never_change_results(
         Filters(lang="uk", since_us=day2, until_us=day2 + DAY),
         Filters(tags=("rare_tag",), author=RARE_AUTHOR),
     ]
-    before = _narrowed()
+    before, read = _narrowed(), _rows_read()
     for filters in cases:
         # the first pages (common values fill them from the first windows), and small pages
         # past them (the walk moves on to later windows and to the narrowed row groups)
@@ -349,14 +354,15 @@ def test_filter_keys_narrow_and_never_change_results(
         small = _all_rows(without, filters, limit=7, pages=6)
         assert _all_rows(with_index, filters, limit=7, pages=6) == small, filters
     assert _narrowed() > before, "the filter keys were used"
+    assert _rows_read() > read, "candidate rows were read one by one"
     # the rare values are found (the index must not lose them), exactly the posts holding them
     assert len(_all_rows(with_index, Filters(lang="uk"))) == 4
     assert len(_all_rows(with_index, Filters(mention=RARE_MENTION))) == 4
     assert len(_all_rows(with_index, Filters(domain="example.net"))) == 4
 
 
-def test_filter_keys_narrow_a_walk_to_the_groups_that_hold_the_value(store: Settings) -> None:
-    """A rare language reads only its own row groups: the candidate ranges the walk gets."""
+def test_filter_keys_narrow_a_walk_to_the_rows_that_hold_the_value(store: Settings) -> None:
+    """A rare language reads only its own rows: the candidate rows the walk gets."""
     engine = _engine(store, True)
     try:
         snap = engine.snapshot()
@@ -373,9 +379,10 @@ def test_filter_keys_narrow_a_walk_to_the_groups_that_hold_the_value(store: Sett
         finally:
             cur.close()
         assert narrowed is not None
-        kept, restrict = narrowed
+        kept, restrict, exact = narrowed
         assert len(kept) == 4 and len(segments) == 80  # rows 333 and 1777 of each day
-        assert sum(len(r) for r in restrict.values()) == 4  # read through their time ranges
+        assert restrict == {}  # nothing is scanned
+        assert sorted(r for rows in exact.values() for r in rows.tolist()) == [333, 333, 1777, 1777]
     finally:
         engine.close()
 
@@ -410,6 +417,64 @@ def test_an_index_of_format_2_narrows_by_text_only(store: Settings) -> None:
     finally:
         old.close()
         scan.close()
+
+
+def test_an_index_of_format_3_narrows_row_groups_by_every_filter(store: Settings) -> None:
+    """Indexes written before the row postings stay valid: every filter narrows to row groups,
+    which are scanned, and the answers are the same."""
+    data_dir = Path(store.data_dir)
+    for rel in read_manifest(data_dir).table_files("posts"):
+        sidecar = textindex.sidecar_path(data_dir / rel)
+        table = pq.read_table(sidecar).drop_columns(["n", "rows"])
+        meta = dict(table.schema.metadata or {})
+        meta[b"textindex"] = b"3"
+        pq.write_table(table.replace_schema_metadata(meta), sidecar)
+    old, scan = _engine(store, True), _engine(store, False)
+    try:
+        before, read = _narrowed(), _rows_read()
+        for filters in (
+            Filters(lang="uk"),
+            Filters(include=(RARE_WORD,), tags=("art",)),
+            Filters(mention=RARE_MENTION),
+            Filters(include=(RARE_WORD,), author=AUTHORS[3]),
+        ):
+            assert _all_rows(old, filters) == _all_rows(scan, filters), filters
+        assert _narrowed() > before and _rows_read() == read
+    finally:
+        old.close()
+        scan.close()
+
+
+def test_rows_read_one_by_one_merge_with_files_not_indexed(store: Settings) -> None:
+    """Batch files of a compacted day (no index yet, scanned) whose posts interleave in time
+    with the compacted file's rows (read by row number): one answer, in order, page by page."""
+    data = ParquetData(Path(store.data_dir))
+    rng = random.Random(11)
+    for day in range(2):
+        for i in range(0, 2500, 9):  # between the compacted posts, 30 s apart
+            text = rng.choice([RARE_WORD, f"{COMMON_WORD} {RARE_WORD}", "plain words"])
+            feats = _features(rng, i)
+            data.post(text, t=T0_US + day * DAY + i * 30 * SEC + 7 * SEC, **feats)
+            if i % 27 == 0:  # the same instant as a compacted post: ordered by uri
+                data.post(RARE_WORD, t=T0_US + day * DAY + i * 30 * SEC, langs=["uk"])
+    data.flush()
+    with_index, without = _engine(store, True), _engine(store, False)
+    try:
+        read = _rows_read()
+        for filters in (
+            Filters(include=(RARE_WORD,)),
+            Filters(include=(RARE_WORD,), sort="oldest"),
+            Filters(lang="uk"),
+            Filters(include=(RARE_WORD,), lang="uk", since_us=T0_US + DAY // 3),
+            Filters(mention=RARE_MENTION),
+        ):
+            for limit in (7, 100):
+                expected = _all_rows(without, filters, limit=limit)
+                assert _all_rows(with_index, filters, limit=limit) == expected, filters
+        assert _rows_read() > read
+    finally:
+        with_index.close()
+        without.close()
 
 
 def test_deleted_posts_stay_hidden_with_the_index(store: Settings) -> None:
@@ -522,7 +587,8 @@ def test_an_index_that_cannot_be_written_leaves_the_file_scannable(
 def test_pieces_in_many_vocabulary_entries_are_not_looked_up(
     engines: tuple[QueryEngine, QueryEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(textindex, "MAX_ENTRIES_PER_FILE", 3)
+    monkeypatch.setattr(textindex, "MAX_ENTRIES_PER_FILE", 3)  # row-group lookups (format < 4)
+    monkeypatch.setattr(postings, "MAX_KEY_ROWS", 2000)  # row postings: "e" lists more
     with_index, without = engines
     skipped = metrics.api_text_index.labels("not_selective")._value.get()
     for filters in (

@@ -43,7 +43,9 @@ import numpy as np
 from appliance import metrics
 from appliance.config import Settings
 from appliance.identity.directory import Directory, HandleLookup
+from appliance.query import postings
 from appliance.query.cursor import CursorCodec
+from appliance.query.exact import ExactWindow, window_groups
 from appliance.query.files import LiveFiles
 from appliance.query.guard import LRU, Guard
 from appliance.query.index import PerFileIndex, load_handles, load_hiding, merge_handles
@@ -55,13 +57,14 @@ from appliance.query.model import (
     Post,
     SearchResult,
 )
+from appliance.query.narrow import Narrowed, Narrowing
 from appliance.query.planner import (
     WindowPlanner,
-    narrow_segments,
     next_target,
     walk_bounds,
     worth_narrowing,
 )
+from appliance.query.rows import RowReader
 from appliance.query.snapshot import Segment, Snapshot
 from appliance.query.sql import (
     DID_HASH,
@@ -81,14 +84,12 @@ log = logging.getLogger("appliance.query")
 T = TypeVar("T")
 
 FIRST_WINDOW_ROWS = 16_384  # rows the first time window of a walk aims to cover
+MIN_FIRST_WINDOW_ROWS = 256  # ... at least, when the page needs fewer
 WINDOW_GROWTH = 4
-# A file's token index is used only when it rules out at least half of the file's row groups;
-# a word that common fills a page from the first windows anyway.
-INDEX_MAX_FRACTION = 0.5
 # Consult the token indexes only when, at the hit rate of the first window, the rest of the page
 # would need more rows than this (a common word's page or export is then only a few windows away,
 # and the lookup would cost more than it saves).
-NARROW_ROWS = 1_000_000
+NARROW_ROWS = 65_536
 # A walk that has read this many rows (estimated) and still needs more is a long scan: it goes
 # on only holding the worker's long-scan lane, so at most `query_long_scans` of them run at once
 # and short searches keep the other query threads (and the cores) meanwhile.
@@ -106,6 +107,15 @@ class _WindowQuery:
     hi: int
     latest: bool
     restrict: dict[str, list[tuple[int, int]]]
+    exact: dict[str, np.ndarray]  # files read row by row: their candidate rows
+
+
+def first_window(need: int, density: float | None) -> float:
+    """Rows the first window of a walk covers: FIRST_WINDOW_ROWS, or fewer when at most
+    `density` of the rows match and so fewer hold the page (with half again to spare)."""
+    if density is None or density <= 0:
+        return float(FIRST_WINDOW_ROWS)
+    return float(min(FIRST_WINDOW_ROWS, max(MIN_FIRST_WINDOW_ROWS, need / density * 1.5)))
 
 
 class _Lane:
@@ -156,6 +166,10 @@ class QueryEngine:
         self._db.execute("SET lock_configuration = true")
         self._db_lock = threading.Lock()
         self.files = LiveFiles(self.data_dir)
+        self.rows = RowReader()
+        self.postings = postings.Postings()
+        self.narrowing = Narrowing(self.files, self.rows, self.postings)
+        self._kept_for = -1  # the data version whose files the row and postings caches keep
         self._cache = LRU(settings.cache_entries)
         self._long_lane = threading.BoundedSemaphore(settings.query_long_scans)
         self._stats_cache: tuple[int, dict[str, Any]] | None = None
@@ -173,7 +187,13 @@ class QueryEngine:
 
     def snapshot(self) -> Snapshot:
         """The live files, re-reading the manifest only when it changed."""
-        return self.files.snapshot()
+        snap = self.files.snapshot()
+        if snap.version != self._kept_for:  # forget what was kept for retired files
+            live = set(snap.files("posts"))
+            self.rows.forget(live)
+            self.postings.forget({str(textindex.sidecar_path(p)) for p in live})
+            self._kept_for = snap.version
+        return snap
 
     def _segments(self, path: str, day: str) -> list[Segment]:
         return self.files.segments(path, day)
@@ -444,15 +464,30 @@ class QueryEngine:
         last_day = layout.day_of(max(hi_bound - 1, 0)) if hi_bound is not None else None
         segments = self.files.posts_segments(snap, first_day, last_day, lo_bound, hi_bound)
         planner = WindowPlanner(segments, latest, lo_bound, hi_bound)
-        remaining, target = need, float(FIRST_WINDOW_ROWS)
+        remaining = need
         scanned, hits = 0.0, 0  # estimated rows read so far, candidate rows they held
         seen: set[str] = set()
+        restrict: dict[str, list[tuple[int, int]]] = {}
+        exact: dict[str, np.ndarray] = {}
         # The first window is walked as is (a common word fills the page there); if the page is
-        # not full after it, the token indexes narrow the rest of the walk to candidate groups.
+        # not full after it, the token indexes narrow the rest of the walk to candidate rows.
         narrow = self.settings.query_text_index and bool(
             filters.include or author or mention or filters.lang or filters.tags or filters.domain
         )
-        restrict: dict[str, list[tuple[int, int]]] = {}
+        density = (
+            self.narrowing.density(cur, segments, filters, author, mention) if narrow else None
+        )
+        if not (narrow or filters.exclude or filters.url):
+            density = 1.0  # every row matches but hidden ones
+        target = first_window(need, density)
+        if narrow and density is not None and density * FIRST_WINDOW_ROWS < need:
+            # the row postings say the first window would not fill the page: skip it
+            narrow = False
+            narrowed = self._narrow(cur, segments, filters, author, mention)
+            if narrowed is not None:
+                segments, restrict, exact = narrowed
+                planner = planner.rest(segments)
+                target = float(FIRST_WINDOW_ROWS)
         wait = self.settings.api_max_wait_s if lane_wait_s is None else lane_wait_s
         lane = _Lane(self._long_lane, wait)
         try:
@@ -460,7 +495,7 @@ class QueryEngine:
                 if scanned >= LONG_SCAN_ROWS:
                     lane.enter()
                 lo, hi, files, rows_in_window = window
-                query = _WindowQuery(files, clauses, params, lo, hi, latest, restrict)
+                query = _WindowQuery(files, clauses, params, lo, hi, latest, restrict, exact)
                 found, delivered = yield from self._walk_window(
                     cur, snap, query, after, remaining, seen
                 )
@@ -479,7 +514,7 @@ class QueryEngine:
                     narrow = False
                     narrowed = self._narrow(cur, segments, filters, author, mention)
                     if narrowed is not None:
-                        segments, restrict = narrowed
+                        segments, restrict, exact = narrowed
                         planner = planner.rest(segments)
         finally:
             lane.leave()
@@ -534,13 +569,25 @@ class QueryEngine:
         groups (from their token index): DuckDB skips the other row groups by their statistics.
         """
         q = query
+        scanned = [f for f in q.files if f not in q.exact]
         built = candidates_sql(
-            q.files, q.clauses, q.params, q.lo, q.hi, after, q.latest, fetch, q.restrict
+            scanned, q.clauses, q.params, q.lo, q.hi, after, q.latest, fetch, q.restrict
         )
-        if built is None:
-            return []  # a window between candidate row groups
-        sql, bound = built
-        return cur.execute(sql, bound).fetchall()
+        rows = cur.execute(*built).fetchall() if built is not None else []
+        if len(scanned) == len(q.files):
+            return rows
+        groups = window_groups(
+            q.exact, q.files, self.files.row_groups, self.rows, q.lo, q.hi, after, q.latest
+        )
+        if not groups:
+            return rows
+        window = ExactWindow(cur, self.rows, q.clauses, q.params, q.latest)
+        read = window.first(groups, q.lo, q.hi, after, fetch)
+        metrics.api_rows_read.inc(window.rows_read)
+        if not rows:
+            return read
+        both = sorted([*rows, *read], key=lambda r: (r[TIME_US], r[URI]), reverse=q.latest)
+        return both[:fetch]
 
     def _narrow(
         self,
@@ -549,61 +596,8 @@ class QueryEngine:
         filters: Filters,
         author: str | None,
         mention: str | None,
-    ) -> tuple[list[Segment], dict[str, list[tuple[int, int]]]] | None:
-        """The segments left once token indexes rule row groups out, and per narrowed file the
-        time ranges of its candidate row groups; None if no index applies.
-
-        Text pieces and the author narrow through every valid index; the other filters' keys
-        only through indexes of format FILTER_KEYS_FROM on (older files narrow without them).
-        """
-        pieces: list[str] = []
-        for term in filters.include:
-            pieces.extend(textindex.pieces(cur, term))
-        pieces = list(dict.fromkeys(pieces))
-        keys = [
-            (field, value)
-            for field, value in (
-                (textindex.FIELD_LANG, filters.lang),
-                *((textindex.FIELD_TAG, tag) for tag in filters.tags),  # each must match
-                (textindex.FIELD_DOMAIN, filters.domain),
-                (textindex.FIELD_MENTION, mention),
-            )
-            if value
-        ]
-        by_file: dict[str, list[Segment]] = {}
-        for seg in segments:
-            by_file.setdefault(seg.path, []).append(seg)
-        formats = {p: self.files.index_format(p) for p in by_file}
-        newer = [p for p, f in formats.items() if f >= textindex.FILTER_KEYS_FROM]
-        older = [p for p, f in formats.items() if 0 < f < textindex.FILTER_KEYS_FROM]
-        found: dict[str, set[int]] = {}
-        for paths, lookup in ((newer, keys), (older, [])):
-            if not paths or not (pieces or author or lookup):
-                continue  # terms of emoji or punctuation only: nothing to look up
-            sidecars = {str(textindex.sidecar_path(p)): p for p in paths}
-            try:
-                looked = textindex.candidate_groups(cur, list(sidecars), pieces, author, lookup)
-            except duckdb.InterruptException:
-                raise
-            except duckdb.Error:
-                metrics.api_text_index.labels("error").inc()
-                log.exception("token index lookup failed; scanning instead")
-                return None
-            if looked is None:
-                metrics.api_text_index.labels("not_selective").inc(len(paths))
-                continue
-            found.update((sidecars[s], g) for s, g in looked.items())
-        if not found:
-            return None
-        kept, restrict, outcome = narrow_segments(
-            by_file,
-            {p: self.files.row_groups(p) for p in by_file},
-            found,
-            max_fraction=INDEX_MAX_FRACTION,
-        )
-        for label, files in outcome.items():
-            metrics.api_text_index.labels(label).inc(files)
-        return kept, restrict
+    ) -> Narrowed | None:
+        return self.narrowing.narrow(cur, segments, filters, author, mention)
 
     def _visible(
         self, cur: duckdb.DuckDBPyConnection, snap: Snapshot, rows: list[tuple[Any, ...]]

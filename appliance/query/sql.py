@@ -107,6 +107,44 @@ def utc(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
+def window_where(
+    clauses: list[str],
+    params: dict[str, Any],
+    lo: int,
+    hi: int,
+    after: Position | None,
+    latest: bool,
+) -> tuple[list[str], dict[str, Any]]:
+    """The WHERE conjuncts of a window [lo, hi) past a cursor's position, and their parameters."""
+    where = ["time_us >= $lo", "time_us < $hi", *clauses]
+    bound = dict(params, lo=lo, hi=hi)
+    if after is not None:
+        op = "<" if latest else ">"
+        where.append(f"(time_us {op} $kt OR (time_us = $kt AND {POST_URI} {op} $ku))")
+        bound.update(kt=after.time_us, ku=after.uri)
+    return where, bound
+
+
+def order_sql(latest: bool) -> str:
+    order = "DESC" if latest else "ASC"
+    return f"ORDER BY time_us {order}, {POST_URI} {order}"
+
+
+def rows_sql(
+    source: str,
+    clauses: list[str],
+    params: dict[str, Any],
+    lo: int,
+    hi: int,
+    after: Position | None,
+    latest: bool,
+) -> tuple[str, dict[str, Any]]:
+    """SQL and parameters of the rows of `source` (a relation with the posts columns) passing
+    the filters in the window [lo, hi), in walk order."""
+    where, bound = window_where(clauses, params, lo, hi, after, latest)
+    return f"SELECT {COLUMNS} FROM {source} WHERE {' AND '.join(where)} {order_sql(latest)}", bound
+
+
 def candidates_sql(
     files: list[str],
     clauses: list[str],
@@ -121,14 +159,9 @@ def candidates_sql(
     """SQL and parameters of the first `fetch` candidate rows of the window [lo, hi) in walk
     order (None if no file is left to read). Files in `restrict` are read only within the time
     ranges of their candidate row groups."""
-    where = ["time_us >= $lo", "time_us < $hi", *clauses]
-    bound = dict(params, lo=lo, hi=hi, fetch=fetch)
-    if after is not None:
-        op = "<" if latest else ">"
-        where.append(f"(time_us {op} $kt OR (time_us = $kt AND {POST_URI} {op} $ku))")
-        bound.update(kt=after.time_us, ku=after.uri)
-    order = "DESC" if latest else "ASC"
-    tail = f"ORDER BY time_us {order}, {POST_URI} {order} LIMIT $fetch"
+    where, bound = window_where(clauses, params, lo, hi, after, latest)
+    bound["fetch"] = fetch
+    tail = f"{order_sql(latest)} LIMIT $fetch"
     restrict = restrict or {}
     narrowed = [f for f in files if f in restrict]
     plain = [f for f in files if f not in restrict]
@@ -150,6 +183,7 @@ def candidates_sql(
     if len(parts) == 1:
         sql = f"{parts[0]} {tail}"
     else:
+        order = "DESC" if latest else "ASC"
         sql = (
             f"SELECT * FROM (({parts[0]} {tail}) UNION ALL ({parts[1]} {tail})) "
             f"ORDER BY time_us {order}, uri {order} LIMIT $fetch"

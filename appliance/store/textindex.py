@@ -33,6 +33,7 @@ D is that host or one of its `.` suffixes; `tag` and `mention` are equalities on
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from appliance.store.writer import fsync_dir
@@ -49,7 +51,7 @@ from appliance.store.writer import fsync_dir
 log = logging.getLogger("appliance.textindex")
 
 SUFFIX = ".tidx"
-FORMAT = "3"
+FORMAT = "4"
 # Token separators: everything but letters and digits (RE2 Unicode classes, as DuckDB runs them).
 SEPARATORS = r"[^\p{L}\p{N}]+"
 # Scripts written without spaces: each of their characters is a token of its own, or a
@@ -78,7 +80,9 @@ HASH_FIELDS = frozenset({FIELD_DID, FIELD_MENTION})
 # Formats a reader accepts; the filter keys exist from format 3 on (a format 2 index narrows by
 # text and author only until its day is compacted again).
 FILTER_KEYS_FROM = 3
-READABLE = frozenset({"2", FORMAT})
+# Row postings (`n`, `rows`) exist from format 4 on.
+ROWS_FROM = 4
+READABLE = frozenset({"2", "3", FORMAT})
 # The host of a URI, lower-cased: the `domain` filter compares exactly this, so the index keys
 # and the filter must use this one expression.
 HOST_SQL = "lower(regexp_extract({u}, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#:]+)', 1))"
@@ -101,6 +105,18 @@ DOMAIN_KEYS_SQL = (
     "flatten(list_transform(list_filter(list_append(coalesce(links, []), external_uri), "
     "lambda u: u IS NOT NULL), "
     f"lambda u: {_prefixes_sql(HOST_SQL.format(u='u'), '.', suffixes=True)}))"
+)
+
+
+# Row groups of a sidecar: at most this many entries, or entries listing this many rows.
+MAX_GROUP_ENTRIES = 4096
+MAX_GROUP_POSTINGS = 65_536
+# Per key: how many rows hold it, which rows (row numbers within the file, ascending), and the row
+# groups they are in. Written with Parquet V2 encodings: the ascending row numbers take about 1.6
+# bytes each (delta encoding) instead of 3.3.
+_POSTINGS = (
+    "count(*)::UINTEGER AS n, list(r ORDER BY r) AS rows, "
+    "list_sort(list_distinct(list(g))) AS groups"
 )
 
 
@@ -138,65 +154,53 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
     for i in range(meta.num_row_groups):
         starts.append(acc)
         acc += meta.row_group(i).num_rows
-    kv = ", ".join(f"{k}: '{v}'" for k, v in identity(data_file, meta).items())
     final = sidecar_path(data_file)
     tmp = final.with_name(f".{final.name}.tmp")  # neither *.parquet nor *.tidx
     params: dict[str, Any] = {"file": str(data_file), "starts": starts or [0]}
     # Row number -> row group through an ASOF join on the groups' first rows.
     sql = f"""
-        COPY (
             WITH grp AS (
                 SELECT unnest(range(len($starts))) AS g, unnest($starts) AS start
             ),
             src AS (
-                SELECT grp.g, s.text, s.did, s.langs, s.tags, s.links, s.external_uri,
-                       s.mentions
+                SELECT s.file_row_number::UINTEGER AS r, grp.g::USMALLINT AS g, s.text, s.did,
+                       s.langs, s.tags, s.links, s.external_uri, s.mentions
                 FROM read_parquet($file, file_row_number = true, hive_partitioning = false) s
                 ASOF JOIN grp ON s.file_row_number >= grp.start
             ),
             tokens AS (
-                SELECT DISTINCT g, unnest({tokens_sql("text")}) AS key
+                SELECT DISTINCT r, g, unnest({tokens_sql("text")}) AS key
                 FROM src WHERE text IS NOT NULL
             ),
             keyed AS (
-                SELECT DISTINCT g, {FIELD_LANG} AS field, unnest({LANG_KEYS_SQL}) AS key FROM src
+                SELECT DISTINCT r, g, {FIELD_LANG} AS field, unnest({LANG_KEYS_SQL}) AS key
+                FROM src
                 UNION ALL
-                SELECT DISTINCT g, {FIELD_TAG}, unnest({TAG_KEYS_SQL}) FROM src
+                SELECT DISTINCT r, g, {FIELD_TAG}, unnest({TAG_KEYS_SQL}) FROM src
                 UNION ALL
-                SELECT DISTINCT g, {FIELD_DOMAIN}, unnest({DOMAIN_KEYS_SQL}) FROM src
+                SELECT DISTINCT r, g, {FIELD_DOMAIN}, unnest({DOMAIN_KEYS_SQL}) FROM src
             ),
             mentioned AS (
-                SELECT DISTINCT g, unnest(mentions) AS m FROM src
+                SELECT DISTINCT r, g, unnest(mentions) AS m FROM src
             )
-            SELECT {FIELD_TOKEN}::UTINYINT AS field, key, NULL::UBIGINT AS h,
-                   list(g::USMALLINT ORDER BY g) AS groups
+            SELECT {FIELD_TOKEN}::UTINYINT AS field, key, NULL::UBIGINT AS h, {_POSTINGS}
             FROM tokens WHERE key <> '' GROUP BY key
             UNION ALL
-            SELECT {FIELD_DID}::UTINYINT, NULL, {DID_HASH.format("did")},
-                   list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
+            SELECT {FIELD_DID}::UTINYINT, NULL, {DID_HASH.format("did")}, {_POSTINGS}
             FROM src GROUP BY {DID_HASH.format("did")}
             UNION ALL
-            SELECT field::UTINYINT, key, NULL, list(g::USMALLINT ORDER BY g)
+            SELECT field::UTINYINT, key, NULL, {_POSTINGS}
             FROM keyed WHERE key IS NOT NULL AND key <> '' GROUP BY field, key
             UNION ALL
-            SELECT {FIELD_MENTION}::UTINYINT, NULL, {DID_HASH.format("m")},
-                   list(DISTINCT g::USMALLINT ORDER BY g::USMALLINT)
+            SELECT {FIELD_MENTION}::UTINYINT, NULL, {DID_HASH.format("m")}, {_POSTINGS}
             FROM mentioned WHERE m IS NOT NULL GROUP BY {DID_HASH.format("m")}
             ORDER BY field, key, h
-        ) TO '{_sql_path(tmp)}' (
-            FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384,
-            KV_METADATA {{{kv}}}
-        )
     """
     if meta.num_row_groups > 65_535:
         raise ValueError(f"{data_file}: too many row groups for the index")
     try:
-        con.execute(sql, params)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        table = con.sql(sql, params=params).to_arrow_table()
+        write_sidecar(table, tmp, identity(data_file, meta))
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -206,9 +210,41 @@ def build(con: duckdb.DuckDBPyConnection, data_file: str | Path) -> Built:
     return Built(final, final.stat().st_size, tokens, time.perf_counter() - began)
 
 
-def _sql_path(path: Path) -> str:
-    # COPY TO takes no bound parameter for its target; our own paths, quotes doubled anyway
-    return str(path).replace("'", "''")
+def write_sidecar(table: pa.Table, path: Path, kv: dict[str, str]) -> None:
+    """Write an index table (sorted by field, key, h) to `path` and fsync it.
+
+    A row group ends after MAX_GROUP_ENTRIES entries or once its entries list
+    MAX_GROUP_POSTINGS rows, so a lookup of a rare key decompresses the postings of a few
+    thousand rows, not those of the common keys beside it (a common key gets a group of its
+    own). Row numbers are delta-encoded (ascending within an entry: about 1.6 bytes each).
+    """
+    counts = table.column("n").to_numpy()
+    cuts, entries, postings = [0], 0, 0
+    for i, n in enumerate(counts.tolist()):
+        if entries and (entries >= MAX_GROUP_ENTRIES or postings + n > MAX_GROUP_POSTINGS):
+            cuts.append(i)
+            entries, postings = 0, 0
+        entries += 1
+        postings += n
+    cuts.append(len(counts))
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in kv.items()})
+    with pq.ParquetWriter(
+        path,
+        table.schema,
+        compression="zstd",
+        use_dictionary=["key"],
+        column_encoding={"rows.list.element": "DELTA_BINARY_PACKED"},
+        data_page_version="2.0",
+        write_statistics=["field", "key", "h"],
+    ) as writer:
+        for a, b in itertools.pairwise(cuts):
+            if b > a:
+                writer.write_table(table.slice(a, b - a), row_group_size=b - a)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def identity(data_file: str | Path, meta: pq.FileMetaData | None = None) -> dict[str, str]:
@@ -263,10 +299,10 @@ def format_for(sidecar: str | Path, data_file: str | Path) -> int | None:
 
 def pieces(con: duckdb.DuckDBPyConnection, term: str) -> list[str]:
     """The letter/digit runs of lower(term), split exactly as the index splits text."""
-    row = con.execute(
+    rows = con.execute(
         f"SELECT list_filter({tokens_sql('$t')}, lambda x: x <> '')", {"t": term}
-    ).fetchone()
-    return list(row[0]) if row and row[0] else []
+    ).fetchall()  # all: an unfinished result would block the connection's next use
+    return list(rows[0][0]) if rows and rows[0][0] else []
 
 
 def candidate_groups(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import os
 import select
 import signal
@@ -26,12 +27,19 @@ from websockets.asyncio.client import connect
 from appliance import events as ev
 from loadtest import firehose as fh
 from loadtest.bench import median
+from loadtest.replay import source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=200_000, help="events per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--offset",
+        type=int,
+        default=30_000_000,
+        help="first index of the mid-stream and render figures (a chunk of a long capture)",
+    )
 
 
 def _rate(events: int, seconds: float) -> float:
@@ -48,6 +56,37 @@ def bench_generator(cfg: fh.FirehoseConfig, runs: int) -> tuple[float, float]:
             count += 1
         rates.append(_rate(count, time.perf_counter() - started))
         cpu_rates.append(_rate(count, time.process_time() - cpu))
+    return median(rates), median(cpu_rates)
+
+
+def bench_generator_at(cfg: fh.FirehoseConfig, offset: int, runs: int) -> tuple[float, float]:
+    """Events from `offset` on in a fresh generator, as a worker rendering one chunk of a long
+    capture makes them: its references reach far back into blocks it never generated."""
+    rates, cpu_rates = [], []
+    for _ in range(runs):
+        fh._generator.cache_clear()
+        started, cpu = time.perf_counter(), time.process_time()
+        count = 0
+        for _frame in itertools.islice(fh.generate(cfg, offset), cfg.events - offset):
+            count += 1
+        rates.append(_rate(count, time.perf_counter() - started))
+        cpu_rates.append(_rate(count, time.process_time() - cpu))
+    return median(rates), median(cpu_rates)
+
+
+def bench_render(cfg: fh.FirehoseConfig, offset: int, runs: int) -> tuple[float, float]:
+    """A capture chunk from `offset` as `loadtest replay` renders it: generate, compute the
+    expectation's facts (ground truth, sample searches), compress (one process)."""
+    queries = source.sample_queries(
+        fh.time_at(cfg, 0), fh.time_at(cfg, cfg.events - 1), "did:plc:" + "a" * 24, "good morning"
+    )
+    rates, cpu_rates = [], []
+    for _ in range(runs):
+        fh._generator.cache_clear()
+        started, cpu = time.perf_counter(), time.process_time()
+        source._render((cfg, queries, offset, cfg.events, ev.now_us()))
+        rates.append(_rate(cfg.events - offset, time.perf_counter() - started))
+        cpu_rates.append(_rate(cfg.events - offset, time.process_time() - cpu))
     return median(rates), median(cpu_rates)
 
 
@@ -136,6 +175,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{label:26}{rates[0]:>12,.0f}{rates[1]:>12,.0f}")
 
     report("generator", "generator", bench_generator(cfg, args.runs))
+    far = fh.FirehoseConfig(seed=args.seed, events=args.offset + args.events)
+    report(
+        "generator_mid",
+        f"generator from {args.offset:,}",
+        bench_generator_at(far, args.offset, args.runs),
+    )
+    report("render", "render (gen+facts+zstd)", bench_render(far, args.offset, args.runs))
     report("decode", "events.decode", bench_decode(frames, args.runs))
     with tempfile.TemporaryDirectory() as tmp:
         capture = os.path.join(tmp, "capture.jsonl.zst")

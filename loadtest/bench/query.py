@@ -305,7 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="make --store a hard-linked copy of the store in DIR with token indexes of the "
-        "current format (then measure it unless --build-only)",
+        "current format, its posts files rewritten if --row-group-size differs from DIR's "
+        "(then measure it unless --build-only)",
     )
     parser.add_argument("--runs", type=int, default=5, help="measured runs per case (>= 5)")
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads, API and plain")
@@ -329,7 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.posts, args.days, args.files_per_day, args.row_group_size, args.zstd_level
     )
     if args.reindex_from is not None:
-        meta = reindex_store(args.reindex_from, args.store)
+        meta = reindex_store(args.reindex_from, args.store, args.row_group_size)
     else:
         meta = build_store(args.store, spec)
     if args.build_only:

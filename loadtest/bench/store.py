@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from appliance.store import compact, layout, textindex
 from appliance.store.manifest import read_manifest, update_manifest
-from appliance.store.writer import write_atomic
+from appliance.store.writer import write_atomic, writer_options
 
 if TYPE_CHECKING:
     import duckdb
@@ -375,18 +375,23 @@ def build_store(store: Path, spec: StoreSpec) -> dict[str, Any]:
     return meta
 
 
-def reindex_store(source: Path, store: Path) -> dict[str, Any]:
+def reindex_store(source: Path, store: Path, row_group_size: int | None = None) -> dict[str, Any]:
     """A copy of the store at `source` (hard links: no data is copied) whose posts files get
     token indexes of the current format, so an old store can be measured with new indexes
-    beside the old one (the data files, and so the answers, are the same)."""
+    beside the old one (the data files, and so the answers, are the same). With a
+    `row_group_size` other than the source's, the posts files are rewritten with row groups of
+    that size (the same rows in the same order, written the way the compactor writes them)."""
     meta_path = source / "bench.json"
     if not meta_path.exists():
         raise SystemExit(f"no store in {source} to re-index")
     done = store / "bench.json"
     if done.exists():
         meta: dict[str, Any] = json.loads(done.read_text())
-        if meta.get("reindexed_from") == str(source) and meta.get("index_format") == (
-            textindex.FORMAT
+        if (
+            meta.get("reindexed_from") == str(source)
+            and meta.get("index_format") == textindex.FORMAT
+            and meta["spec"].get("row_group_size")
+            == (row_group_size or meta["spec"].get("row_group_size"))
         ):
             print(f"store: reusing {store}, re-indexed from {source}", flush=True)
             return meta
@@ -394,15 +399,23 @@ def reindex_store(source: Path, store: Path) -> dict[str, Any]:
         raise SystemExit(f"{store} is not empty; re-index into a new directory")
     import duckdb
 
+    meta = json.loads(meta_path.read_text())
+    regroup = row_group_size not in (None, meta["spec"].get("row_group_size"))
     began = time.perf_counter()
     indexer = duckdb.connect(config={"threads": 2})  # as the compactor's connection
     index_days: list[dict[str, Any]] = []
+    posts = set(read_manifest(source).table_files("posts"))
     for path in sorted(source.rglob("*")):
         if path.is_dir() or path.suffix == textindex.SUFFIX:
             continue
-        target = store / path.relative_to(source)
+        relative = path.relative_to(source)
+        target = store / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(path, target)
+        if regroup and str(relative) in posts:
+            assert row_group_size is not None
+            _regroup(path, target, row_group_size, meta["spec"]["zstd_level"])
+        else:
+            os.link(path, target)
     for rel in read_manifest(store).table_files("posts"):
         built = compact.index_posts_file(indexer, store / rel)
         if built is None:
@@ -417,9 +430,24 @@ def reindex_store(source: Path, store: Path) -> dict[str, Any]:
             }
         )
         print(f"store: re-indexed {rel} in {built.seconds:.1f} s", flush=True)
-    meta = json.loads(meta_path.read_text())
+    if regroup:
+        meta["spec"]["row_group_size"] = row_group_size
     meta.update(index_days=index_days, index_format=textindex.FORMAT, reindexed_from=str(source))
     (store / "bench.json").unlink()  # a hard link to the source's: replace, never write through
     (store / "bench.json").write_text(json.dumps(meta, indent=2))
     print(f"store: re-indexed in {time.perf_counter() - began:.0f} s", flush=True)
     return meta
+
+
+def _regroup(source: Path, target: Path, row_group_size: int, zstd_level: int) -> None:
+    """Rewrite a posts file with row groups of `row_group_size` rows (same rows, same order)."""
+    table = pq.read_table(source, schema=layout.SCHEMAS["posts"])
+    schema = layout.SCHEMAS["posts"]
+    with pq.ParquetWriter(
+        target,
+        schema,
+        sorting_columns=[pq.SortingColumn(schema.get_field_index("time_us"))],
+        **writer_options(schema, zstd_level),
+    ) as writer:
+        writer.write_table(table, row_group_size=row_group_size)
+    print(f"store: rewrote {target.name} with row groups of {row_group_size}", flush=True)

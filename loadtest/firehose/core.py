@@ -72,6 +72,10 @@ class _Base:
         heads, tails = _cid_halves()
         self.did_heads = [h[1:13] for h in heads]
         self.did_tails = [t[:12] for t in tails]
+        self.cid_heads, self.cid_tails = heads, tails
+        # Each account's DID once built (a few accounts make most events): about 90 MB at
+        # the default population of a million, filled as accounts appear.
+        self.dids: list[str | None] = [None] * self.population
         # Kind codes of whole blocks, so "is event j a post?" is a lookup, not a hash.
         self._block_kinds: dict[int, bytes] = {}
 
@@ -98,8 +102,12 @@ class _Base:
     def did(self, n: int) -> str:
         """The DID of account n: two 12-char halves from precomputed pools, picked by a hash
         of (seed, n) (2**32 combinations; building each string would cost far more)."""
-        x = _mix((n * _GAMMA + self.key) & _M64)
-        return f"did:plc:{self.did_heads[x & 0xFFFF]}{self.did_tails[(x >> 16) & 0xFFFF]}"
+        did = self.dids[n]
+        if did is None:
+            x = _mix((n * _GAMMA + self.key) & _M64)
+            did = f"did:plc:{self.did_heads[x & 0xFFFF]}{self.did_tails[(x >> 16) & 0xFFFF]}"
+            self.dids[n] = did
+        return did
 
     def handle(self, n: int) -> str:
         h = _mix(n ^ self.key ^ 0x4A4D)
@@ -133,10 +141,14 @@ class _Base:
     def kind_at(self, j: int) -> int:
         """Kind of event j as generated (oversized frames are always posts)."""
         kinds = self._block_kinds.get(j >> _BLOCK_BITS)
-        if kinds is None:
-            self.block_hashes(j >> _BLOCK_BITS)
-            kinds = self._block_kinds[j >> _BLOCK_BITS]
-        return kinds[j & (BLOCK - 1)]
+        if kinds is not None:
+            return kinds[j & (BLOCK - 1)]
+        # A block nobody generated lately (a delete reaches up to 33M events back): hash this
+        # one event, not its whole block; caching such blocks would evict the recent ones.
+        h = _mix((self.key + (j + 1) * _GAMMA) & _M64)
+        if self.bad_cut and self.flag_of(h) == OVERSIZED:
+            return K_POST
+        return self.kinds[h & 0xFFFF]
 
     def core(self, j: int) -> _Core:
         """What other events need to know about event j: kind, author, rkey (creates)."""

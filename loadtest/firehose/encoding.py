@@ -22,18 +22,21 @@ _BYTE_TO_B32 = bytes(_B32[b & 31].encode()[0] for b in range(256))
 _TID_PREFIXES: dict[int, str] = {}  # the first 7 chars change once a second or so
 
 
+def tid_prefix(v: int) -> str:
+    """The first 7 chars of the TID of value v (timestamp << 10 | clock id), remembered."""
+    t = _TID10
+    if len(_TID_PREFIXES) > 100_000:
+        _TID_PREFIXES.clear()
+    prefix = f"{_B32_SORT[v >> 60]}{t[(v >> 50) & 1023]}{t[(v >> 40) & 1023]}{t[(v >> 30) & 1023]}"
+    _TID_PREFIXES[v >> 30] = prefix
+    return prefix
+
+
 def tid(time_us: int, clock_id: int) -> str:
     """An atproto TID: 53-bit µs timestamp + 10-bit clock id, base32-sortable, 13 chars."""
     v = (time_us << 10) | (clock_id & 0x3FF)
     t = _TID10
-    prefix = _TID_PREFIXES.get(v >> 30)
-    if prefix is None:
-        if len(_TID_PREFIXES) > 100_000:
-            _TID_PREFIXES.clear()
-        prefix = (
-            f"{_B32_SORT[v >> 60]}{t[(v >> 50) & 1023]}{t[(v >> 40) & 1023]}{t[(v >> 30) & 1023]}"
-        )
-        _TID_PREFIXES[v >> 30] = prefix
+    prefix = _TID_PREFIXES.get(v >> 30) or tid_prefix(v)
     return f"{prefix}{t[(v >> 20) & 1023]}{t[(v >> 10) & 1023]}{t[v & 1023]}"
 
 
@@ -77,16 +80,18 @@ def _blob_cid(bits: int) -> str:
 _ISO_CACHE: dict[int, str] = {}
 
 
+def iso_prefix(sec: int) -> str:
+    """ "YYYY-MM-DDTHH:MM:SS" of a unix second, remembered."""
+    if len(_ISO_CACHE) > 4096:
+        _ISO_CACHE.clear()
+    prefix = _ISO_CACHE[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return prefix
+
+
 def iso_ms(time_us: int) -> str:
     """RFC 3339 UTC with milliseconds, like atproto's createdAt."""
     sec, rem = divmod(time_us, 1_000_000)
-    prefix = _ISO_CACHE.get(sec)
-    if prefix is None:
-        if len(_ISO_CACHE) > 4096:
-            _ISO_CACHE.clear()
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        _ISO_CACHE[sec] = prefix
-    return f"{prefix}.{rem // 1000:03d}Z"
+    return f"{_ISO_CACHE.get(sec) or iso_prefix(sec)}.{rem // 1000:03d}Z"
 
 
 _record_encoder = msgspec.json.Encoder(order="sorted")

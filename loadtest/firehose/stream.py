@@ -31,8 +31,21 @@ from loadtest.firehose.config import (
     Item,
     _mix,
 )
-from loadtest.firehose.encoding import _blob, _cid_from, _corrupt, _record_encoder, iso_ms, tid
+from loadtest.firehose.encoding import (
+    _ISO_CACHE,
+    _TID10,
+    _TID_PREFIXES,
+    _blob,
+    _corrupt,
+    _record_encoder,
+    iso_ms,
+    iso_prefix,
+    tid,
+    tid_prefix,
+)
 from loadtest.firehose.records import _Records
+
+_S0, _S1, _S2 = _SUBJECT_SPANS  # where a like or repost looks for its subject
 
 
 class _Generator(_Records):
@@ -60,19 +73,40 @@ class _Generator(_Records):
 
     def simple_event(self, i: int, t: int, h: int, kind: int) -> Item:
         """Likes, reposts, follows and blocks (three events in four): the same event as the
-        general path would build, with the helpers inlined."""
-        did_n = int(self.population * (((h >> 16) & 0xFFFFFFFF) / 4294967296.0) ** 3)
-        x = _mix((did_n * _GAMMA + self.key) & _M64)
-        did = f"did:plc:{self.did_heads[x & 0xFFFF]}{self.did_tails[(x >> 16) & 0xFFFF]}"
+        general path would build, with every helper inlined (this is most of the CPU)."""
+        pop = self.population
+        heads, tails, dids = self.cid_heads, self.cid_tails, self.dids
+        did_n = int(pop * (((h >> 16) & 0xFFFFFFFF) / 4294967296.0) ** 3)
+        did = dids[did_n] or self.did(did_n)
         created = t - 200_000 - ((h >> 48) & 0x1FFFFF)
-        rkey = tid(created, (h >> 40) & 0x3FF)
-        rev = tid(t - 100_000, (did_n * 0x2545F491) & 0x3FF)
-        cid = _cid_from(h >> 20 ^ h << 7)
-        created_at = iso_ms(created)
+        v = created << 10 | (h >> 40) & 0x3FF
+        t10 = _TID10
+        rkey = (_TID_PREFIXES.get(v >> 30) or tid_prefix(v)) + (
+            f"{t10[(v >> 20) & 1023]}{t10[(v >> 10) & 1023]}{t10[v & 1023]}"
+        )
+        v = (t - 100_000) << 10 | (did_n * 0x2545F491) & 0x3FF
+        rev = (_TID_PREFIXES.get(v >> 30) or tid_prefix(v)) + (
+            f"{t10[(v >> 20) & 1023]}{t10[(v >> 10) & 1023]}{t10[v & 1023]}"
+        )
+        x = h >> 20 ^ h << 7
+        cid = f"bafyrei{heads[x & 0xFFFF]}{tails[(x >> 16) & 0xFFFF]}"
+        sec, rem = divmod(created, 1_000_000)
+        created_at = f"{_ISO_CACHE.get(sec) or iso_prefix(sec)}.{rem // 1000:03d}Z"
         if kind in (K_LIKE, K_REPOST):
             collection = "app.bsky.feed.like" if kind == K_LIKE else "app.bsky.feed.repost"
-            j = self.find_post(i, h, _SUBJECT_SPANS)
-            uri, scid = self.post_ref(j) if j is not None else self.old_ref(h, t)
+            # find_post(i, h, _SUBJECT_SPANS) inlined: three hashed candidates from one hash.
+            z = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+            bits = z ^ (z >> 31)
+            kind_at = self.kind_at
+            j = i - 1 - (bits & 0x1FFFFF) % _S0
+            if j < 0 or kind_at(j) != K_POST:
+                j = i - 1 - ((bits >> 21) & 0x1FFFFF) % _S1
+                if j < 0 or kind_at(j) != K_POST:
+                    j = i - 1 - ((bits >> 42) & 0x1FFFFF) % _S2
+                    if j < 0 or kind_at(j) != K_POST:
+                        j = -1
+            uri, scid = self.post_ref(j) if j >= 0 else self.old_ref(h, t)
             via = ""
             if (h >> 59) < 6:  # liked or reposted via someone's repost
                 via_uri, via_cid = self.old_ref(h ^ 0x71A, t, "app.bsky.feed.repost")
@@ -83,7 +117,12 @@ class _Generator(_Records):
             )
         else:
             collection = "app.bsky.graph.follow" if kind == K_FOLLOW else "app.bsky.graph.block"
-            subject = self.did(self.did_n_of(_mix(h ^ 0xF0)))
+            z = h ^ 0xF0
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+            z ^= z >> 31
+            n = int(pop * (((z >> 16) & 0xFFFFFFFF) / 4294967296.0) ** 3)
+            subject = dids[n] or self.did(n)
             record = f'{{"$type":"{collection}","createdAt":"{created_at}","subject":"{subject}"}}'
         frame = (
             f'{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"{rev}",'

@@ -54,13 +54,15 @@ class GroundTruth(msgspec.Struct):
     deleted_post_uris: set[str] | None = msgspec.field(default_factory=set)
     max_bytes: int = ev.MAX_EVENT_BYTES
 
-    def add(self, frame: bytes, now: int | None = None) -> None:
+    def add(self, frame: bytes, now: int | None = None) -> ev.Event | str:
+        """Count a frame; its decoded event, or the reason it was rejected (a caller that wants
+        either need not decode the frame again)."""
         self.frames += 1
         try:
             event = ev.decode(frame, now=now, max_bytes=self.max_bytes)
         except ev.Rejected as exc:
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            return
+            return exc.reason
         table = table_for(event)
         day = _day(event.time_us)
         per_day = self.tables.setdefault(table, {})
@@ -77,6 +79,7 @@ class GroundTruth(msgspec.Struct):
             self.deleted_posts.add((uri,))
             if self.deleted_post_uris is not None:
                 self.deleted_post_uris.add(uri)
+        return event
 
     def merge(self, other: GroundTruth) -> None:
         """Add another part of the same stream (e.g. from a parallel worker)."""

@@ -186,26 +186,22 @@ def scan(frames: Iterable[bytes], queries: list[Query], now: int) -> _Facts:
     facts = _Facts(truth=GroundTruth(deleted_post_uris=None))
     truth = facts.truth
     decode = msgspec.json.decode
-    before = dict(truth.rejected)
+    first_us = last_us = 0
     for frame in frames:
         facts.raw_bytes += len(frame)
-        truth.add(frame, now=now)
-        if truth.rejected != before:  # a few reasons at most: a cheap comparison
-            reason = next(r for r, n in truth.rejected.items() if before.get(r) != n)
-            facts.rejected.add((reason, dead_letter_digest(frame)))
-            before = dict(truth.rejected)
+        event = truth.add(frame, now=now)  # the appliance's own decoder, once per frame
+        if isinstance(event, str):  # rejected, for this reason
+            facts.rejected.add((event, dead_letter_digest(frame)))
             continue
-        if _POST_MARK not in frame:
-            # only its time: msgspec's generic decode is cheap next to rendering the frame
-            time_us = int(frame.split(b'"time_us":', 1)[1].split(b",", 1)[0].split(b"}", 1)[0])
-        else:
-            event = decode(frame)
-            time_us = event["time_us"]
-            commit = event.get("commit")
-            if event.get("kind") == "commit" and commit.get("collection") == POST:
-                _add_post(facts, queries, event["did"], time_us, commit)
-        facts.first_time_us = facts.first_time_us or time_us
-        facts.last_time_us = max(facts.last_time_us, time_us)
+        time_us = event.time_us
+        if type(event) is ev.CommitEvent and event.commit.collection == POST:
+            commit = event.commit
+            record = decode(commit.record) if commit.operation != "delete" else None
+            _add_post(facts, queries, event.did, time_us, commit, record)
+        first_us = first_us or time_us
+        if time_us > last_us:
+            last_us = time_us
+    facts.first_time_us, facts.last_time_us = first_us, last_us
     return facts
 
 
@@ -215,15 +211,20 @@ def dead_letter_digest(frame: bytes) -> bytes:
 
 
 def _add_post(
-    facts: _Facts, queries: list[Query], did: str, time_us: int, commit: dict[str, Any]
+    facts: _Facts,
+    queries: list[Query],
+    did: str,
+    time_us: int,
+    commit: ev.Commit,
+    record: Any,
 ) -> None:
-    uri = f"at://{did}/{POST}/{commit['rkey']}"
-    rev = commit["rev"]
-    if commit["operation"] == "delete":
+    uri = f"at://{did}/{POST}/{commit.rkey}"
+    rev = commit.rev
+    if commit.operation == "delete":
         if rev > facts.deletes.get(uri, ""):
             facts.deletes[uri] = rev
         return
-    text, langs, tags = _post_fields(commit.get("record"))
+    text, langs, tags = _post_fields(record)
     mask = 0
     for bit, query in enumerate(queries):
         if query.matches(did, time_us, text, langs, tags):
@@ -233,7 +234,7 @@ def _add_post(
         return
     # Every update is kept, matching or not: in another chunk it may replace a version that
     # matched (chunks are merged by rev), and the post then no longer matches.
-    if mask or mine is not None or commit["operation"] == "update":
+    if mask or mine is not None or commit.operation == "update":
         facts.versions[uri] = (rev, time_us, mask)
 
 
